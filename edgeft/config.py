@@ -1,0 +1,123 @@
+"""Step configurations as dataclasses, loadable from a TOML recipe (flags override the file)."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from .errors import ConfigError, did_you_mean
+
+METRICS = ("accuracy", "macro_f1", "loss")
+
+
+@dataclass
+class TrainConfig:
+    model: str = ""
+    data: str = ""
+    output: str = ""
+    method: str = "head"
+    val: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    val_fraction: float = 0.2  # held out, stratified, when there is no --val
+    # None means "the method's default" (methods.DEFAULTS)
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    head_lr: float | None = None
+    weight_decay: float = 0.01
+    warmup: float = 0.1  # fraction of all steps spent warming up, then linear decay to 0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    max_length: int = 128
+    pooling: str | None = None
+    image_size: int | None = None
+    dropout: float = 0.1
+    augment: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    lora_targets: list[str] | None = None
+    train_layers: int = 2
+    unfreeze_every: int = 1
+    metric: str = "accuracy"
+    patience: int | None = None  # epochs without improvement before stopping; None: 5 for head, 3 otherwise
+    keep_checkpoints: int = 2
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        from .methods import METHODS
+
+        if self.method not in METHODS:
+            raise ConfigError(f"method: unknown method '{self.method}'; choose from {', '.join(METHODS)}.{did_you_mean(self.method, METHODS)}")
+        if self.metric not in METRICS:
+            raise ConfigError(f"metric: unknown metric '{self.metric}'; choose from {', '.join(METRICS)}.{did_you_mean(self.metric, METRICS)}")
+        for name in ("epochs", "batch_size", "lora_r", "train_layers", "unfreeze_every"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{name}: expected a positive integer, got {v!r}.")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"warmup: expected a fraction in [0, 1), got {self.warmup}.")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints: expected at least 1, got {self.keep_checkpoints}.")
+        if isinstance(self.lora_targets, str):
+            self.lora_targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    def with_method_defaults(self) -> TrainConfig:
+        from .methods import DEFAULTS
+
+        d = asdict(self)
+        for k, v in DEFAULTS[self.method].items():
+            if d.get(k) is None:
+                d[k] = v
+        if d["patience"] is None:
+            d["patience"] = 5 if self.method == "head" else 3
+        return TrainConfig(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_toml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text.") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def load_train_config(path: str | Path, overrides: dict) -> TrainConfig:
+    """Options from the file's [train] table (or its top level), then the flags given."""
+    doc = read_toml(path) if path else {}
+    table = doc.get("train", doc if not any(isinstance(v, dict) for v in doc.values()) else {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [train] must be a table.")
+    known = {f.name for f in fields(TrainConfig)}
+    values = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"{path}: unknown key '{key}' in [train].{did_you_mean(name, known)}")
+        values[name] = value
+    if path:
+        base = Path(path).parent
+        for k in ("data", "val", "output"):  # paths in a recipe are relative to the recipe
+            if isinstance(values.get(k), str) and not Path(values[k]).is_absolute():
+                values[k] = str(base / values[k])
+        m = values.get("model")
+        if isinstance(m, str) and (base / m).exists() and not Path(m).is_absolute():
+            values["model"] = str(base / m)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for required in ("model", "data", "output"):
+        if not values.get(required):
+            raise ConfigError(f"--{required} is required (as a flag or in the config's [train] table).")
+    try:
+        return TrainConfig(**values)
+    except TypeError as e:
+        raise ConfigError(f"{path or 'options'}: {e}") from None

@@ -1,0 +1,269 @@
+"""Dataset readers and label maps. Torch-free: the device reads its retraining data with it too.
+
+Text: CSV or JSONL with a text and a label column. Images: a folder with one sub-folder per
+class, or a CSV with a `path` (or `image`) column and a label column; relative paths are
+read from the CSV's folder. Every bad row ends in one `DataError` naming file, line, field.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import DataError, did_you_mean
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+IMAGE_COLUMNS = ("path", "image", "file")
+
+
+@dataclass
+class Dataset:
+    kind: str  # "text" or "image"
+    items: list[str]  # texts, or image paths
+    labels: list[str | None]
+    source: str
+    lines: list[int] = field(default_factory=list)  # where each item is in its file
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def subset(self, idx: list[int], source: str | None = None) -> Dataset:
+        return Dataset(
+            self.kind,
+            [self.items[i] for i in idx],
+            [self.labels[i] for i in idx],
+            source or self.source,
+            [self.lines[i] for i in idx] if self.lines else [],
+        )
+
+    def fingerprint(self) -> str:
+        """Content hash (items and labels), for caches and 'is this output current'."""
+        h = hashlib.sha256(self.kind.encode())
+        for x, y in zip(self.items, self.labels, strict=True):
+            h.update(b"\x00" + str(x).encode() + b"\x01" + str(y).encode())
+        return h.hexdigest()[:16]
+
+    def counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(self.labels).items()))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a file.") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror}).") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}). "
+            "Save the file as UTF-8."
+        ) from None
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty. Expected a header row and data rows.")
+    return text
+
+
+def _column(path: Path, columns, wanted: str, what: str) -> str:
+    if wanted in columns:
+        return wanted
+    found = ", ".join(str(c) for c in columns) or "none"
+    raise DataError(
+        f"{path}: no {what} column '{wanted}' (columns: {found}).{did_you_mean(wanted, columns)} "
+        f"Name it with --{what}-column."
+    )
+
+
+def _rows_csv(path: Path, text: str):
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    try:
+        header = reader.fieldnames or []
+        if not header:
+            raise DataError(f"{path}: the file is empty. Expected a header row and data rows.")
+        for row in reader:
+            if None in row:
+                raise DataError(
+                    f"{path}: line {reader.line_num}: {len(header) + len(row[None])} fields, "
+                    f"the header has {len(header)}. Quote fields that contain commas."
+                )
+            yield reader.line_num, row, header
+    except csv.Error as e:
+        raise DataError(f"{path}: line {reader.line_num}: bad CSV ({e}).") from None
+
+
+def _rows_jsonl(path: Path, text: str):
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {n}: not valid JSON ({e.msg}).") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {n}: expected a JSON object per line, got {type(row).__name__}.")
+        yield n, row, list(row.keys())
+
+
+def _label(value, path, line, label_column, required):
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise DataError(f"{path}: line {line}: empty label in column '{label_column}'.")
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, (str, int, bool)):
+        raise DataError(f"{path}: line {line}: label must be a string or an integer, got {value!r}.")
+    return str(value).strip()
+
+
+def load_dataset(
+    path: str | Path,
+    text_column: str = "text",
+    label_column: str = "label",
+    require_labels: bool = True,
+) -> Dataset:
+    """Read a text CSV/JSONL, an image CSV or an image folder."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder.")
+    if path.is_dir():
+        return _load_image_folder(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl", ".json", ".tsv"):
+        raise DataError(f"{path}: unknown data format '{suffix}'. Expected .csv, .jsonl or an image folder.")
+    text = _read_text(path)
+    rows = _rows_jsonl(path, text) if suffix in (".jsonl", ".json") else _rows_csv(path, text)
+
+    items, labels, lines = [], [], []
+    kind = None
+    col = None
+    for line, row, header in rows:
+        if kind is None:
+            if text_column not in header and text_column == "text":
+                col = next((c for c in IMAGE_COLUMNS if c in header), None)
+                kind = "image" if col else None
+            if kind is None:
+                col, kind = _column(path, header, text_column, "text"), "text"
+            if require_labels:
+                _column(path, header, label_column, "label")
+        value = row.get(col)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            what = "image path" if kind == "image" else "text"
+            raise DataError(f"{path}: line {line}: empty {what} in column '{col}'.")
+        if not isinstance(value, str):
+            raise DataError(f"{path}: line {line}: column '{col}' must be a string, got {value!r}.")
+        if kind == "image":
+            value = str(_check_image(path.parent / value, f"{path}: line {line}"))
+        items.append(value)
+        labels.append(_label(row.get(label_column), path, line, label_column, require_labels))
+        lines.append(line)
+    if not items:
+        raise DataError(f"{path}: no data rows after the header.")
+    return Dataset(kind, items, labels, str(path), lines)
+
+
+def _check_image(p: Path, where: str) -> Path:
+    from PIL import Image
+
+    if not p.is_file():
+        raise DataError(f"{where}: image {p} does not exist.")
+    try:
+        with Image.open(p) as im:
+            im.verify()
+    except Exception as e:  # Pillow raises many types for broken files
+        raise DataError(f"{where}: unreadable image {p} ({type(e).__name__}: {e}).") from None
+    return p
+
+
+def _load_image_folder(path: Path) -> Dataset:
+    classes = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"{path}: no class sub-folders. Expected one folder per class holding its images.")
+    items, labels = [], []
+    for d in classes:
+        files = sorted(
+            f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+        )
+        for f in files:
+            items.append(str(_check_image(f, str(path))))
+            labels.append(d.name)
+    if not items:
+        raise DataError(f"{path}: no images (jpg, png, bmp, webp) in its class folders.")
+    return Dataset("image", items, labels, str(path), list(range(1, len(items) + 1)))
+
+
+def label_names(train: Dataset) -> list[str]:
+    """The label map: sorted label names; id = position. At least two classes."""
+    counts = Counter(train.labels)
+    if len(counts) < 2:
+        only = next(iter(counts), None)
+        raise DataError(
+            f"{train.source}: only one label ({only!r}) in {len(train)} rows; a classifier needs at least two."
+        )
+    return sorted(counts)
+
+
+def check_labels(ds: Dataset, names: list[str]) -> None:
+    known = set(names)
+    for i, y in enumerate(ds.labels):
+        if y is not None and y not in known:
+            where = f"line {ds.lines[i]}: " if ds.lines else ""
+            raise DataError(
+                f"{ds.source}: {where}unknown label {y!r}; the training labels are "
+                f"{', '.join(names)}.{did_you_mean(y, names)}"
+            )
+
+
+def stratified_split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Hold out `fraction` of each class (at least one where a class has two or more)."""
+    if not 0 < fraction < 1:
+        raise DataError(f"validation fraction must be between 0 and 1, got {fraction}.")
+    rng = random.Random(seed)
+    by_class: dict[str, list[int]] = {}
+    for i, y in enumerate(ds.labels):
+        by_class.setdefault(y, []).append(i)
+    train_idx, val_idx = [], []
+    for y in sorted(by_class):
+        idx = by_class[y][:]
+        rng.shuffle(idx)
+        k = round(len(idx) * fraction)
+        k = min(max(k, 1 if len(idx) >= 2 else 0), len(idx) - 1)
+        val_idx += idx[:k]
+        train_idx += idx[k:]
+    if not val_idx:
+        raise DataError(f"{ds.source}: too few rows to hold out validation data; pass --val.")
+    return ds.subset(sorted(train_idx)), ds.subset(sorted(val_idx), f"{ds.source} (held out)")
+
+
+class Augment:
+    """Training-only image augmentation: random resized crop, horizontal flip, colour jitter."""
+
+    def __init__(self, seed: int, flip=True, crop=True, jitter=0.2):
+        self.rng = random.Random(seed)
+        self.flip, self.crop, self.jitter = flip, crop, jitter
+
+    def __call__(self, im, size):
+        from PIL import Image, ImageEnhance
+
+        h, w = size
+        if self.crop:
+            iw, ih = im.size
+            s = self.rng.uniform(0.7, 1.0)
+            cw, ch = max(1, int(iw * s)), max(1, int(ih * s))
+            x, y = self.rng.randint(0, iw - cw), self.rng.randint(0, ih - ch)
+            im = im.crop((x, y, x + cw, y + ch))
+        im = im.resize((w, h), Image.BILINEAR)
+        if self.flip and self.rng.random() < 0.5:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.jitter:
+            for enh in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+                im = enh(im).enhance(self.rng.uniform(1 - self.jitter, 1 + self.jitter))
+        return im

@@ -1,0 +1,68 @@
+"""The error tree. Each error is also the matching builtin, so callers can catch either.
+
+Messages read "{where}: {what}. {what to do}". The CLI turns `EdgeftError` into one line:
+input and usage errors exit 2, failed checks and operations exit 1.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+
+class EdgeftError(Exception):
+    exit_code = 2
+
+
+class UsageError(EdgeftError, ValueError):
+    """An option or a combination of options that cannot work."""
+
+
+class DataError(EdgeftError, ValueError):
+    """A dataset file, row or field that cannot be used."""
+
+
+class ConfigError(EdgeftError, ValueError):
+    """A recipe or config file (TOML) with a bad key or value."""
+
+
+class ProfileError(ConfigError):
+    """A device profile that cannot be used."""
+
+
+class ModelError(EdgeftError, ValueError):
+    """A model that cannot be found, loaded or used for the task."""
+
+
+class MissingDependencyError(EdgeftError, ImportError):
+    """An optional dependency that this command needs is not installed."""
+
+
+class BundleError(EdgeftError, ValueError):
+    exit_code = 1
+
+
+class ParityError(EdgeftError, AssertionError):
+    exit_code = 1
+
+
+class TrainingError(EdgeftError, RuntimeError):
+    exit_code = 1
+
+
+def did_you_mean(name: str, choices) -> str:
+    """' Did you mean "x"?' for the closest choice, or '' (never auto-corrects)."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f' Did you mean "{close[0]}"?' if close else ""
+
+
+def require(module: str, extra: str = "train"):
+    """Import an optional module or say how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"{module} is not installed: this command needs the [{extra}] extra. "
+            f'Install it with: pip install -c constraints.txt "edgeft[{extra}]"'
+        ) from e

@@ -1,0 +1,159 @@
+"""Fine-tuning methods: which parameters train, and when.
+
+head     backbone frozen; features cached once, the head trains on the cache
+lora     peft LoRA adapters on the backbone (targets per architecture) + the head
+full     everything
+bitfit   every bias + the head
+partial  the top N layers (+ whatever sits above them, e.g. a pooler) + the head
+gradual  starts with the head, unfreezes one more layer from the top every K epochs
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .errors import UsageError, did_you_mean
+from .models import TaskModel, layer_groups
+
+METHODS = ("head", "lora", "full", "bitfit", "partial", "gradual")
+
+# Defaults per method: (body lr, head lr, epochs, batch). Measured on MiniLM (STACK.md):
+# LoRA learns best with a separate, larger lr for the fresh head (1e-2) than for the
+# adapters (1e-3); full fine-tuning needs a small body lr or it forgets its pretraining.
+DEFAULTS = {
+    "head": dict(lr=0.0, head_lr=1e-2, epochs=30, batch_size=32),
+    "lora": dict(lr=1e-3, head_lr=1e-2, epochs=5, batch_size=16),
+    "full": dict(lr=5e-5, head_lr=1e-3, epochs=4, batch_size=16),
+    "bitfit": dict(lr=1e-3, head_lr=1e-2, epochs=5, batch_size=16),
+    "partial": dict(lr=1e-4, head_lr=1e-2, epochs=5, batch_size=16),
+    "gradual": dict(lr=1e-4, head_lr=1e-2, epochs=6, batch_size=16),
+}
+
+# Attention projections LoRA adapts by default, per naming scheme (first match wins).
+LORA_TARGETS = (("query", "value"), ("q_proj", "v_proj"), ("q_lin", "v_lin"), ("q", "v"))
+
+
+@dataclass
+class Plan:
+    method: str
+    trainable: set[str]  # every parameter that trains at some point of the run
+    stages: list[set[str]] = field(default_factory=list)  # gradual: what trains per stage
+    every: int = 1  # gradual: epochs per stage
+    lora_targets: list[str] = field(default_factory=list)
+
+    def trainable_at(self, epoch: int) -> set[str]:
+        if not self.stages:
+            return self.trainable
+        return self.stages[min(epoch // max(self.every, 1), len(self.stages) - 1)]
+
+
+def default_lora_targets(backbone: nn.Module) -> list[str]:
+    leaves = {n.rsplit(".", 1)[-1] for n, m in backbone.named_modules() if isinstance(m, nn.Linear)}
+    for pair in LORA_TARGETS:
+        if set(pair) <= leaves:
+            return list(pair)
+    # CNNs: the pointwise (1x1) convolutions carry most of the weights and adapt well.
+    convs = [
+        n for n, m in backbone.named_modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1
+    ]
+    if convs:
+        return convs
+    linears = [n for n, m in backbone.named_modules() if isinstance(m, nn.Linear)]
+    if linears:
+        return linears
+    raise UsageError("--method lora: no Linear or 1x1 Conv2d layers to adapt in this model.")
+
+
+def _check_targets(backbone: nn.Module, targets: list[str]) -> None:
+    names = [n for n, m in backbone.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    for t in targets:
+        if not any(n == t or n.endswith("." + t) for n in names):
+            raise UsageError(
+                f"--lora-targets: no Linear or Conv2d layer named '{t}' in this model "
+                f"(layer names: {', '.join(leaves)}).{did_you_mean(t, leaves)}"
+            )
+
+
+def apply(model: TaskModel, method: str, *, lora_r=8, lora_alpha=16, lora_dropout=0.1,
+          lora_targets=None, train_layers=2, unfreeze_every=1) -> Plan:
+    """Freeze and wrap `model` in place for `method`; return what trains when."""
+    if method not in METHODS:
+        raise UsageError(f"--method: unknown method '{method}'; choose from {', '.join(METHODS)}.{did_you_mean(method, METHODS)}")
+    head = {f"head.{n}" for n, _ in model.head.named_parameters()}
+    plan_targets: list[str] = []
+
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = list(lora_targets) if lora_targets else default_lora_targets(model.backbone)
+        _check_targets(model.backbone, targets)
+        config = LoraConfig(r=int(lora_r), lora_alpha=int(lora_alpha), lora_dropout=float(lora_dropout),
+                            target_modules=targets, bias="none")
+        model.backbone = get_peft_model(model.backbone, config)
+        plan_targets = targets
+        body = {f"backbone.{n}" for n, p in model.backbone.named_parameters() if "lora_" in n}
+    elif method == "head":
+        body = set()
+    elif method in ("full", "gradual"):
+        body = {f"backbone.{n}" for n, _ in model.backbone.named_parameters()}
+    elif method == "bitfit":
+        body = {f"backbone.{n}" for n, _ in model.backbone.named_parameters() if n.endswith("bias")}
+    else:  # partial
+        above, groups = layer_groups(model.backbone)
+        n = int(train_layers)
+        if not 1 <= n <= len(groups):
+            raise UsageError(f"--train-layers: this model has {len(groups)} layers; choose 1 to {len(groups)}, got {n}.")
+        body = {f"backbone.{p}" for p in above + [p for g in groups[-n:] for p in g]}
+
+    trainable = head | body
+    stages: list[set[str]] = []
+    if method == "gradual":
+        above, groups = layer_groups(model.backbone)
+        # stage 0: head (+ pooler/final norm); stage k: + the top k layers; last: everything
+        current = head | {f"backbone.{p}" for p in above}
+        stages.append(set(current))
+        for g in reversed(groups):
+            current |= {f"backbone.{p}" for p in g}
+            stages.append(set(current))
+        stages.append(set(trainable))
+    plan = Plan(method, trainable, stages, int(unfreeze_every), plan_targets)
+    set_trainable(model, plan.trainable_at(0))
+    return plan
+
+
+def set_trainable(model: nn.Module, names: set[str]) -> None:
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+
+
+def freeze_frozen_norms(model: nn.Module) -> None:
+    """Batch-norm layers whose weights do not train keep their running statistics too.
+
+    Call after model.train(): a frozen BatchNorm left in train mode would still drift its
+    running mean and variance, which silently changes the "frozen" backbone.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            ps = list(m.parameters(recurse=False))
+            if ps and not any(p.requires_grad for p in ps):
+                m.eval()
+
+
+def count_parameters(model: nn.Module, trainable: set[str]) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    train = sum(p.numel() for n, p in model.named_parameters() if n in trainable)
+    return {"trainable": train, "total": total, "ratio": round(train / total, 6) if total else 0.0}
+
+
+def state_keys(model: nn.Module, plan: Plan) -> list[str]:
+    """What a checkpoint must hold: trainable parameters and the buffers they own (BN stats)."""
+    keys = set(plan.trainable)
+    for mname, m in model.named_modules():
+        own = [f"{mname}.{n}" if mname else n for n, _ in m.named_parameters(recurse=False)]
+        if own and any(k in plan.trainable for k in own):
+            keys |= {f"{mname}.{n}" if mname else n for n, _ in m.named_buffers(recurse=False)}
+    return sorted(keys)

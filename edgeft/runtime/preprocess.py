@@ -1,0 +1,135 @@
+"""Input preprocessing shared by training and the device, so both see the same numbers.
+
+Text goes through a `tokenizers.Tokenizer` (the fast tokenizer's own engine, read from
+tokenizer.json); images through Pillow and numpy. Both return plain numpy arrays.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+
+
+class TextPreprocessor:
+    """Texts -> {input_ids, attention_mask, token_type_ids} as int64, padded to the batch's longest."""
+
+    def __init__(self, tokenizer, max_length: int = 128):
+        from tokenizers import Tokenizer
+
+        if isinstance(tokenizer, (str, Path)):
+            tokenizer = Tokenizer.from_file(str(tokenizer))
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        # Some shipped tokenizer.json files pad every input to a fixed length (MiniLM's pads
+        # to 128): that wastes compute and changes nothing, so pad per batch instead.
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_length=self.max_length)
+        pad = self.tokenizer.token_to_id("[PAD]")
+        if pad is None:
+            pad = self.tokenizer.token_to_id("<pad>")
+        self.pad_id = int(pad or 0)
+
+    def spec(self) -> dict:
+        return {"kind": "text", "max_length": self.max_length, "tokenizer": "tokenizer.json"}
+
+    def encode_ids(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        """Token ids and type ids per text, unpadded (for caching and bucketing)."""
+        encs = self.tokenizer.encode_batch(list(texts))
+        return [(e.ids, e.type_ids) for e in encs]
+
+    def collate(self, encoded: list[tuple[list[int], list[int]]]) -> dict[str, np.ndarray]:
+        n = len(encoded)
+        width = max(1, max(len(ids) for ids, _ in encoded))
+        ids = np.full((n, width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((n, width), dtype=np.int64)
+        types = np.zeros((n, width), dtype=np.int64)
+        for i, (t, tt) in enumerate(encoded):
+            ids[i, : len(t)] = t
+            mask[i, : len(t)] = 1
+            types[i, : len(tt)] = tt
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
+        return self.collate(self.encode_ids(texts))
+
+
+class ImagePreprocessor:
+    """Image paths or PIL images -> float32 (N, 3, H, W), the model's own normalisation.
+
+    spec keys: size [H, W]; resize_to (shorter side before the centre crop, or [H, W] to
+    resize directly); mean and std per channel, applied after scaling pixels by `scale`.
+    """
+
+    def __init__(self, spec: dict):
+        self.size = tuple(int(v) for v in spec["size"])
+        self.resize_to = spec.get("resize_to", list(self.size))
+        self.scale = float(spec.get("scale", 1 / 255))
+        self.mean = np.asarray(spec.get("mean", [0.485, 0.456, 0.406]), dtype=np.float32)
+        self.std = np.asarray(spec.get("std", [0.229, 0.224, 0.225]), dtype=np.float32)
+        self._spec = {
+            "kind": "image",
+            "size": list(self.size),
+            "resize_to": self.resize_to,
+            "scale": self.scale,
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+        }
+
+    def spec(self) -> dict:
+        return dict(self._spec)
+
+    def load(self, item):
+        from PIL import Image
+
+        if not isinstance(item, (str, Path)):
+            return item.convert("RGB")
+        try:
+            with Image.open(item) as im:
+                return im.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DataError(f"{item}: unreadable image ({e}). Use jpg, png, bmp or webp.") from None
+
+    def resize(self, im):
+        from PIL import Image
+
+        h, w = self.size
+        if isinstance(self.resize_to, (list, tuple)):
+            return im.resize((int(self.resize_to[1]), int(self.resize_to[0])), Image.BILINEAR)
+        # shorter side to resize_to, keeping the aspect ratio, then a centre crop of H x W
+        s = int(self.resize_to)
+        iw, ih = im.size
+        if iw <= ih:
+            nw, nh = s, max(s, round(ih * s / iw))
+        else:
+            nw, nh = max(s, round(iw * s / ih)), s
+        im = im.resize((nw, nh), Image.BILINEAR)
+        left, top = (nw - w) // 2, (nh - h) // 2
+        return im.crop((left, top, left + w, top + h))
+
+    def to_array(self, im) -> np.ndarray:
+        a = np.asarray(im, dtype=np.float32) * self.scale
+        a = (a - self.mean) / self.std
+        return a.transpose(2, 0, 1)
+
+    def __call__(self, items, augment=None) -> np.ndarray:
+        out = []
+        for item in items:
+            im = self.load(item)
+            im = augment(im, self.size) if augment is not None else self.resize(im)
+            out.append(self.to_array(im))
+        return np.stack(out).astype(np.float32)
+
+
+def load_preprocessor(directory: str | Path, spec: dict):
+    """Rebuild the preprocessor described by `spec` from files in `directory`."""
+    if spec["kind"] == "text":
+        return TextPreprocessor(Path(directory) / spec.get("tokenizer", "tokenizer.json"), spec["max_length"])
+    return ImagePreprocessor(spec)
+
+
+def read_spec(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

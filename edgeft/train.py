@@ -1,0 +1,465 @@
+"""`edgeft train`: the training loop on accelerate.
+
+AdamW with a separate learning rate for the head, warmup then linear decay, gradient
+clipping; evaluation every epoch; early stopping; atomic checkpoints (the best and the last
+K); `--resume` continues from the last checkpoint with the same result as an uninterrupted
+run, because batch order is a function of (seed, epoch) and every RNG state is saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__, methods
+from .config import TrainConfig
+from .data import Augment, Dataset, check_labels, label_names, load_dataset, stratified_split
+from .errors import DataError, TrainingError, UsageError
+from .models import ModelSpec, build_preprocessor, build_task_model, check_modality, load_spec
+from .runtime import atomic
+from .runtime.metrics import classification_report
+
+log = logging.getLogger(__name__)
+
+EVAL_BATCH = 64
+STATE_FILE = "train_state.json"
+
+
+# ---------------------------------------------------------------- inputs
+
+
+@dataclass
+class Inputs:
+    """Turns row indices into model inputs (tensors) for one dataset."""
+
+    ds: Dataset
+    pre: object
+    y: torch.Tensor
+    encoded: list = field(default_factory=list)  # text: token ids per row
+    augment: Augment | None = None
+
+    @classmethod
+    def build(cls, ds: Dataset, pre, labels: list[str], augment=None) -> Inputs:
+        index = {name: i for i, name in enumerate(labels)}
+        y = torch.tensor([index[v] for v in ds.labels], dtype=torch.long)
+        encoded = pre.encode_ids(ds.items) if ds.kind == "text" else []
+        return cls(ds, pre, y, encoded, augment)
+
+    def batch(self, idx, train: bool = False) -> dict[str, torch.Tensor]:
+        if self.ds.kind == "text":
+            arrays = self.pre.collate([self.encoded[i] for i in idx])
+        else:
+            aug = self.augment if train else None
+            arrays = {"pixel_values": self.pre([self.ds.items[i] for i in idx], augment=aug)}
+        return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+
+def batches(n: int, size: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
+    """Batch order is a pure function of (seed, epoch): a resumed run sees the same batches."""
+    if shuffle:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+    else:
+        order = list(range(n))
+    return [order[i : i + size] for i in range(0, n, size)]
+
+
+# ---------------------------------------------------------------- feature cache
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EDGEFT_CACHE", Path.home() / ".cache" / "edgeft")) / "features"
+
+
+def model_fingerprint(spec: ModelSpec) -> str:
+    """Identifies the backbone's weights and the feature recipe, without reading the weights."""
+    h = hashlib.sha256(json.dumps([spec.path, spec.pooling, spec.preprocessing], sort_keys=True).encode())
+    p = Path(spec.path)
+    files = sorted(p.glob("*")) if p.is_dir() else [p]
+    for f in files:
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def extract_features(model, inputs: Inputs, batch_size: int = EVAL_BATCH) -> torch.Tensor:
+    model.eval()
+    out = [model.features(**inputs.batch(idx)) for idx in batches(len(inputs.ds), batch_size, 0, 0, False)]
+    return torch.cat(out).float()
+
+
+def cached_features(model, spec: ModelSpec, inputs: Inputs) -> tuple[torch.Tensor, bool]:
+    """Features for every row, from the cache when this model has seen this data before."""
+    from safetensors.torch import load_file, save_file
+
+    key = f"{model_fingerprint(spec)}-{inputs.ds.fingerprint()}"
+    path = cache_dir() / f"{key}.safetensors"
+    if path.exists():
+        try:
+            return load_file(path)["features"], True
+        except Exception:  # a damaged cache entry is recomputed, never trusted
+            path.unlink(missing_ok=True)
+    feats = extract_features(model, inputs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({"features": feats.contiguous()}, str(tmp))
+    os.replace(tmp, path)
+    return feats, False
+
+
+# ---------------------------------------------------------------- loop pieces
+
+
+def make_optimizer(model: nn.Module, plan: methods.Plan, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; the head gets its own lr; no weight decay on biases and norms."""
+    groups: dict[tuple, list] = {}
+    for name, p in model.named_parameters():
+        if name not in plan.trainable:
+            continue
+        is_head = name.startswith("head.")
+        no_decay = p.ndim < 2
+        groups.setdefault((is_head, no_decay), []).append(p)
+    params = [
+        {"params": ps, "lr": cfg.head_lr if is_head else cfg.lr,
+         "weight_decay": 0.0 if no_decay else cfg.weight_decay}
+        for (is_head, no_decay), ps in sorted(groups.items())
+    ]
+    return torch.optim.AdamW(params)
+
+
+def make_scheduler(optimizer, total_steps: int, warmup: float):
+    warm = int(total_steps * warmup)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def better(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(run: Path, epoch: int, model, keys, optimizer, scheduler, progress: dict, keep: int):
+    from safetensors.torch import save_file
+
+    sd = model.state_dict()
+    ckpts = run / "checkpoints"
+    with atomic.directory(ckpts / f"epoch-{epoch:03d}", replace=True) as tmp:
+        save_file({k: sd[k].detach().contiguous() for k in keys}, str(tmp / "weights.safetensors"))
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+            tmp / "state.pt",
+        )
+        (tmp / "progress.json").write_text(json.dumps(progress, indent=1))
+    done = sorted(d for d in ckpts.iterdir() if d.name.startswith("epoch-"))
+    for d in done[:-keep]:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def save_best(run: Path, model, keys) -> None:
+    from safetensors.torch import save_file
+
+    sd = model.state_dict()
+    with atomic.directory(run / "checkpoints" / "best", replace=True) as tmp:
+        save_file({k: sd[k].detach().contiguous() for k in keys}, str(tmp / "weights.safetensors"))
+
+
+def last_checkpoint(run: Path) -> Path | None:
+    ckpts = run / "checkpoints"
+    if not ckpts.is_dir():
+        return None
+    done = sorted(d for d in ckpts.iterdir() if d.name.startswith("epoch-") and (d / "progress.json").exists())
+    return done[-1] if done else None
+
+
+def load_weights(model, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    missing = set(state) - set(model.state_dict())
+    if missing:
+        raise TrainingError(f"{path}: weights for layers this model does not have: {sorted(missing)[:3]}.")
+    model.load_state_dict(state, strict=False)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _prepare_data(cfg: TrainConfig):
+    train_ds = load_dataset(cfg.data, cfg.text_column, cfg.label_column)
+    if cfg.val:
+        val_ds = load_dataset(cfg.val, cfg.text_column, cfg.label_column)
+        if val_ds.kind != train_ds.kind:
+            raise DataError(f"{cfg.val}: {val_ds.kind} data, but the training data is {train_ds.kind}.")
+    else:
+        train_ds, val_ds = stratified_split(train_ds, cfg.val_fraction, cfg.seed)
+    labels = label_names(train_ds)
+    check_labels(val_ds, labels)
+    return train_ds, val_ds, labels
+
+
+def _check_output(cfg: TrainConfig, run: Path, state: dict) -> Path | None:
+    """Refuse to clobber another run; on --resume, find the checkpoint and check it fits."""
+    if cfg.resume:
+        ckpt = last_checkpoint(run)
+        if ckpt is None:
+            raise UsageError(f"{run}: no checkpoint to resume from. Run without --resume to start.")
+        saved = json.loads((run / STATE_FILE).read_text())
+        for key in ("model", "method", "train_fingerprint", "val_fingerprint", "labels"):
+            if saved.get(key) != state.get(key):
+                raise UsageError(
+                    f"{run}: --resume with a different {key.replace('_', ' ')} than the interrupted run "
+                    f"({saved.get(key)!r} != {state.get(key)!r})."
+                )
+        return ckpt
+    if run.exists() and (not run.is_dir() or any(run.iterdir())):
+        raise UsageError(f"{run}: already exists and is not empty. Choose another --output, or --resume.")
+    return None
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train per `cfg`; write the run directory; return the summary (also metrics.json)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cfg = cfg.with_method_defaults()
+    run = Path(cfg.output)
+    t_start = time.perf_counter()
+
+    # Everything that can be wrong with the input is checked before anything is written.
+    train_ds, val_ds, labels = _prepare_data(cfg)
+    spec = load_spec(cfg.model, cfg.pooling, cfg.max_length, cfg.image_size)
+    check_modality(spec, train_ds.kind, train_ds.source)
+    if cfg.augment and spec.modality != "image":
+        raise UsageError("--augment applies to image data only.")
+    state = {
+        "model": cfg.model, "method": cfg.method, "labels": labels,
+        "train_fingerprint": train_ds.fingerprint(), "val_fingerprint": val_ds.fingerprint(),
+    }
+    resume_from = _check_output(cfg, run, state)
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    set_seed(cfg.seed)
+    pre = build_preprocessor(spec)
+    model = build_task_model(spec, len(labels), cfg.dropout)
+    plan = methods.apply(
+        model, cfg.method, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        lora_targets=cfg.lora_targets, train_layers=cfg.train_layers, unfreeze_every=cfg.unfreeze_every,
+    )
+    params = methods.count_parameters(model, plan.trainable)
+    keys = methods.state_keys(model, plan)
+    log.info("%s: %s of %s parameters train (%.2f%%)", cfg.method, f"{params['trainable']:,}",
+             f"{params['total']:,}", 100 * params["ratio"])
+
+    augment = Augment(cfg.seed) if cfg.augment else None
+    train_in = Inputs.build(train_ds, pre, labels, augment)
+    val_in = Inputs.build(val_ds, pre, labels)
+
+    run.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume:
+        atomic.write_json(run / STATE_FILE, {**state, "config": cfg.to_dict(), "status": "running"})
+
+    # head: the backbone is frozen, so its features are computed once (and cached on disk)
+    feats = {}
+    cache_hits = []
+    t_feat = time.perf_counter()
+    if cfg.method == "head":
+        for name, inp in (("train", train_in), ("val", val_in)):
+            feats[name], hit = cached_features(model, spec, inp)
+            cache_hits.append(hit)
+    feature_seconds = time.perf_counter() - t_feat
+
+    optimizer = make_optimizer(model, plan, cfg)
+    steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
+    scheduler = make_scheduler(optimizer, steps_per_epoch * cfg.epochs, cfg.warmup)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def logits_for(idx, inputs: Inputs, split: str, train_mode: bool):
+        if cfg.method == "head":
+            x = feats[split][idx].to(accelerator.device)
+            return model.head(model.dropout(x))
+        batch = {k: v.to(accelerator.device) for k, v in inputs.batch(idx, train=train_mode).items()}
+        return model(**batch)
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        logits = torch.cat([logits_for(idx, val_in, "val", False) for idx in batches(len(val_ds), EVAL_BATCH, 0, 0, False)])
+        loss = loss_fn(logits, val_in.y.to(logits.device)).item()
+        report = classification_report(val_in.y.numpy(), logits.argmax(-1).cpu().numpy(), labels)
+        return loss, report
+
+    history: list[dict] = []
+    best = {"epoch": None, "value": None}
+    bad_epochs = 0
+    start_epoch = 0
+    if resume_from is not None:
+        load_weights(model, resume_from / "weights.safetensors")
+        st = torch.load(resume_from / "state.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        set_rng_state(st["rng"])
+        progress = json.loads((resume_from / "progress.json").read_text())
+        history, best, bad_epochs = progress["history"], progress["best"], progress["bad_epochs"]
+        start_epoch = progress["epoch"] + 1
+        log.info("resuming from %s (epoch %d done)", resume_from.name, start_epoch)
+
+    show = cfg.progress and accelerator.is_main_process and sys.stderr.isatty()
+    stopped_early = False
+    samples = 0
+    t_loop = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        if best["epoch"] is not None and bad_epochs >= cfg.patience:
+            stopped_early = True
+            break
+        t0 = time.perf_counter()
+        methods.set_trainable(model, plan.trainable_at(epoch))
+        model.train()
+        methods.freeze_frozen_norms(model)
+        if cfg.method == "head":
+            model.backbone.eval()
+        total, count = 0.0, 0
+        order = batches(len(train_ds), cfg.batch_size, cfg.seed, epoch)
+        bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(order), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr)
+        for step, idx in enumerate(order):
+            if augment is not None:  # augmentation draws depend on (seed, epoch, step) only
+                augment.rng.seed(f"{cfg.seed}-{epoch}-{step}")
+            logits = logits_for(idx, train_in, "train", True)
+            loss = loss_fn(logits, train_in.y[idx].to(logits.device))
+            accelerator.backward(loss)
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            total += loss.item() * len(idx)
+            count += len(idx)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{total / count:.4f}")
+        if bar is not None:
+            bar.close()
+        samples += count
+        val_loss, report = evaluate()
+        value = val_loss if cfg.metric == "loss" else report[cfg.metric]
+        row = {
+            "epoch": epoch + 1, "train_loss": total / count, "val_loss": val_loss,
+            "accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
+            "lr": scheduler.get_last_lr()[-1], "seconds": round(time.perf_counter() - t0, 3),
+        }
+        history.append(row)
+        if better(cfg.metric, value, best["value"]):
+            best = {"epoch": epoch + 1, "value": value}
+            bad_epochs = 0
+            if accelerator.is_main_process:
+                save_best(run, accelerator.unwrap_model(model), keys)
+        else:
+            bad_epochs += 1
+        log.info("epoch %d/%d  loss %.4f  val loss %.4f  accuracy %.4f  macro-F1 %.4f  %.1f s",
+                 epoch + 1, cfg.epochs, row["train_loss"], val_loss, report["accuracy"],
+                 report["macro_f1"], row["seconds"])
+        if accelerator.is_main_process:
+            save_checkpoint(run, epoch, accelerator.unwrap_model(model), keys, optimizer, scheduler,
+                            {"epoch": epoch, "history": history, "best": best, "bad_epochs": bad_epochs},
+                            cfg.keep_checkpoints)
+    loop_seconds = time.perf_counter() - t_loop
+
+    model = accelerator.unwrap_model(model)
+    load_weights(model, run / "checkpoints" / "best" / "weights.safetensors")
+    val_loss, report = evaluate()
+    summary = {
+        "edgeft_version": __version__,
+        "method": cfg.method,
+        "model": spec.source,
+        "labels": labels,
+        "parameters": params,
+        "epochs": history,
+        "best": {"epoch": best["epoch"], "metric": cfg.metric, "loss": val_loss, **report},
+        "accuracy": report["accuracy"],
+        "macro_f1": report["macro_f1"],
+        "stopped_early": stopped_early,
+        "data": {
+            "train": {"source": train_ds.source, "rows": len(train_ds), "counts": train_ds.counts()},
+            "val": {"source": val_ds.source, "rows": len(val_ds), "counts": val_ds.counts()},
+        },
+        "timing": {
+            "total_seconds": round(time.perf_counter() - t_start, 3),
+            "feature_seconds": round(feature_seconds, 3),
+            "loop_seconds": round(loop_seconds, 3),
+            "samples_per_second": round(samples / loop_seconds, 2) if loop_seconds > 0 and samples else None,
+            "feature_cache_hits": cache_hits,
+        },
+    }
+    if accelerator.is_main_process:
+        _write_outputs(run, cfg, spec, model, plan, keys, pre, labels, summary)
+    return summary
+
+
+def _write_outputs(run: Path, cfg, spec: ModelSpec, model, plan, keys, pre, labels, summary) -> None:
+    from safetensors.torch import save_file
+
+    from .report import model_card, plot_confusion, plot_curves
+
+    sd = model.state_dict()
+    tmp = run / ".trained.safetensors.tmp"
+    save_file({k: sd[k].detach().contiguous() for k in keys}, str(tmp),
+              metadata={"edgeft_method": cfg.method, "format": "pt"})
+    os.replace(tmp, run / "trained.safetensors")
+    if cfg.method == "lora":
+        with atomic.directory(run / "adapter", replace=True) as d:
+            model.backbone.save_pretrained(str(d))
+    if spec.modality == "text":
+        atomic.write_text(run / "tokenizer.json", pre.tokenizer.to_str())
+    atomic.write_json(run / "preprocessor.json", pre.spec())
+    atomic.write_json(run / "labels.json", {"labels": labels})
+    atomic.write_json(run / "metrics.json", summary)
+    plot_curves(summary["epochs"], run / "curves.png")
+    plot_confusion(summary["best"]["confusion"], labels, run / "confusion.png")
+    atomic.write_text(run / "README.md", model_card(cfg, spec, summary, plan))
+    atomic.write_json(run / "run.json", {
+        "edgeft_version": __version__,
+        "schema": 1,
+        "status": "complete",
+        "method": cfg.method,
+        "config": cfg.to_dict(),
+        "model": spec.to_dict(),
+        "labels": labels,
+        "lora_targets": plan.lora_targets,
+        "trained_keys": keys,
+        "parameters": summary["parameters"],
+    })
+    atomic.write_json(run / STATE_FILE, {**json.loads((run / STATE_FILE).read_text()), "status": "complete"})
