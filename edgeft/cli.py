@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 import click
@@ -52,6 +53,10 @@ def main(ctx, debug, verbose, quiet):
     Then:        edgeft train --model minilm --data train.csv --method lora --output run/
     """
     ctx.obj = {"debug": debug}
+    # edgeft never downloads: models come from local folders or packages installed offline.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     _setup_logging(verbose, quiet)
 
 

@@ -94,6 +94,7 @@ def apply(model: TaskModel, method: str, *, lora_r=8, lora_alpha=16, lora_dropou
         config = LoraConfig(r=int(lora_r), lora_alpha=int(lora_alpha), lora_dropout=float(lora_dropout),
                             target_modules=targets, bias="none")
         model.backbone = get_peft_model(model.backbone, config)
+        _expose_conv_attributes(model.backbone)
         plan_targets = targets
         body = {f"backbone.{n}" for n, p in model.backbone.named_parameters() if "lora_" in n}
     elif method == "head":
@@ -123,6 +124,17 @@ def apply(model: TaskModel, method: str, *, lora_r=8, lora_alpha=16, lora_dropou
     plan = Plan(method, trainable, stages, int(unfreeze_every), plan_targets)
     set_trainable(model, plan.trainable_at(0))
     return plan
+
+
+def _expose_conv_attributes(module: nn.Module) -> None:
+    """Some models read conv.stride or conv.kernel_size in forward (MobileNetV2's TF padding);
+    peft's LoRA Conv2d wrapper keeps them only on its base layer, so mirror them."""
+    for m in module.modules():
+        base = getattr(m, "base_layer", None)
+        if isinstance(base, nn.Conv2d) and not isinstance(m, nn.Conv2d):
+            for attr in ("stride", "kernel_size", "dilation", "padding", "groups", "in_channels", "out_channels"):
+                if not hasattr(m, attr):
+                    setattr(m, attr, getattr(base, attr))
 
 
 def set_trainable(model: nn.Module, names: set[str]) -> None:

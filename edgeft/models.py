@@ -272,9 +272,8 @@ def _plain_convs(module: nn.Module) -> None:
     """
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Conv2d) and type(child) is not nn.Conv2d and child.kernel_size == (1, 1) \
-                and child.stride == (1, 1):
-            pad = getattr(child, "static_padding", None)
-            if pad is not None and not isinstance(pad, nn.Identity):
+                and tuple(child.stride) == (1, 1):
+            if isinstance(getattr(child, "static_padding", None), nn.ZeroPad2d):
                 continue
             conv = nn.Conv2d(child.in_channels, child.out_channels, 1, bias=child.bias is not None,
                              groups=child.groups)
@@ -295,7 +294,6 @@ def build_effnet(meta: dict, pretrained: bool = True) -> nn.Module:
             'Install it with: pip install -c constraints.txt "edgeft[train]"'
         ) from None
     net = EfficientNet.from_name(meta["variant"], image_size=meta["image_size"])
-    net.set_swish(memory_efficient=False)  # the plain swish exports and differentiates cleanly
     if pretrained and meta.get("weights"):
         w = meta["weights"]
         if w.endswith(".safetensors"):
@@ -326,6 +324,7 @@ def build_backbone(spec: ModelSpec) -> tuple[nn.Module, int]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # "some weights were not used" is expected for heads
+    hf_logging.disable_progress_bar()
     kw = {"local_files_only": True}
     if spec.modality == "text":
         kw["attn_implementation"] = "eager"  # exports cleanly and lets ORT fuse attention

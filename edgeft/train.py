@@ -234,11 +234,13 @@ def _check_output(cfg: TrainConfig, run: Path, state: dict) -> Path | None:
         if ckpt is None:
             raise UsageError(f"{run}: no checkpoint to resume from. Run without --resume to start.")
         saved = json.loads((run / STATE_FILE).read_text())
-        for key in ("model", "method", "train_fingerprint", "val_fingerprint", "labels"):
+        what = {"model": "--model", "method": "--method", "labels": "label set",
+                "train_fingerprint": "training data", "val_fingerprint": "validation data"}
+        for key, name in what.items():
             if saved.get(key) != state.get(key):
                 raise UsageError(
-                    f"{run}: --resume with a different {key.replace('_', ' ')} than the interrupted run "
-                    f"({saved.get(key)!r} != {state.get(key)!r})."
+                    f"{run}: --resume with a different {name} than the interrupted run. "
+                    "Resume with the options it started with, or start a new --output."
                 )
         return ckpt
     if run.exists() and (not run.is_dir() or any(run.iterdir())):

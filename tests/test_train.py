@@ -1,0 +1,281 @@
+"""Training: every method on text and image models, resume, early stopping, the feature cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from edgeft import methods
+from edgeft.config import TrainConfig, load_train_config
+from edgeft.errors import ConfigError, UsageError
+from edgeft.models import build_task_model, layer_groups, load_spec
+from edgeft.runs import evaluate, load_run
+from edgeft.train import batches, train
+
+RUN_FILES = ("trained.safetensors", "labels.json", "metrics.json", "curves.png", "confusion.png",
+             "README.md", "run.json", "preprocessor.json")
+
+
+def cfg_for(model, data, out, **kw) -> TrainConfig:
+    kw.setdefault("epochs", 2)
+    kw.setdefault("progress", False)
+    return TrainConfig(model=str(model), data=str(data), output=str(out), **kw)
+
+
+@pytest.mark.parametrize("method", methods.METHODS)
+def test_every_method_on_text(method, tiny_bert, text_data, tmp_path):
+    s = train(cfg_for(tiny_bert, text_data["train"], tmp_path / "run", val=str(text_data["val"]),
+                      method=method, pooling="mean", batch_size=8))
+    run = tmp_path / "run"
+    for f in RUN_FILES + ("tokenizer.json",):
+        assert (run / f).exists(), f
+    m = json.loads((run / "metrics.json").read_text())
+    assert len(m["epochs"]) == 2
+    assert {"accuracy", "macro_f1", "train_loss", "val_loss"} <= set(m["epochs"][0])
+    assert set(m["best"]["per_class"]) == {"belt", "motor", "pump"}
+    assert sum(map(sum, m["best"]["confusion"])) == 18
+    p = s["parameters"]
+    assert 0 < p["trainable"] <= p["total"] and p["ratio"] == pytest.approx(p["trainable"] / p["total"], abs=1e-6)
+    expected_ratio = {"head": (0, 0.02), "lora": (0.02, 0.3), "bitfit": (0.01, 0.1),
+                      "partial": (0.3, 0.99), "full": (1, 1), "gradual": (1, 1)}[method]
+    assert expected_ratio[0] <= p["ratio"] <= expected_ratio[1]
+    card = (run / "README.md").read_text()
+    assert method in card and "accuracy" in card
+    if method == "lora":
+        assert (run / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("model", ["tiny_vit", "tiny_mobilenet", "tiny_resnet", "tiny_effnet"])
+@pytest.mark.parametrize("method", ["head", "lora", "partial"])
+def test_image_models(model, method, image_data, tmp_path, request):
+    path = request.getfixturevalue(model)
+    s = train(cfg_for(path, image_data, tmp_path / "run", method=method, batch_size=8, epochs=1,
+                      augment=method != "head"))
+    assert s["labels"] == ["clean", "crack", "stain"]
+    assert 0 < s["parameters"]["trainable"] < s["parameters"]["total"]
+    pre = json.loads((tmp_path / "run" / "preprocessor.json").read_text())
+    assert pre["kind"] == "image" and pre["size"] == [32, 32]
+
+
+def test_image_model_learns(tiny_resnet, image_data, tmp_path):
+    """Colour is enough to tell the classes apart: a head on a random CNN's features learns it."""
+    s = train(cfg_for(tiny_resnet, image_data, tmp_path / "run", method="head", epochs=40,
+                      head_lr=0.05, val_fraction=0.3, patience=40))
+    assert s["accuracy"] >= 0.8
+
+
+def test_text_model_learns(tiny_bert, text_data, tmp_path):
+    s = train(cfg_for(tiny_bert, text_data["train"], tmp_path / "run", val=str(text_data["val"]),
+                      method="lora", pooling="mean", epochs=15, batch_size=8, patience=15))
+    assert s["accuracy"] >= 0.6
+    report = evaluate(tmp_path / "run", text_data["val"])
+    assert report["accuracy"] == pytest.approx(s["accuracy"])
+
+
+def test_head_cache_equals_frozen_backbone_loop(tiny_bert, text_data, tmp_path):
+    """Training on cached features gives the head a loop over the live, frozen backbone gives."""
+    cfg = cfg_for(tiny_bert, text_data["train"], tmp_path / "run", val=str(text_data["val"]),
+                  method="head", pooling="mean", epochs=4, batch_size=8, patience=10, seed=3)
+    train(cfg)
+    cached = load_file(str(tmp_path / "run" / "trained.safetensors"))
+    assert set(cached) == {"head.weight", "head.bias"}
+
+    # The reference: the same head trained while the backbone runs on every batch.
+    from edgeft.data import load_dataset
+    from edgeft.models import build_preprocessor
+    from edgeft.train import Inputs, make_optimizer, make_scheduler
+
+    c = cfg.with_method_defaults()
+    torch.manual_seed(c.seed)
+    import random
+
+    import numpy as np
+
+    random.seed(c.seed), np.random.seed(c.seed)
+    spec = load_spec(c.model, c.pooling)
+    model = build_task_model(spec, 3, c.dropout)
+    plan = methods.apply(model, "head")
+    ds = load_dataset(c.data)
+    inputs = Inputs.build(ds, build_preprocessor(spec), ["belt", "motor", "pump"])
+    opt = make_optimizer(model, plan, c)
+    sched = make_scheduler(opt, c.epochs * -(-len(ds) // c.batch_size), c.warmup)
+    best, best_state = None, None
+    val = Inputs.build(load_dataset(c.val), build_preprocessor(spec), ["belt", "motor", "pump"])
+    for epoch in range(c.epochs):
+        model.train()
+        model.backbone.eval()
+        for idx in batches(len(ds), c.batch_size, c.seed, epoch):
+            with torch.no_grad():
+                f = model.backbone(**inputs.batch(idx))
+            loss = torch.nn.functional.cross_entropy(model.head(model.dropout(f)), inputs.y[idx])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), c.max_grad_norm)
+            opt.step(), sched.step(), opt.zero_grad()
+        model.eval()
+        with torch.no_grad():
+            acc = (model(**val.batch(list(range(len(val.ds))))).argmax(-1) == val.y).float().mean().item()
+        if best is None or acc > best:
+            best, best_state = acc, {k: v.clone() for k, v in model.head.state_dict().items()}
+    torch.testing.assert_close(cached["head.weight"], best_state["weight"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cached["head.bias"], best_state["bias"], atol=1e-5, rtol=1e-4)
+
+
+def test_feature_cache_is_reused(tiny_bert, text_data, tmp_path):
+    a = train(cfg_for(tiny_bert, text_data["train"], tmp_path / "a", val=str(text_data["val"]), method="head"))
+    b = train(cfg_for(tiny_bert, text_data["train"], tmp_path / "b", val=str(text_data["val"]), method="head"))
+    assert b["timing"]["feature_cache_hits"] == [True, True]
+    assert a["accuracy"] == b["accuracy"]
+    wa, wb = (load_file(str(tmp_path / d / "trained.safetensors")) for d in "ab")
+    assert torch.equal(wa["head.weight"], wb["head.weight"])
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method,model,data", [
+    ("lora", "tiny_bert", "text"), ("full", "tiny_bert", "text"), ("gradual", "tiny_bert", "text"),
+    ("partial", "tiny_effnet", "image"),
+])
+def test_resume_equals_uninterrupted(method, model, data, tmp_path, monkeypatch, request, text_data, image_data):
+    path = request.getfixturevalue(model)
+    kw = dict(method=method, epochs=4, batch_size=8, patience=10, lr=1e-3, seed=7)
+    if data == "text":
+        kw.update(val=str(text_data["val"]), pooling="mean")
+        train_data = text_data["train"]
+    else:
+        kw.update(augment=True)
+        train_data = image_data
+    train(cfg_for(path, train_data, tmp_path / "whole", **kw))
+
+    import edgeft.train as T
+
+    real_save = T.save_checkpoint
+
+    def save_then_crash(run, epoch, *a, **k):
+        real_save(run, epoch, *a, **k)
+        if epoch == 1:
+            raise Interrupt
+
+    monkeypatch.setattr(T, "save_checkpoint", save_then_crash)
+    with pytest.raises(Interrupt):
+        train(cfg_for(path, train_data, tmp_path / "cut", **kw))
+    assert not (tmp_path / "cut" / "run.json").exists()
+    with pytest.raises(UsageError, match="did not finish"):
+        load_run(tmp_path / "cut")
+    monkeypatch.setattr(T, "save_checkpoint", real_save)
+    s = train(cfg_for(path, train_data, tmp_path / "cut", resume=True, **kw))
+    assert len(s["epochs"]) == 4
+    whole = load_file(str(tmp_path / "whole" / "trained.safetensors"))
+    cut = load_file(str(tmp_path / "cut" / "trained.safetensors"))
+    assert whole.keys() == cut.keys()
+    for k in whole:
+        torch.testing.assert_close(cut[k], whole[k], atol=1e-6, rtol=1e-5, msg=k)
+    hw = json.loads((tmp_path / "whole" / "metrics.json").read_text())["epochs"]
+    assert [round(e["train_loss"], 5) for e in s["epochs"]] == [round(e["train_loss"], 5) for e in hw]
+
+
+def test_resume_refuses_other_data(tiny_bert, text_data, tmp_path):
+    train(cfg_for(tiny_bert, text_data["train"], tmp_path / "run", val=str(text_data["val"]), epochs=1))
+    with pytest.raises(UsageError, match="different training data than the interrupted run"):
+        train(cfg_for(tiny_bert, text_data["train"], tmp_path / "run", epochs=2, resume=True))
+
+
+def test_resume_without_checkpoint(tiny_bert, text_data, tmp_path):
+    with pytest.raises(UsageError, match="no checkpoint to resume"):
+        train(cfg_for(tiny_bert, text_data["train"], tmp_path / "run", resume=True))
+
+
+def test_early_stopping_and_checkpoint_pruning(tiny_bert, text_data, tmp_path):
+    # lr 0: nothing improves after the first epoch, so patience 2 stops after epoch 3
+    s = train(cfg_for(tiny_bert, text_data["train"], tmp_path / "run", val=str(text_data["val"]),
+                      method="head", head_lr=0.0, epochs=20, patience=2, keep_checkpoints=1))
+    assert s["stopped_early"] and len(s["epochs"]) == 3 and s["best"]["epoch"] == 1
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["best", "epoch-002"]
+
+
+def test_best_epoch_is_what_is_saved(tiny_bert, text_data, tmp_path):
+    train(cfg_for(tiny_bert, text_data["train"], tmp_path / "run", val=str(text_data["val"]),
+                  method="head", epochs=6, metric="loss", patience=10))
+    best = load_file(str(tmp_path / "run" / "checkpoints" / "best" / "weights.safetensors"))
+    final = load_file(str(tmp_path / "run" / "trained.safetensors"))
+    assert torch.equal(best["head.weight"], final["head.weight"])
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    losses = [e["val_loss"] for e in m["epochs"]]
+    assert m["best"]["epoch"] == losses.index(min(losses)) + 1
+
+
+def test_seeded_runs_are_reproducible(tiny_bert, text_data, tmp_path):
+    for d in ("a", "b"):
+        train(cfg_for(tiny_bert, text_data["train"], tmp_path / d, method="lora", batch_size=8, seed=5))
+    wa, wb = (load_file(str(tmp_path / d / "trained.safetensors")) for d in "ab")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_minilm_pooling_comes_from_its_sentence_transformers_config():
+    spec = load_spec("minilm")
+    assert spec.pooling == "mean" and spec.modality == "text"
+    assert load_spec("minilm", pooling="cls").pooling == "cls"
+    assert load_spec("efficientnet-lite0").preprocessing["mean"] == [127.0] * 3
+
+
+def test_layer_groups_find_the_stack(tiny_bert, tiny_effnet):
+    for path, n in ((tiny_bert, 2), (tiny_effnet, 16)):
+        model = build_task_model(load_spec(str(path)), 2)
+        above, groups = layer_groups(model.backbone)
+        assert len(groups) == n
+    assert any("pooler" in a for a in layer_groups(build_task_model(load_spec(str(tiny_bert)), 2).backbone)[0])
+
+
+def test_gradual_unfreezes_from_the_top(tiny_bert):
+    model = build_task_model(load_spec(str(tiny_bert), "mean"), 2)
+    plan = methods.apply(model, "gradual", unfreeze_every=2)
+    s0, s2, s4 = plan.trainable_at(0), plan.trainable_at(2), plan.trainable_at(4)
+    assert all(n.startswith(("head.", "backbone.model.pooler")) for n in s0)
+    assert any("encoder.layer.1." in n for n in s2) and not any("encoder.layer.0." in n for n in s2)
+    assert any("encoder.layer.0." in n for n in s4) and plan.trainable_at(0) == plan.trainable_at(1)
+
+
+def test_lora_targets_override_and_typo(tiny_bert):
+    model = build_task_model(load_spec(str(tiny_bert)), 2)
+    plan = methods.apply(model, "lora", lora_targets=["query", "key", "value"])
+    assert sum("lora_A" in n for n in plan.trainable) == 2 * 3  # 2 layers x 3 projections
+    with pytest.raises(UsageError, match='no Linear or Conv2d layer named \'quer\'.*Did you mean "query"'):
+        methods.apply(build_task_model(load_spec(str(tiny_bert)), 2), "lora", lora_targets=["quer"])
+
+
+def test_config_file_and_flags(tmp_path, text_data, tiny_bert):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'[train]\nmodel = "{tiny_bert}"\ndata = "{text_data["train"]}"\noutput = "out"\n'
+                      'method = "lora"\nepochs = 7\nlora-r = 4\n')
+    cfg = load_train_config(recipe, {"epochs": 3, "lr": None})
+    assert (cfg.method, cfg.epochs, cfg.lora_r) == ("lora", 3, 4)
+    assert cfg.output == str(tmp_path / "out")
+    recipe.write_text('[train]\nmodel = "m"\ndata = "d"\noutput = "o"\nepoch = 3\n')
+    with pytest.raises(ConfigError, match=r"unknown key 'epoch' in \[train\]\. Did you mean \"epochs\"\?"):
+        load_train_config(recipe, {})
+    recipe.write_text('[train]\nmodel = "m"\ndata = "d"\noutput = "o"\nmethod = "lorra"\n')
+    with pytest.raises(ConfigError, match='unknown method'):
+        load_train_config(recipe, {})
+
+
+def test_cli_train_and_evaluate(tiny_bert, text_data, tmp_path):
+    from click.testing import CliRunner
+
+    from edgeft.cli import main
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["train", "--model", str(tiny_bert), "--data", str(text_data["train"]),
+                                  "--val", str(text_data["val"]), "--method", "head", "--epochs", "2",
+                                  "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip().splitlines()[-1].startswith("train  ok")
+    r = CliRunner().invoke(main, ["evaluate", str(out), "--data", str(text_data["val"]), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["rows"] == 18
+    assert Path(out / "run.json").exists()
