@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import random
 from collections import Counter
@@ -82,25 +83,31 @@ def _column(path: Path, columns, wanted: str, what: str) -> str:
     )
 
 
-def _rows_csv(path: Path, text: str):
-    reader = csv.DictReader(text.splitlines(keepends=True))
+def _rows_csv(path: Path, text: str, delimiter: str = ","):
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = reader.fieldnames or []
-        if not header:
-            raise DataError(f"{path}: the file is empty. Expected a header row and data rows.")
+        if not any(h and h.strip() for h in header):
+            raise DataError(f"{path}: line 1: empty header row. Expected column names, e.g. text,label.")
         for row in reader:
+            line = reader.reader.line_num
             if None in row:
                 raise DataError(
-                    f"{path}: line {reader.line_num}: {len(header) + len(row[None])} fields, "
+                    f"{path}: line {line}: {len(header) + len(row[None])} fields, "
                     f"the header has {len(header)}. Quote fields that contain commas."
                 )
-            yield reader.line_num, row, header
+            if any(v is None for v in row.values()):
+                n = sum(v is not None for v in row.values())
+                raise DataError(f"{path}: line {line}: {n} fields, the header has {len(header)}.")
+            yield line, row, header
     except csv.Error as e:
-        raise DataError(f"{path}: line {reader.line_num}: bad CSV ({e}).") from None
+        raise DataError(f"{path}: line {reader.reader.line_num}: bad CSV ({e}).") from None
 
 
 def _rows_jsonl(path: Path, text: str):
-    for n, line in enumerate(text.splitlines(), start=1):
+    # split on newlines only: str.splitlines() also breaks at U+2028 and form feeds, which
+    # JSON writers leave unescaped inside strings
+    for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -140,7 +147,10 @@ def load_dataset(
     if suffix not in (".csv", ".jsonl", ".json", ".tsv"):
         raise DataError(f"{path}: unknown data format '{suffix}'. Expected .csv, .jsonl or an image folder.")
     text = _read_text(path)
-    rows = _rows_jsonl(path, text) if suffix in (".jsonl", ".json") else _rows_csv(path, text)
+    if suffix in (".jsonl", ".json"):
+        rows = _rows_jsonl(path, text)
+    else:
+        rows = _rows_csv(path, text, "\t" if suffix == ".tsv" else ",")
 
     items, labels, lines = [], [], []
     kind = None
@@ -149,9 +159,12 @@ def load_dataset(
         if kind is None:
             if text_column not in header and text_column == "text":
                 col = next((c for c in IMAGE_COLUMNS if c in header), None)
-                kind = "image" if col else None
-            if kind is None:
-                col, kind = _column(path, header, text_column, "text"), "text"
+            if col is None:
+                col = _column(path, header, text_column, "text")
+            # a column of image file names is image data, whatever the column is called
+            first = row.get(col)
+            looks_like_image = isinstance(first, str) and Path(first.strip()).suffix.lower() in IMAGE_SUFFIXES
+            kind = "image" if col in IMAGE_COLUMNS or looks_like_image else "text"
             if require_labels:
                 _column(path, header, label_column, "label")
         value = row.get(col)
@@ -197,7 +210,7 @@ def _load_image_folder(path: Path) -> Dataset:
             labels.append(d.name)
     if not items:
         raise DataError(f"{path}: no images (jpg, png, bmp, webp) in its class folders.")
-    return Dataset("image", items, labels, str(path), list(range(1, len(items) + 1)))
+    return Dataset("image", items, labels, str(path), [])
 
 
 def label_names(train: Dataset) -> list[str]:

@@ -373,7 +373,7 @@ def build_task_model(spec: ModelSpec, num_labels: int, dropout: float = 0.1) -> 
 def check_modality(spec: ModelSpec, data_kind: str, data_source: str) -> None:
     if spec.modality != data_kind:
         raise DataError(
-            f"{data_source}: {data_kind} data, but {spec.source} is a {spec.modality} model. "
+            f"{data_source}: {data_kind} data, but {spec.source} is {'an' if spec.modality == 'image' else 'a'} {spec.modality} model. "
             f"Use a {data_kind} model or {spec.modality} data."
         )
 
