@@ -138,6 +138,92 @@ def evaluate(run, data, text_column, label_column, as_json):
     click.echo(_report_table(report))
 
 
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--output", "-o", required=True, help="Model directory to write.")
+@click.option("--data", help="Labelled rows to check merged against unmerged on.  [default: the run's validation data]")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
+def merge(run, output, data, overwrite):
+    """Fold LoRA adapters into the base weights; write a self-contained model directory.
+
+    \b
+    Example:
+      edgeft merge runs/maint-lora --output models/maint
+
+    Checks merged against unmerged logits on validation rows (over 1e-4 is an error). For
+    head-only and other non-adapter runs it writes the same layout.
+    """
+    from .merge import merge as run_merge
+
+    r = run_merge(run, output, data, overwrite)
+    click.echo(f"merge  ok  {r['seconds']:.1f} s  max|Δ| {r['max_abs_diff']:.1e} on {r['rows']} rows  -> {output}")
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.option("--output", "-o", required=True, help="Folder for backbone.onnx, head.onnx, model.onnx.")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset.")
+@click.option("--data", help="Labelled rows for the parity check.  [default: the run's validation data]")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
+def export(source, output, opset, data, overwrite):
+    """Export a model directory (or a run) to ONNX and check it against PyTorch.
+
+    \b
+    Example:
+      edgeft export models/maint --output export/maint
+
+    Writes backbone.onnx (inputs -> features), head.onnx (features -> logits, probs) and
+    model.onnx (both), each self-contained with dynamic batch and sequence axes, plus
+    export.json with labels, preprocessing, hashes and the parity figures.
+    """
+    from .export import export as run_export
+
+    info = run_export(source, output, opset, data, overwrite)
+    size = info["files"]["model.onnx"]["bytes"] / 1e6
+    p = info["parity"]
+    parity = f"max|Δ| {p['max_abs_diff']:.1e}  agreement {p['agreement']:.2%}" if p else "parity not checked"
+    click.echo(f"export  ok  {info['seconds']:.1f} s  model.onnx {size:.1f} MB  {parity}  -> {output}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(exists=True))
+@click.option("--reference", required=True, type=click.Path(exists=True, file_okay=False), help="The PyTorch reference: a run or a merged model directory.")
+@click.option("--data", required=True, help="Labelled rows both run on.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--max-abs-diff", type=float, help="Largest allowed |Δ logits|.  [default: 1e-4 for fp32, unchecked for int8/fp16]")
+@click.option("--min-agreement", type=float, help="Smallest share of rows with the reference's top-1 label.  [default: 1.0 fp32, 0.99 quantized]")
+@click.option("--max-drop", "max_accuracy_drop", type=float, help="Largest accuracy drop (0.01 = 1 point).  [default: unchecked fp32, 0.01 quantized]")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
+@click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="Write a JUnit XML report (one test case per check).")
+def verify(artifact, reference, data, text_column, label_column, max_abs_diff, min_agreement,
+           max_accuracy_drop, json_path, junit_path):
+    """Check an exported model against its PyTorch reference; exit 1 when a check fails.
+
+    \b
+    Example (a CI gate):
+      edgeft verify export/maint --reference models/maint \\
+             --data examples/maintenance/test.csv --junit report.xml
+    """
+    from .runtime import atomic
+    from .verify import table, write_junit
+    from .verify import verify as run_verify
+
+    report = run_verify(artifact, reference, data, text_column=text_column, label_column=label_column,
+                        max_abs_diff=max_abs_diff, min_agreement=min_agreement,
+                        max_accuracy_drop=max_accuracy_drop)
+    if json_path:
+        atomic.write_json(json_path, report)
+    if junit_path:
+        write_junit(report, junit_path)
+    click.echo(table(report))
+    if not report["passed"]:
+        failed = "; ".join(c["message"] for c in report["checks"] if not c["passed"])
+        click.echo(f"verify  FAILED  {failed}", err=True)
+        sys.exit(1)
+    click.echo(f"verify  ok  {report['rows']} rows  {report['seconds']:.1f} s")
+
+
 def _report_table(report: dict) -> str:
     lines = [f"{'label':<16} {'precision':>9} {'recall':>7} {'F1':>6} {'n':>5}"]
     for name, c in report["per_class"].items():

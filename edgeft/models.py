@@ -230,11 +230,18 @@ def load_spec(model: str, pooling: str | None = None, max_length: int = 128,
     family, path = resolve(model)
     if pooling is not None and pooling not in POOLINGS:
         raise ModelError(f"--pooling: unknown pooling '{pooling}'; choose from {', '.join(POOLINGS)}.")
-    if family == "efficientnet-lite":
+    if family == "efficientnet-lite" and not (path / "edgeft.json").exists():
         meta = _effnet_meta(path)
         size = image_size or meta["image_size"]
         pre = {"kind": "image", "size": [size, size], "resize_to": round(size / 0.875), **EFFNET_NORM}
         return ModelSpec(model, str(path), family, "image", meta["variant"], pooling or "mean", 1280, pre)
+
+    saved = path / "edgeft.json"  # a model directory written by edgeft merge keeps its recipe
+    if saved.exists():
+        info = json.loads(saved.read_text())
+        spec = ModelSpec(model, str(path), info["family"], info["modality"], info["model_type"],
+                         pooling or info["pooling"], info["feature_dim"], info["preprocessing"])
+        return spec
 
     from transformers import AutoConfig
 

@@ -61,7 +61,7 @@ class Inputs:
             arrays = self.pre.collate([self.encoded[i] for i in idx])
         else:
             aug = self.augment if train else None
-            arrays = {"pixel_values": self.pre([self.ds.items[i] for i in idx], augment=aug)}
+            arrays = self.pre([self.ds.items[i] for i in idx], augment=aug)
         return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
 
@@ -435,6 +435,7 @@ def _write_outputs(run: Path, cfg, spec: ModelSpec, model, plan, keys, pre, labe
     from safetensors.torch import save_file
 
     from .report import model_card, plot_confusion, plot_curves
+    from .runs import validation_source
 
     sd = model.state_dict()
     tmp = run / ".trained.safetensors.tmp"
@@ -461,6 +462,7 @@ def _write_outputs(run: Path, cfg, spec: ModelSpec, model, plan, keys, pre, labe
         "model": spec.to_dict(),
         "labels": labels,
         "lora_targets": plan.lora_targets,
+        "validation": validation_source(cfg.to_dict()),
         "trained_keys": keys,
         "parameters": summary["parameters"],
     })

@@ -58,7 +58,7 @@ class TextPreprocessor:
 
 
 class ImagePreprocessor:
-    """Image paths or PIL images -> float32 (N, 3, H, W), the model's own normalisation.
+    """Image paths or PIL images -> {pixel_values: float32 (N, 3, H, W)}, the model's own normalisation.
 
     spec keys: size [H, W]; resize_to (shorter side before the centre crop, or [H, W] to
     resize directly); mean and std per channel, applied after scaling pixels by `scale`.
@@ -115,13 +115,13 @@ class ImagePreprocessor:
         a = (a - self.mean) / self.std
         return a.transpose(2, 0, 1)
 
-    def __call__(self, items, augment=None) -> np.ndarray:
+    def __call__(self, items, augment=None) -> dict[str, np.ndarray]:
         out = []
         for item in items:
             im = self.load(item)
             im = augment(im, self.size) if augment is not None else self.resize(im)
             out.append(self.to_array(im))
-        return np.stack(out).astype(np.float32)
+        return {"pixel_values": np.stack(out).astype(np.float32)}
 
 
 def load_preprocessor(directory: str | Path, spec: dict):

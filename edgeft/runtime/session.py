@@ -1,0 +1,48 @@
+"""ONNX Runtime sessions for a classifier: feed only the inputs the graph declares."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BundleError
+
+
+def make_session(path: str | Path, providers: list[str] | None = None, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: ORT's warnings are about its own internals
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    available = ort.get_available_providers()
+    chosen = [p for p in (providers or ["CPUExecutionProvider"]) if p in available] or ["CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise BundleError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]}).") from None
+
+
+class OnnxModel:
+    """One ONNX file: `model(arrays)` -> {output name: array}."""
+
+    def __init__(self, path: str | Path, providers=None, threads=None):
+        self.path = Path(path)
+        self.session = make_session(path, providers, threads)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        types = {i.name: i.type for i in self.session.get_inputs()}
+        self._float16 = {n for n, t in types.items() if t == "tensor(float16)"}
+
+    def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.inputs if n not in arrays]
+        if missing:
+            raise BundleError(f"{self.path}: the model needs inputs {missing}, the preprocessing gives {sorted(arrays)}.")
+        feed = {n: arrays[n].astype(np.float16) if n in self._float16 else arrays[n] for n in self.inputs}
+        return dict(zip(self.outputs, self.session.run(None, feed), strict=True))
+
+    def metadata(self) -> dict:
+        meta = self.session.get_modelmeta().custom_metadata_map
+        return json.loads(meta["edgeft"]) if "edgeft" in meta else {}

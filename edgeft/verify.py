@@ -1,0 +1,108 @@
+"""`edgeft verify`: an exported artifact against its PyTorch reference, as a CI gate.
+
+Runs both on the same labelled rows, checks the thresholds (fp32: max |Δ logits| <= 1e-4 and
+100% top-1 agreement; quantized: agreement >= 99% and accuracy drop <= 1 point), and writes
+the figures as JSON and JUnit XML. The caller exits 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsageError
+from .parity import Thresholds, checks, compare
+from .runtime import atomic
+from .runtime.preprocess import load_preprocessor
+from .runtime.session import OnnxModel
+
+BATCH = 16
+
+
+def _artifact_model(artifact: Path) -> tuple[Path, Path | None]:
+    """(the ONNX file to run, the folder holding its preprocessing files if any)."""
+    if artifact.is_file():
+        if artifact.suffix != ".onnx":
+            raise UsageError(f"{artifact}: expected an .onnx file or a folder from edgeft export.")
+        return artifact, artifact.parent if (artifact.parent / "preprocessor.json").exists() else None
+    if (artifact / "model.onnx").exists():
+        return artifact / "model.onnx", artifact
+    raise UsageError(f"{artifact}: no model.onnx here; expected a folder from edgeft export or an .onnx file.")
+
+
+def verify(artifact: str | Path, reference: str | Path, data: str | Path, *, text_column="text",
+           label_column="label", max_abs_diff=None, min_agreement=None, max_accuracy_drop=None,
+           limit: int | None = None) -> dict:
+    from .runs import load_labelled, load_model, predict_logits
+
+    t0 = time.perf_counter()
+    artifact = Path(artifact)
+    onnx_path, pre_dir = _artifact_model(artifact)
+    candidate = OnnxModel(onnx_path)
+    meta = candidate.metadata()
+    ref = load_model(reference)
+    ds = load_labelled(data, ref, text_column, label_column)
+    items, labels = ds.items[:limit] if limit else ds.items, ds.labels[:limit] if limit else ds.labels
+    pre = ref.pre
+    if pre_dir is not None:
+        pre = load_preprocessor(pre_dir, json.loads((pre_dir / "preprocessor.json").read_text()))
+    precision = meta.get("precision", "fp32")
+    t = Thresholds.for_precision(precision).override(
+        max_abs_diff=max_abs_diff, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
+
+    ref_logits = predict_logits(ref.model, ref.pre, items, batch_size=BATCH).numpy()
+    t1 = time.perf_counter()
+    got = np.concatenate([candidate(pre(items[i : i + BATCH]))["logits"] for i in range(0, len(items), BATCH)])
+    candidate_seconds = time.perf_counter() - t1
+    index = {n: i for i, n in enumerate(ref.labels)}
+    report = compare(ref_logits, got, [index[v] for v in labels], ref.labels, items)
+    found = checks(report, t)
+    artifact_labels = meta.get("labels", ref.labels)
+    found.insert(0, {"name": "labels", "passed": artifact_labels == ref.labels, "value": artifact_labels,
+                     "limit": ref.labels, "message": "labels and their order match the reference"
+                     if artifact_labels == ref.labels else f"artifact labels {artifact_labels} != reference {ref.labels}"})
+    report.update({
+        "artifact": str(artifact), "model_file": str(onnx_path), "reference": str(reference), "data": str(data),
+        "precision": precision, "thresholds": t.__dict__, "checks": found,
+        "passed": all(c["passed"] for c in found),
+        "candidate_ms_per_row": round(1000 * candidate_seconds / max(len(items), 1), 3),
+        "seconds": round(time.perf_counter() - t0, 3),
+    })
+    return report
+
+
+def write_junit(report: dict, path: str | Path) -> None:
+    """One test case per check; a failed check is a <failure> with its numbers."""
+    suite = ET.Element("testsuite", name="edgeft.verify", tests=str(len(report["checks"])),
+                       failures=str(sum(not c["passed"] for c in report["checks"])), errors="0",
+                       time=f"{report['seconds']:.3f}")
+    props = ET.SubElement(suite, "properties")
+    for key in ("artifact", "reference", "data", "precision", "rows"):
+        ET.SubElement(props, "property", name=key, value=str(report[key]))
+    for c in report["checks"]:
+        case = ET.SubElement(suite, "testcase", classname="edgeft.verify", name=c["name"], time="0")
+        if not c["passed"]:
+            ET.SubElement(case, "failure", message=c["message"], type="ParityError").text = (
+                f"value {c['value']!r}, limit {c['limit']!r}")
+        else:
+            ET.SubElement(case, "system-out").text = c["message"]
+    atomic.write_bytes(path, ET.tostring(ET.ElementTree(suite).getroot(), encoding="utf-8", xml_declaration=True))
+
+
+def table(report: dict) -> str:
+    lines = [f"{'check':<15} {'value':>12} {'limit':>12}  result"]
+    for c in report["checks"]:
+        if c["name"] == "labels":
+            v, lim = "-", "-"
+        elif c["name"] == "max_abs_diff":
+            v, lim = f"{c['value']:.2e}", f"{c['limit']:.0e}"
+        else:
+            v, lim = f"{100 * c['value']:.2f}%", f"{100 * c['limit']:.2f}%"
+        lines.append(f"{c['name']:<15} {v:>12} {lim:>12}  {'pass' if c['passed'] else 'FAIL'}")
+    lines.append(f"accuracy {report['accuracy']:.4f} (reference {report['reference_accuracy']:.4f})  "
+                 f"mean |Δ| {report['mean_abs_diff']:.2e}  rows {report['rows']}  precision {report['precision']}")
+    return "\n".join(lines)

@@ -1,0 +1,249 @@
+"""merge, export and verify on tiny models: merged == unmerged, ONNX == PyTorch, the CI gate."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from edgeft.cli import main
+from edgeft.config import TrainConfig
+from edgeft.errors import ParityError, UsageError
+from edgeft.export import FILES, export
+from edgeft.merge import merge
+from edgeft.runs import load_model, predict_logits, validation_data
+from edgeft.runtime.session import OnnxModel
+from edgeft.train import train
+
+
+def _train(model, data, out, method, **kw):
+    kw.setdefault("epochs", 2)
+    train(TrainConfig(model=str(model), data=str(data), output=str(out), method=method, progress=False, **kw))
+    return out
+
+
+@pytest.fixture(scope="module")
+def text_lora_run(tiny_bert, text_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "lora"
+    return _train(tiny_bert, text_data["train"], out, "lora", val=str(text_data["val"]), pooling="mean",
+                  epochs=4, batch_size=8, lr=5e-3)
+
+
+@pytest.fixture(scope="module")
+def text_model_dir(text_lora_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("models") / "text"
+    merge(text_lora_run, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def text_export(text_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exports") / "text"
+    export(text_model_dir, out)
+    return out
+
+
+def test_merged_equals_unmerged(text_lora_run, text_model_dir, tiny_bert, text_data):
+    run, merged = load_model(text_lora_run), load_model(text_model_dir)
+    ds = validation_data(run.info["validation"])
+    a = predict_logits(run.model, run.pre, ds.items)
+    b = predict_logits(merged.model, merged.pre, ds.items)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # the adapters did change the backbone: merging is not a no-op
+    from edgeft.models import build_backbone, load_spec
+
+    base, _ = build_backbone(load_spec(str(tiny_bert), "mean"))
+    q = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.allclose(base.model.state_dict()[q], merged.model.backbone.model.state_dict()[q])
+    info = json.loads((text_model_dir / "edgeft.json").read_text())
+    assert info["merge"]["max_abs_diff"] <= 1e-4 and info["merge"]["merged_lora"]
+    assert info["labels"] == ["belt", "motor", "pump"] and info["pooling"] == "mean"
+    cfg = json.loads((text_model_dir / "config.json").read_text())
+    assert cfg["id2label"] == {"0": "belt", "1": "motor", "2": "pump"}
+    assert not any("lora" in k for k in load_file(str(text_model_dir / "model.safetensors")))
+
+
+def test_merged_dir_loads_with_transformers(text_model_dir):
+    from transformers import AutoModel, AutoTokenizer
+
+    AutoModel.from_pretrained(text_model_dir)
+    tok = AutoTokenizer.from_pretrained(text_model_dir)
+    assert tok("pump leak")["input_ids"][0] == tok.cls_token_id
+
+
+def test_merge_refuses_existing_output(text_lora_run, text_model_dir):
+    with pytest.raises(UsageError, match="already exists"):
+        merge(text_lora_run, text_model_dir)
+
+
+def test_export_files_and_metadata(text_export):
+    for f in FILES:
+        m = onnx.load(str(text_export / f))
+        onnx.checker.check_model(m)
+        assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer)
+        meta = json.loads({p.key: p.value for p in m.metadata_props}["edgeft"])
+        assert meta["labels"] == ["belt", "motor", "pump"] and meta["precision"] == "fp32"
+    info = json.loads((text_export / "export.json").read_text())
+    assert info["parity"]["max_abs_diff"] < 1e-5 and info["parity"]["agreement"] == 1.0
+    assert info["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    fused = OnnxModel(text_export / "model.onnx")
+    assert fused.outputs == ["logits", "probs"]
+    dims = [d.dim_param for d in onnx.load(str(text_export / "model.onnx")).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "sequence"]
+
+
+def test_onnx_equals_pytorch_with_padding_and_batch_sizes(text_export, text_model_dir):
+    ref = load_model(text_model_dir)
+    fused, backbone, head = (OnnxModel(text_export / f) for f in ("model.onnx", "backbone.onnx", "head.onnx"))
+    texts = ["pump", "motor winding breaker fuse voltage current phase relay noted again today",
+             "belt conveyor roller", "seal leak", "the unit at line check", "sprocket"]
+    for size in (1, 2, 5, 6):
+        for i in range(0, len(texts), size):
+            batch = texts[i : i + size]
+            arrays = ref.pre(batch)
+            torch_logits = predict_logits(ref.model, ref.pre, batch).numpy()
+            out = fused(arrays)
+            np.testing.assert_allclose(out["logits"], torch_logits, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(out["probs"].sum(-1), 1.0, atol=1e-6)
+            split = head({"features": backbone(arrays)["features"]})["logits"]
+            np.testing.assert_allclose(split, out["logits"], atol=1e-6, rtol=0)
+    # a text alone gives the same logits as inside a padded batch
+    alone = fused(ref.pre([texts[0]]))["logits"]
+    padded = fused(ref.pre(texts[:2]))["logits"][:1]
+    np.testing.assert_allclose(alone, padded, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model,method", [("tiny_effnet", "lora"), ("tiny_vit", "head"),
+                                          ("tiny_mobilenet", "bitfit"), ("tiny_resnet", "full")])
+def test_image_export_equals_pytorch(model, method, image_data, tmp_path, request):
+    run = _train(request.getfixturevalue(model), image_data, tmp_path / "run", method, epochs=1)
+    merge(run, tmp_path / "model")
+    info = export(tmp_path / "model", tmp_path / "export")
+    assert info["parity"]["fused_vs_split_max_abs_diff"] < 1e-6
+    ref = load_model(tmp_path / "model")
+    fused = OnnxModel(tmp_path / "export" / "model.onnx")
+    items = sorted(str(p) for p in image_data.rglob("*.png"))[:5]
+    # 1e-5, unless PyTorch's own float32 result is further than that from float64: a random
+    # deep CNN (the tiny MobileNetV2) amplifies rounding, and ONNX cannot beat PyTorch's own noise
+    tol = 1e-5
+    if info["parity"]["max_abs_diff"] >= tol:
+        x = torch.from_numpy(ref.pre(items[:2])["pixel_values"])
+        with torch.no_grad():
+            noise = (ref.model(pixel_values=x) - ref.model.double()(pixel_values=x.double()).float()).abs().max().item()
+        ref.model.float()
+        tol = max(tol, 2 * noise)
+    assert info["parity"]["max_abs_diff"] < tol, info["parity"]
+    for size in (1, 5):
+        arrays = ref.pre(items[:size])
+        np.testing.assert_allclose(fused(arrays)["logits"], predict_logits(ref.model, ref.pre, items[:size]).numpy(),
+                                   atol=tol, rtol=0)
+    if model != "tiny_mobilenet":
+        assert tol == 1e-5
+
+
+def test_export_straight_from_a_run_and_opset(text_lora_run, tmp_path):
+    info = export(text_lora_run, tmp_path / "e", opset=14)
+    assert info["parity"]["max_abs_diff"] < 1e-5
+    assert onnx.load(str(tmp_path / "e" / "model.onnx")).opset_import[0].version == 14
+    with pytest.raises(UsageError, match="--opset"):
+        export(text_lora_run, tmp_path / "bad", opset=3)
+
+
+def _verify(*args):
+    r = CliRunner().invoke(main, ["verify", *map(str, args)])
+    return r
+
+
+def test_verify_passes_a_good_export(text_export, text_model_dir, text_data, tmp_path):
+    r = _verify(text_export, "--reference", text_model_dir, "--data", text_data["val"],
+                "--json", tmp_path / "r.json", "--junit", tmp_path / "r.xml")
+    assert r.exit_code == 0, r.output
+    assert "verify  ok" in r.stdout
+    rep = json.loads((tmp_path / "r.json").read_text())
+    for key in ("max_abs_diff", "mean_abs_diff", "agreement", "accuracy", "reference_accuracy", "passed"):
+        assert key in rep
+    assert rep["passed"] and rep["rows"] == 18
+    suite = ET.parse(tmp_path / "r.xml").getroot()
+    assert suite.tag == "testsuite" and suite.get("failures") == "0"
+    assert [c.get("name") for c in suite.iter("testcase")] == ["labels", "max_abs_diff", "agreement"]
+
+
+def test_verify_fails_a_damaged_model(text_export, text_model_dir, text_data, tmp_path):
+    """Perturbed head weights: the gate exits 1 and JUnit names the failed checks."""
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    m = onnx.load(str(text_export / "model.onnx"))
+    for init in m.graph.initializer:
+        if init.name.startswith("head/") and len(init.dims) == 2:
+            w = onnx.numpy_helper.to_array(init).copy()
+            w += np.random.default_rng(0).normal(0, 0.5, w.shape).astype(w.dtype)
+            init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+    onnx.save(m, str(damaged / "model.onnx"))
+    r = _verify(damaged / "model.onnx", "--reference", text_model_dir, "--data", text_data["val"],
+                "--junit", tmp_path / "r.xml")
+    assert r.exit_code == 1, r.output
+    assert "verify  FAILED" in r.stderr and "max |Δ logits|" in r.stderr
+    suite = ET.parse(tmp_path / "r.xml").getroot()
+    failed = [c.get("name") for c in suite.iter("testcase") if c.find("failure") is not None]
+    assert "max_abs_diff" in failed
+    # a loose enough threshold lets the same model through: the thresholds are real
+    r = _verify(damaged / "model.onnx", "--reference", text_model_dir, "--data", text_data["val"],
+                "--max-abs-diff", "100", "--min-agreement", "0")
+    assert r.exit_code == 0, r.output
+
+
+def test_verify_bad_input_exits_2(text_export, text_model_dir, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\npump leak,pump\nbelt,unknown-label\n")
+    r = _verify(text_export, "--reference", text_model_dir, "--data", bad)
+    assert r.exit_code == 2
+    assert r.stderr.startswith(f"error: {bad}: line 3: unknown label 'unknown-label'")
+    assert "Traceback" not in r.output
+    r = _verify(tmp_path, "--reference", text_model_dir, "--data", bad)
+    assert r.exit_code == 2 and "no model.onnx here" in r.stderr
+
+
+def test_export_parity_gate_catches_a_broken_exporter(text_model_dir, tmp_path, monkeypatch):
+    """If the exported head were wrong, export itself fails loudly and leaves nothing behind."""
+    import edgeft.export as E
+
+    real = E._Head.forward
+
+    def wrong(self, features):
+        logits, probs = real(self, features)
+        return logits * 1.5, probs
+
+    monkeypatch.setattr(E._Head, "forward", wrong)
+    with pytest.raises(ParityError, match="ONNX differs from PyTorch"):
+        export(text_model_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_merge_and_export_cli(text_lora_run, tmp_path):
+    r = CliRunner().invoke(main, ["merge", str(text_lora_run), "--output", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("merge  ok")
+    r = CliRunner().invoke(main, ["export", str(tmp_path / "m"), "--output", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("export  ok") and "agreement 100.00%" in r.stdout
+    r = CliRunner().invoke(main, ["merge", str(tmp_path / "nope"), "--output", str(tmp_path / "m2")])
+    assert r.exit_code == 2
+
+
+def test_head_run_merges_to_the_same_layout(tiny_bert, text_data, tmp_path):
+    run = _train(tiny_bert, text_data["train"], tmp_path / "run", "head")
+    info = merge(run, tmp_path / "model")
+    assert info["max_abs_diff"] == 0.0 and not info["merged_lora"]
+    assert {p.name for p in (tmp_path / "model").iterdir()} >= {"config.json", "model.safetensors",
+                                                                "head.safetensors", "edgeft.json", "tokenizer.json"}
+    head = load_file(str(tmp_path / "model" / "head.safetensors"))
+    trained = load_file(str(run / "trained.safetensors"))
+    assert torch.equal(head["weight"], trained["head.weight"])
+    save_file(head, str(tmp_path / "copy.safetensors"))  # plain safetensors, nothing pickled
