@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from edgeft.cli import main
 from edgeft.config import TrainConfig
 from edgeft.runs import evaluate
 from edgeft.train import train
@@ -15,16 +18,47 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "maintenance"
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("method,floor", [("head", 0.55), ("lora", 0.62)])
-def test_minilm_on_maintenance_logs(method, floor, tmp_path):
-    """6 teams, 120 held-out entries (chance: 0.17). Measured: head 0.66, lora 0.72."""
-    run = tmp_path / method
-    s = train(TrainConfig(model="minilm", data=str(EXAMPLE / "train.csv"), output=str(run),
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One real run per method, shared by the tests below."""
+    base = tmp_path_factory.mktemp("minilm")
+    out = {}
+    for method in ("head", "lora"):
+        train(TrainConfig(model="minilm", data=str(EXAMPLE / "train.csv"), output=str(base / method),
                           method=method, progress=False))
-    assert s["model"] == "minilm"
+        out[method] = base / method
+    return out
+
+
+@pytest.mark.parametrize("method,floor", [("head", 0.55), ("lora", 0.62)])
+def test_minilm_on_maintenance_logs(method, floor, runs):
+    """6 teams, 120 held-out entries (chance: 0.17). Measured: head 0.66, lora 0.72."""
+    run = runs[method]
     spec = json.loads((run / "run.json").read_text())["model"]
     assert spec["pooling"] == "mean" and spec["feature_dim"] == 384
     test = evaluate(run, EXAMPLE / "test.csv")
     assert test["rows"] == 120
     assert test["accuracy"] >= floor, test["accuracy"]
     assert all(c["support"] == 20 for c in test["per_class"].values())
+
+
+def test_minilm_merge_export_verify(runs, tmp_path):
+    """The real LoRA run through merge, export and the verify gate, as a user runs them."""
+    cli = CliRunner()
+    model, export = tmp_path / "model", tmp_path / "export"
+    r = cli.invoke(main, ["merge", str(runs["lora"]), "--output", str(model)])
+    assert r.exit_code == 0, r.output
+    info = json.loads((model / "edgeft.json").read_text())
+    assert info["merge"]["max_abs_diff"] < 1e-4 and info["merge"]["rows"] == 64
+    r = cli.invoke(main, ["export", str(model), "--output", str(export)])
+    assert r.exit_code == 0, r.output
+    parity = json.loads((export / "export.json").read_text())["parity"]
+    assert parity["max_abs_diff"] < 1e-4 and parity["agreement"] == 1.0
+    r = cli.invoke(main, ["verify", str(export), "--reference", str(runs["lora"]),
+                          "--data", str(EXAMPLE / "test.csv"), "--junit", str(tmp_path / "r.xml"),
+                          "--json", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passed"] and report["rows"] == 120 and report["max_abs_diff"] < 1e-4
+    assert report["accuracy"] == report["reference_accuracy"]
+    assert ET.parse(tmp_path / "r.xml").getroot().get("failures") == "0"
