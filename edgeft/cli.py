@@ -224,6 +224,258 @@ def verify(artifact, reference, data, text_column, label_column, max_abs_diff, m
     click.echo(f"verify  ok  {report['rows']} rows  {report['seconds']:.1f} s")
 
 
+@main.command()
+@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.option("--device", required=True, help="A profile name from devices/ (see edgeft devices) or a path to your own .toml.")
+@click.option("--output", "-o", required=True, help="Bundle folder to write.")
+@click.option("--calibration", help="Real samples for static int8 calibration.  [default: the validation rows]")
+@click.option("--data", help="Labelled rows for the parity check.  [default: the run's validation data]")
+@click.option("--replay", type=int, default=100, show_default=True, help="Training features kept per class for on-device retraining (0: none).")
+@click.option("--min-agreement", type=float, help="Parity: smallest share of answers equal to PyTorch's.  [default: 1.0 fp32, 0.99 quantized]")
+@click.option("--max-drop", type=float, help="Parity: largest accuracy drop (0.01 = 1 point).  [default: 0.01 quantized]")
+@click.option("--archive", is_flag=True, help="Also write BUNDLE.tar.gz.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
+def build(source, device, output, calibration, data, replay, min_agreement, max_drop, archive, overwrite):
+    """Build a verified bundle of a run or model directory for one device.
+
+    \b
+    Example:
+      edgeft build runs/maint-lora --device raspberry-pi-5 --output bundles/pi5
+
+    The device's plugin picks opset, precision, execution providers and extra files. The
+    bundle holds manifest.json (sha256 of every file), backbone.onnx, heads/, the
+    preprocessing, reference inputs with their PyTorch outputs and parity.json. It is
+    written only if its parity with PyTorch holds; an interrupted build leaves nothing.
+    """
+    from .bundle import build as run_build
+    from .parity import Thresholds
+    from .plugins import find_profile
+
+    profile, target = find_profile(device)
+    t = Thresholds.for_precision(profile.resolved(target)["precision"]).override(
+        min_agreement=min_agreement, max_accuracy_drop=max_drop)
+    m = run_build(source, device, output, calibration=calibration, data=data, archive=archive,
+                  overwrite=overwrite, thresholds=t, replay=replay)
+    size = sum(f["bytes"] for f in m["files"].values()) / 1e6
+    p = m["parity"]
+    click.echo(f"build  ok  {m['build_seconds']:.1f} s  {m['device']['profile']} ({m['target']['name']}, {m['precision']})  "
+               f"{size:.1f} MB  agreement {p['agreement']:.2%}  accuracy {p['accuracy']:.4f} "
+               f"(PyTorch {p['reference_accuracy']:.4f})  -> {output}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print targets and profiles as JSON.")
+def devices(as_json):
+    """List device targets from every installed plugin, and the device profiles.
+
+    \b
+    Example:
+      edgeft devices
+    """
+    from .plugins import all_profiles, registry
+    from .targets import read_profile
+
+    reg = registry()
+    profiles = {name: read_profile(path) for name, path in all_profiles().items()}
+    if as_json:
+        click.echo(json.dumps({
+            "targets": {t.name: {"plugin": t.plugin, "description": t.description, "precision": t.precision,
+                                 "precisions": list(t.precisions), "providers": list(t.providers),
+                                 "opset": t.opset, "static_shapes": t.static_shapes} for t in reg.targets.values()},
+            "profiles": {n: {"target": p.target, "description": p.description, "precision": p.precision,
+                             "path": p.path} for n, p in profiles.items()},
+        }, indent=2))
+        return
+    click.echo("targets")
+    for t in sorted(reg.targets.values(), key=lambda t: t.name):
+        click.echo(f"  {t.name:<10} {t.precision:<12} {t.description}  [plugin {t.plugin}]")
+    click.echo("profiles")
+    for n, p in profiles.items():
+        click.echo(f"  {n:<20} {p.target:<8} {(p.precision or '-'):<12} {p.description}")
+
+
+@main.group(cls=Group)
+def device():
+    """On the device: torch-free commands (onnxruntime + numpy) on an installed bundle."""
+
+
+@device.command("predict")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.argument("inputs", nargs=-1)
+@click.option("--file", "file_", type=click.File("r", encoding="utf-8"), help="One input per line (- for standard input).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per input per line: label, confidence, probs.")
+@click.option("--top", type=int, default=1, show_default=True, help="Labels to print per input.")
+def device_predict(bundle, inputs, file_, as_json, top):
+    """Predict labels for texts or image paths with the bundle's active head.
+
+    \b
+    Example:
+      edgeft device predict bundles/pi5 "hydraulic hose weeping at press 4"
+      ls images/*.png | edgeft device predict bundles/insp --file - --json
+    """
+    from .runtime.bundle import Bundle
+
+    items = list(inputs)
+    if file_ is not None:
+        items += [line.rstrip("\n") for line in file_ if line.strip()]
+    if not items:
+        raise click.UsageError("give inputs as arguments or with --file.")
+    b = Bundle(bundle)
+    for item, r in zip(items, b.predict(items), strict=True):
+        if as_json:
+            click.echo(json.dumps({"input": item, **r}))
+        else:
+            best = sorted(r["probs"].items(), key=lambda kv: -kv[1])[:top]
+            click.echo("\t".join([*(f"{n} {p:.3f}" for n, p in best), item]))
+
+
+@device.command("check")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--providers", help="Comma-separated execution providers.  [default: the bundle's]")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def device_check(bundle, providers, as_json):
+    """Check the bundle on this device's runtime against the PyTorch outputs stored at build.
+
+    \b
+    Example (after installing a bundle on the device):
+      edgeft device check bundles/pi5
+
+    Verifies every file's sha256, runs the bundled reference inputs with the profile's
+    execution providers, and exits 1 when parity fails.
+    """
+    from .runtime.bundle import Bundle
+
+    b = Bundle(bundle, providers=providers.split(",") if providers else None)
+    report = b.check()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for c in report["checks"]:
+            click.echo(f"{c['name']:<14} {'pass' if c['passed'] else 'FAIL'}  {c['message']}")
+        click.echo(f"providers {', '.join(report['providers'])}  head v{report['head_version']}  "
+                   f"precision {report['precision']}")
+    if not report["passed"]:
+        click.echo("device check  FAILED", err=True)
+        sys.exit(1)
+    click.echo("device check  ok", err=as_json)
+
+
+@device.command("retrain")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", required=True, help="Labelled samples (same formats as training).")
+@click.option("--add-classes", is_flag=True, help="Allow labels the model does not know yet: they become new classes.")
+@click.option("--margin", type=float, default=0.02, show_default=True, help="Largest accuracy drop on the replay hold-out of earlier classes (0.02 = 2 points).")
+@click.option("--keep", type=int, default=5, show_default=True, help="Head versions to keep; older ones are deleted.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def device_retrain(bundle, data, add_classes, margin, keep, text_column, label_column, as_json):
+    """Retrain the head on this device from labelled samples (numpy + onnxruntime only).
+
+    \b
+    Example (teach a new class from a few dozen samples):
+      edgeft device retrain bundles/pi5 --data pneumatic.csv --add-classes
+
+    Trains on the new samples plus the bundle's replay memory of the original training
+    data. The new head is kept only if accuracy on held-out new samples improves and
+    accuracy on earlier classes drops by at most --margin; otherwise nothing changes and
+    the exit code is 1. An accepted head becomes the next version; see history, rollback.
+    """
+    from .runtime.retrain import retrain
+
+    r = retrain(bundle, data, add_classes=add_classes, margin=margin, keep=keep,
+                text_column=text_column, label_column=label_column)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    mt = r["metrics"]
+    new, old = mt["new_holdout_accuracy"], mt["replay_holdout_accuracy"]
+    added = f"  added {', '.join(r['added_classes'])}" if r["added_classes"] else ""
+    click.echo(f"retrain  ok  {r['seconds']:.1f} s  head v{r['previous_version']} -> v{r['version']}{added}  "
+               f"new samples {100 * new['before']:.1f}% -> {100 * new['after']:.1f}%  "
+               f"earlier classes {100 * old['before']:.1f}% -> {100 * old['after']:.1f}%")
+
+
+@device.command("history")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def device_history(bundle, as_json):
+    """List the bundle's head versions with their metrics.
+
+    \b
+    Example:
+      edgeft device history bundles/pi5
+    """
+    from .runtime.retrain import history
+
+    rows = history(bundle)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'':2}{'version':<8} {'created':<21} {'source':<16} {'classes':>7} {'new acc':>8} {'old acc':>8}  added")
+    for h in rows:
+        pct = lambda v: f"{100 * v:.1f}%" if v is not None else "-"  # noqa: E731
+        mark = "*" if h["active"] else ("x" if h["pruned"] else " ")
+        click.echo(f"{mark:<2}v{h['version']:<7} {h['created'] or '-':<21} {h['source'] or '-':<16} {h['classes']:>7} "
+                   f"{pct(h['new_accuracy']):>8} {pct(h['replay_accuracy']):>8}  {', '.join(h['added_classes'])}")
+
+
+@device.command("rollback")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--to", "version", type=int, help="Head version to make active.  [default: the one before the active one]")
+def device_rollback(bundle, version):
+    """Make an earlier head version active again.
+
+    \b
+    Example:
+      edgeft device rollback bundles/pi5 --to 1
+    """
+    from .runtime.retrain import rollback
+
+    r = rollback(bundle, version)
+    click.echo(f"rollback  ok  head v{r['from']} -> v{r['to']}  ({len(r['labels'])} classes)")
+
+
+@main.command()
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--mode", required=True, type=click.Choice(["dynamic", "static", "fp16"]), help="dynamic: int8 weights; static: int8 QDQ calibrated on real samples; fp16: half precision.")
+@click.option("--calibration", help="Data whose rows calibrate static mode (labels optional).  [default: the export's validation rows]")
+@click.option("--per-channel/--no-per-channel", default=True, show_default=True, help="int8: one scale per output channel (keeps more answers than one per tensor).")
+@click.option("--output", "-o", required=True, help="Folder to write, laid out like the export.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--min-agreement", type=float, help="Smallest share of rows keeping the fp32 top-1 label.  [default: 0.99]")
+@click.option("--max-drop", "max_accuracy_drop", type=float, help="Largest accuracy drop vs fp32 (0.01 = 1 point).  [default: 0.01]")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
+def quantize(export_dir, mode, calibration, per_channel, output, text_column, label_column, min_agreement,
+             max_accuracy_drop, overwrite):
+    """Quantize an export's backbone (int8 or fp16) and check it against the fp32 export.
+
+    \b
+    Example:
+      edgeft quantize export/maint --mode dynamic --output export/maint-int8
+
+    The head stays fp32 (the device retrains it); model.onnx is rebuilt from both. The
+    quantized model must keep 99% of the fp32 top-1 answers and lose at most 1 point of
+    accuracy on the validation rows, or nothing is written (exit 1). quantize.json holds
+    sizes, parity and batch-1 latency of both.
+    """
+    from .parity import Thresholds
+    from .quantize import PRECISION
+    from .quantize import quantize as run_quantize
+
+    thresholds = None
+    if min_agreement is not None or max_accuracy_drop is not None:
+        thresholds = Thresholds.for_precision(PRECISION[mode]).override(
+            min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
+    r = run_quantize(export_dir, mode, output, calibration=calibration, text_column=text_column,
+                     label_column=label_column, per_channel=per_channel, overwrite=overwrite, thresholds=thresholds)
+    b, p, lat = r["files"]["backbone.onnx"], r["parity"], r["latency"]
+    drop = f"  accuracy drop {100 * p['accuracy_drop']:.1f} pt" if "accuracy_drop" in p else ""
+    click.echo(f"quantize  ok  {r['seconds']:.1f} s  {mode}  backbone.onnx {b['bytes'] / 1e6:.1f} MB "
+               f"(fp32 {b['fp32_bytes'] / 1e6:.1f} MB)  agreement {p['agreement']:.1%}{drop}  "
+               f"{lat['quantized_ms']:.1f} ms vs {lat['fp32_ms']:.1f} ms  -> {output}")
+
 def _report_table(report: dict) -> str:
     lines = [f"{'label':<16} {'precision':>9} {'recall':>7} {'F1':>6} {'n':>5}"]
     for name, c in report["per_class"].items():
@@ -245,3 +497,7 @@ def demo(output, method):
     result = run_demo(output, method)
     click.echo(_report_table(result["test"]))
     click.echo(f"demo  ok  {result['seconds']:.1f} s  test accuracy {result['test']['accuracy']:.4f}  -> {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -100,6 +100,7 @@ def save_model_dir(d: Path, model, spec, loaded, merge_report: dict) -> None:
         "base_model": spec.source,
         "method": loaded.info["method"],
         "validation": loaded.info.get("validation"),
+        "training": loaded.info.get("training"),
         "merge": merge_report,
     }
     (d / MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")

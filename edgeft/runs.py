@@ -91,6 +91,25 @@ def validation_source(cfg: dict) -> dict:
     return {"split_of": str(Path(cfg["data"]).resolve()), "fraction": cfg["val_fraction"], "seed": cfg["seed"], **cols}
 
 
+def training_source(cfg: dict) -> dict:
+    """Where a run's training rows came from (the file, minus the held-out part if it was split)."""
+    cols = {"text_column": cfg.get("text_column", "text"), "label_column": cfg.get("label_column", "label")}
+    src = {"path": str(Path(cfg["data"]).resolve()), **cols}
+    if not cfg.get("val"):
+        src["minus_split"] = {"fraction": cfg["val_fraction"], "seed": cfg["seed"]}
+    return src
+
+
+def training_data(source: dict | None) -> Dataset | None:
+    """The rows a run trained on, or None where the files are gone."""
+    if not source or not Path(source["path"]).exists():
+        return None
+    ds = load_dataset(source["path"], source["text_column"], source["label_column"])
+    if "minus_split" in source:
+        ds = stratified_split(ds, source["minus_split"]["fraction"], source["minus_split"]["seed"])[0]
+    return ds
+
+
 def validation_data(source: dict | None) -> Dataset | None:
     """The validation rows a run held out, or None where the files are gone."""
     if not source:

@@ -339,6 +339,7 @@ def train(cfg: TrainConfig) -> dict:
     show = cfg.progress and accelerator.is_main_process and sys.stderr.isatty()
     stopped_early = False
     samples = 0
+    step_seconds = 0.0  # training steps only: evaluation and checkpoints are timed apart
     t_loop = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         if best["epoch"] is not None and bad_epochs >= cfg.patience:
@@ -357,6 +358,7 @@ def train(cfg: TrainConfig) -> dict:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(order), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr)
+        t_steps = time.perf_counter()
         for step, idx in enumerate(order):
             if augment is not None:  # augmentation draws depend on (seed, epoch, step) only
                 augment.rng.seed(f"{cfg.seed}-{epoch}-{step}")
@@ -373,6 +375,7 @@ def train(cfg: TrainConfig) -> dict:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{total / count:.4f}")
+        step_seconds += time.perf_counter() - t_steps
         if bar is not None:
             bar.close()
         samples += count
@@ -422,7 +425,8 @@ def train(cfg: TrainConfig) -> dict:
             "total_seconds": round(time.perf_counter() - t_start, 3),
             "feature_seconds": round(feature_seconds, 3),
             "loop_seconds": round(loop_seconds, 3),
-            "samples_per_second": round(samples / loop_seconds, 2) if loop_seconds > 0 and samples else None,
+            "step_seconds": round(step_seconds, 3),
+            "samples_per_second": round(samples / step_seconds, 2) if step_seconds > 0 and samples else None,
             "feature_cache_hits": cache_hits,
         },
     }
@@ -435,7 +439,7 @@ def _write_outputs(run: Path, cfg, spec: ModelSpec, model, plan, keys, pre, labe
     from safetensors.torch import save_file
 
     from .report import model_card, plot_confusion, plot_curves
-    from .runs import validation_source
+    from .runs import training_source, validation_source
 
     sd = model.state_dict()
     tmp = run / ".trained.safetensors.tmp"
@@ -463,6 +467,7 @@ def _write_outputs(run: Path, cfg, spec: ModelSpec, model, plan, keys, pre, labe
         "labels": labels,
         "lora_targets": plan.lora_targets,
         "validation": validation_source(cfg.to_dict()),
+        "training": training_source(cfg.to_dict()),
         "trained_keys": keys,
         "parameters": summary["parameters"],
     })

@@ -17,21 +17,37 @@ import numpy as np
 from .errors import UsageError
 from .parity import Thresholds, checks, compare
 from .runtime import atomic
+from .runtime.bundle import MANIFEST, Bundle
 from .runtime.preprocess import load_preprocessor
 from .runtime.session import OnnxModel
 
 BATCH = 16
 
 
-def _artifact_model(artifact: Path) -> tuple[Path, Path | None]:
-    """(the ONNX file to run, the folder holding its preprocessing files if any)."""
+def _candidate(artifact: Path, ref_pre):
+    """(run(items) -> logits, precision, labels, description) for an export folder, an .onnx file or a bundle."""
+    if artifact.is_dir() and (artifact / MANIFEST).exists():
+        bundle = Bundle(artifact)  # hashes are checked before anything runs
+        m = bundle.manifest
+        return (lambda items: bundle.logits(items, BATCH)), m["precision"], m["labels"], "bundle"
     if artifact.is_file():
         if artifact.suffix != ".onnx":
-            raise UsageError(f"{artifact}: expected an .onnx file or a folder from edgeft export.")
-        return artifact, artifact.parent if (artifact.parent / "preprocessor.json").exists() else None
-    if (artifact / "model.onnx").exists():
-        return artifact / "model.onnx", artifact
-    raise UsageError(f"{artifact}: no model.onnx here; expected a folder from edgeft export or an .onnx file.")
+            raise UsageError(f"{artifact}: expected an .onnx file, a folder from edgeft export, or a bundle.")
+        onnx_path, pre_dir = artifact, artifact.parent if (artifact.parent / "preprocessor.json").exists() else None
+    elif (artifact / "model.onnx").exists():
+        onnx_path, pre_dir = artifact / "model.onnx", artifact
+    else:
+        raise UsageError(f"{artifact}: no model.onnx or manifest.json here; expected a folder from edgeft export, a bundle or an .onnx file.")
+    model = OnnxModel(onnx_path)
+    meta = model.metadata()
+    pre = ref_pre
+    if pre_dir is not None:
+        pre = load_preprocessor(pre_dir, json.loads((pre_dir / "preprocessor.json").read_text()))
+
+    def run(items):
+        return np.concatenate([model(pre(items[i : i + BATCH]))["logits"] for i in range(0, len(items), BATCH)])
+
+    return run, meta.get("precision", "fp32"), meta.get("labels"), "onnx"
 
 
 def verify(artifact: str | Path, reference: str | Path, data: str | Path, *, text_column="text",
@@ -41,32 +57,26 @@ def verify(artifact: str | Path, reference: str | Path, data: str | Path, *, tex
 
     t0 = time.perf_counter()
     artifact = Path(artifact)
-    onnx_path, pre_dir = _artifact_model(artifact)
-    candidate = OnnxModel(onnx_path)
-    meta = candidate.metadata()
     ref = load_model(reference)
+    run, precision, artifact_labels, kind = _candidate(artifact, ref.pre)
     ds = load_labelled(data, ref, text_column, label_column)
     items, labels = ds.items[:limit] if limit else ds.items, ds.labels[:limit] if limit else ds.labels
-    pre = ref.pre
-    if pre_dir is not None:
-        pre = load_preprocessor(pre_dir, json.loads((pre_dir / "preprocessor.json").read_text()))
-    precision = meta.get("precision", "fp32")
     t = Thresholds.for_precision(precision).override(
         max_abs_diff=max_abs_diff, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
 
     ref_logits = predict_logits(ref.model, ref.pre, items, batch_size=BATCH).numpy()
     t1 = time.perf_counter()
-    got = np.concatenate([candidate(pre(items[i : i + BATCH]))["logits"] for i in range(0, len(items), BATCH)])
+    got = run(items)
     candidate_seconds = time.perf_counter() - t1
     index = {n: i for i, n in enumerate(ref.labels)}
     report = compare(ref_logits, got, [index[v] for v in labels], ref.labels, items)
     found = checks(report, t)
-    artifact_labels = meta.get("labels", ref.labels)
+    artifact_labels = artifact_labels or ref.labels
     found.insert(0, {"name": "labels", "passed": artifact_labels == ref.labels, "value": artifact_labels,
                      "limit": ref.labels, "message": "labels and their order match the reference"
                      if artifact_labels == ref.labels else f"artifact labels {artifact_labels} != reference {ref.labels}"})
     report.update({
-        "artifact": str(artifact), "model_file": str(onnx_path), "reference": str(reference), "data": str(data),
+        "artifact": str(artifact), "kind": kind, "reference": str(reference), "data": str(data),
         "precision": precision, "thresholds": t.__dict__, "checks": found,
         "passed": all(c["passed"] for c in found),
         "candidate_ms_per_row": round(1000 * candidate_seconds / max(len(items), 1), 3),

@@ -206,7 +206,7 @@ def test_verify_bad_input_exits_2(text_export, text_model_dir, tmp_path):
     assert r.stderr.startswith(f"error: {bad}: line 3: unknown label 'unknown-label'")
     assert "Traceback" not in r.output
     r = _verify(tmp_path, "--reference", text_model_dir, "--data", bad)
-    assert r.exit_code == 2 and "no model.onnx here" in r.stderr
+    assert r.exit_code == 2 and "no model.onnx or manifest.json here" in r.stderr
 
 
 def test_export_parity_gate_catches_a_broken_exporter(text_model_dir, tmp_path, monkeypatch):

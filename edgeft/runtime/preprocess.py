@@ -17,13 +17,14 @@ from ..errors import DataError
 class TextPreprocessor:
     """Texts -> {input_ids, attention_mask, token_type_ids} as int64, padded to the batch's longest."""
 
-    def __init__(self, tokenizer, max_length: int = 128):
+    def __init__(self, tokenizer, max_length: int = 128, pad_to: int | None = None):
         from tokenizers import Tokenizer
 
         if isinstance(tokenizer, (str, Path)):
             tokenizer = Tokenizer.from_file(str(tokenizer))
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
+        self.pad_to = int(pad_to) if pad_to else None  # fixed-shape runtimes: always this width
         # Some shipped tokenizer.json files pad every input to a fixed length (MiniLM's pads
         # to 128): that wastes compute and changes nothing, so pad per batch instead.
         self.tokenizer.no_padding()
@@ -34,7 +35,10 @@ class TextPreprocessor:
         self.pad_id = int(pad or 0)
 
     def spec(self) -> dict:
-        return {"kind": "text", "max_length": self.max_length, "tokenizer": "tokenizer.json"}
+        spec = {"kind": "text", "max_length": self.max_length, "tokenizer": "tokenizer.json"}
+        if self.pad_to:
+            spec["pad_to"] = self.pad_to
+        return spec
 
     def encode_ids(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
         """Token ids and type ids per text, unpadded (for caching and bucketing)."""
@@ -43,7 +47,7 @@ class TextPreprocessor:
 
     def collate(self, encoded: list[tuple[list[int], list[int]]]) -> dict[str, np.ndarray]:
         n = len(encoded)
-        width = max(1, max(len(ids) for ids, _ in encoded))
+        width = self.pad_to or max(1, max(len(ids) for ids, _ in encoded))
         ids = np.full((n, width), self.pad_id, dtype=np.int64)
         mask = np.zeros((n, width), dtype=np.int64)
         types = np.zeros((n, width), dtype=np.int64)
@@ -127,7 +131,8 @@ class ImagePreprocessor:
 def load_preprocessor(directory: str | Path, spec: dict):
     """Rebuild the preprocessor described by `spec` from files in `directory`."""
     if spec["kind"] == "text":
-        return TextPreprocessor(Path(directory) / spec.get("tokenizer", "tokenizer.json"), spec["max_length"])
+        return TextPreprocessor(Path(directory) / spec.get("tokenizer", "tokenizer.json"), spec["max_length"],
+                                spec.get("pad_to"))
     return ImagePreprocessor(spec)
 
 

@@ -1,0 +1,366 @@
+"""`edgeft quantize`: an export dir -> the same layout with a smaller backbone, checked against fp32.
+
+dynamic  int8 weights, activation scales computed per call (onnxruntime quantize_dynamic)
+static   int8 QDQ, activation scales fixed by calibration on real preprocessed samples
+fp16     half-precision weights and compute, float32 inputs and outputs
+
+Only the backbone is quantized: the head stays fp32, since the device retrains it in fp32,
+and model.onnx is the two joined again, as export does it. The quantized model.onnx runs
+against the fp32 one on the same real rows; a result outside the quantized thresholds
+(top-1 agreement >= 99%, accuracy drop <= 1 point) is a ParityError and nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import DataError, ParityError, UsageError, did_you_mean, require
+from .parity import Thresholds, checks, compare
+from .runtime import atomic
+from .runtime.preprocess import load_preprocessor
+
+log = logging.getLogger(__name__)
+
+MODES = ("dynamic", "static", "fp16")
+PRECISION = {"dynamic": "int8", "static": "int8", "fp16": "fp16"}
+FILES = ("backbone.onnx", "head.onnx", "model.onnx")
+COPIED = ("tokenizer.json", "preprocessor.json", "labels.json")
+# Static QDQ over every op type can put infinite scales on a BERT's attention-mask path
+# ((1 - mask) * float32 min) and break it (33% agreement on MiniLM, STACK.md); the weights
+# live in these op types. The parity gate, not this list, is what catches a broken model.
+STATIC_OP_TYPES = {"text": ["MatMul"], "image": ["Conv", "MatMul", "Gemm"]}
+CALIBRATION_ROWS = 300  # batch-1 samples; more rarely moves MinMax ranges
+PARITY_ROWS = 1000  # batch 1 each: what a device sees, and no batch-mates moving dynamic scales
+LATENCY_RUNS, LATENCY_BLOCKS, WARMUP_RUNS, LATENCY_INPUTS = 30, 3, 2, 10
+
+
+def _onnx_inputs(model) -> list[str]:
+    """Inputs the graph declares (older exports list initializers as inputs too)."""
+    inits = {i.name for i in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
+class _Reader:
+    """An onnxruntime CalibrationDataReader (it checks for get_next) keeping only declared inputs."""
+
+    def __init__(self, rows: list[dict[str, np.ndarray]], names: list[str]):
+        for k, row in enumerate(rows):
+            missing = [n for n in names if n not in row]
+            if missing:
+                raise UsageError(f"calibration sample {k}: missing inputs {missing}; the model declares {names}.")
+        self._rows = iter([{n: row[n] for n in names} for row in rows])
+
+    def get_next(self):
+        return next(self._rows, None)
+
+
+class _NoPreprocessNag(logging.Filter):
+    """onnxruntime's quantizer logs, on the root logger, a nag to run its pre-processing; it
+    changed nothing measurable on MiniLM here (same agreement to the row)."""
+
+    def filter(self, record):
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+def quantize_model(src: Path, dst: Path, mode: str, *, modality: str,
+                   calibration: list[dict[str, np.ndarray]] | None = None, per_channel: bool = True) -> dict:
+    """Quantize one ONNX file (a backbone) `src` -> `dst`, self-contained.
+
+    mode: "dynamic" (int8 weights, activation scales per call), "static" (int8 QDQ; needs
+    `calibration`, input dicts of real preprocessed samples) or "fp16" (float16 inside,
+    float32 inputs and outputs). `modality` ("text" or "image") picks the op types static
+    quantizes. Returns {"mode", "op_types", "per_channel", "bytes"}.
+    """
+    import onnx
+
+    if mode not in MODES:
+        raise UsageError(f"--mode: unknown mode {mode!r}; choose one of {', '.join(MODES)}.{did_you_mean(mode, MODES)}")
+    src, dst = Path(src), Path(dst)
+    model = onnx.load(str(src))
+    present = {n.op_type for n in model.graph.node}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "fp16":
+        float16 = require("onnxconverter_common.float16")
+        with warnings.catch_warnings():
+            # it warns once per constant it clamps to fp16's range, e.g. the -3.4e38 of a masked mean
+            warnings.simplefilter("ignore", UserWarning)
+            half = float16.convert_float_to_float16(model, keep_io_types=True)
+        _fix_float_casts(half)
+        onnx.save(half, str(dst))
+        op_types = sorted(present - set(float16.DEFAULT_OP_BLOCK_LIST))
+        per_channel = False
+    else:
+        from onnxruntime.quantization import (
+            QuantFormat,
+            QuantType,
+            quantize_dynamic,
+            quantize_static,
+        )
+        from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
+
+        inputs = _onnx_inputs(model)
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        del model  # the quantizers read the file themselves (given a ModelProto, they rewrite it in place)
+        # DefaultTensorType: the type of tensors shape inference cannot tell (ORT-fused graphs)
+        extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+        nag = _NoPreprocessNag()
+        logging.getLogger().addFilter(nag)
+        try:
+            if mode == "dynamic":
+                op_types = sorted(present & set(IntegerOpsRegistry))
+                quantize_dynamic(str(src), str(dst), op_types_to_quantize=op_types, per_channel=per_channel,
+                                 weight_type=QuantType.QInt8, extra_options=extra)
+            else:
+                if not calibration:
+                    raise UsageError(f"{src}: static quantization needs calibration samples; none were given.")
+                if per_channel and opset < 13:  # onnxruntime writes DequantizeLinear(axis=) regardless
+                    raise UsageError(f"{src}: static per-channel int8 needs opset 13 or newer (this is opset "
+                                     f"{opset}). Re-export with --opset 13 or later, or pass --no-per-channel.")
+                wanted = STATIC_OP_TYPES.get(modality)
+                op_types = sorted(present & set(QDQRegistry if wanted is None else wanted))
+                # MinMax keeps only each tensor's min and max per sample, so 300 samples cost little
+                # memory. (Not CalibMaxIntermediateOutputs: onnxruntime 1.32 discards the samples it
+                # clears with it instead of folding them into the ranges.)
+                # U8S8 (uint8 activations, int8 weights): onnxruntime's recommended pairing on x86
+                quantize_static(str(src), str(dst), _Reader(calibration, inputs), quant_format=QuantFormat.QDQ,
+                                op_types_to_quantize=op_types, per_channel=per_channel,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                extra_options=extra)
+        finally:
+            logging.getLogger().removeFilter(nag)
+    out = onnx.load(str(dst), load_external_data=False)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in out.graph.initializer):
+        raise UsageError(f"{dst}: the quantizer wrote external data; edgeft ships single-file models.")
+    meta = _edgeft_meta(out)
+    if meta:  # the quantizers keep the export's metadata, precision "fp32" included
+        _save_with_meta(out, dst, {**meta, "precision": PRECISION[mode]})
+    return {"mode": mode, "op_types": op_types, "per_channel": bool(per_channel), "bytes": dst.stat().st_size}
+
+
+def _fix_float_casts(model) -> None:
+    """Cast(to=float) nodes inside an fp16 graph: make them cast to fp16, as their outputs are typed.
+
+    The converter retypes every float tensor to float16 but leaves Cast's `to` attribute, so
+    e.g. a masked mean's `mask.float()` yields float where float16 is declared and
+    onnxruntime refuses to load the model.
+    """
+    import onnx
+
+    half = {v.name for v in model.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16}
+    for node in model.graph.node:
+        if node.op_type == "Cast" and node.output[0] in half:
+            for a in node.attribute:
+                if a.name == "to" and a.i == onnx.TensorProto.FLOAT:
+                    a.i = onnx.TensorProto.FLOAT16
+
+
+def _fuse(backbone, head):
+    """backbone then head as one graph, keeping the public output names (as export does).
+
+    Clears both models' metadata (merge_models refuses differing values; the caller sets it).
+    """
+    import onnx
+    from onnx import compose, version_converter
+
+    for m in (backbone, head):
+        del m.metadata_props[:]
+    opset = {o.domain or "ai.onnx": o.version for o in backbone.opset_import}.get("ai.onnx")
+    if opset and {o.domain or "ai.onnx": o.version for o in head.opset_import}.get("ai.onnx") != opset:
+        # the quantizer may raise the opset (per-channel QDQ needs 13); the head follows
+        head = version_converter.convert_version(head, opset)
+    ir_version = head.ir_version
+    head.ir_version = backbone.ir_version
+    try:
+        fused = compose.merge_models(backbone, head, io_map=[("features", "features")], prefix2="head/")
+    finally:
+        head.ir_version = ir_version
+    # merge_models lists the shared default-domain opset twice; one entry per domain is enough
+    seen = {}
+    for o in fused.opset_import:
+        seen.setdefault(o.domain, o.version)
+    del fused.opset_import[:]
+    fused.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in seen.items())
+    rename = {o.name: o.name.removeprefix("head/") for o in fused.graph.output}
+    for out in fused.graph.output:
+        out.name = rename[out.name]
+    for node in fused.graph.node:
+        node.input[:] = [rename.get(n, n) for n in node.input]
+        node.output[:] = [rename.get(n, n) for n in node.output]
+    onnx.checker.check_model(fused)
+    return fused
+
+
+def _edgeft_meta(model) -> dict:
+    props = {p.key: p.value for p in model.metadata_props}
+    return json.loads(props["edgeft"]) if "edgeft" in props else {}
+
+
+def _save_with_meta(model, path: Path, meta: dict) -> None:
+    import onnx
+
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "edgeft", json.dumps(meta)
+    model.producer_name, model.producer_version = "edgeft", __version__
+    onnx.save(model, str(path))
+
+
+def _read_export(export_dir: Path) -> dict:
+    missing = [f for f in (*FILES, "export.json") if not (export_dir / f).exists()]
+    if not export_dir.is_dir() or missing:
+        raise UsageError(f"{export_dir}: not a folder from edgeft export (missing {', '.join(missing)}).")
+    info = json.loads((export_dir / "export.json").read_text())
+    if info.get("precision", "fp32") != "fp32":
+        raise UsageError(f"{export_dir}: already {info['precision']}; quantize the fp32 export it came from.")
+    return info
+
+
+def _latency(fp32, quant, inputs) -> dict:
+    """Median batch-1 ms of both models on the same real inputs.
+
+    Alternating blocks of runs, not single calls: a session's intra-op threads keep spinning
+    after a run, and switching sessions every call makes each pay for the other's threads
+    (fp32 measured 12.6 ms that way against 8.6 ms alone). Alternating blocks still spread
+    the machine's noise (about ±15%) over both.
+    """
+    times = {"fp32": [], "quantized": []}
+    for _ in range(LATENCY_BLOCKS):
+        for name, model in (("fp32", fp32), ("quantized", quant)):
+            for k in range(WARMUP_RUNS):
+                model(inputs[k % len(inputs)])
+            for k in range(LATENCY_RUNS // LATENCY_BLOCKS):
+                t = time.perf_counter()
+                model(inputs[k % len(inputs)])
+                times[name].append(1000 * (time.perf_counter() - t))
+    out = {f"{k}_ms": round(statistics.median(v), 3) for k, v in times.items()}
+    out.update(runs=len(times["fp32"]), inputs=len(inputs), batch=1)
+    out["speedup"] = round(out["fp32_ms"] / out["quantized_ms"], 3) if out["quantized_ms"] else None
+    return out
+
+
+def _parity(fp32, quant, backbone, head, pre, items) -> tuple[np.ndarray, np.ndarray, float, list]:
+    """fp32 and quantized logits, batch 1 per row; fused-vs-split gap; the first rows for timing."""
+    ref, got, gap, kept = [], [], 0.0, []
+    for k, x in enumerate(items):
+        arrays = pre([x])  # one row at a time: 1,000 preprocessed images would not fit in memory
+        ref.append(fp32(arrays)["logits"])
+        got.append(quant(arrays)["logits"])
+        if k < LATENCY_INPUTS:
+            kept.append(arrays)
+            split = head({"features": backbone(arrays)["features"]})["logits"]
+            gap = max(gap, float(np.abs(split - got[-1]).max()))
+    return np.concatenate(ref), np.concatenate(got), gap, kept
+
+
+def quantize(export_dir, mode, output, *, calibration=None, text_column="text", label_column="label",
+             per_channel=True, overwrite=False, thresholds=None) -> dict:
+    """Quantize an export dir's backbone into `output` (same layout + quantize.json); return quantize.json.
+
+    `calibration`: data file or image folder (labels optional) whose rows calibrate static
+    mode; without it static calibrates on the export's validation rows. Parity runs the
+    quantized model.onnx against the fp32 one, batch 1, on the validation rows (or the
+    calibration rows where those are gone); `thresholds` default to
+    Thresholds.for_precision("int8" or "fp16"). Outside them: ParityError, nothing written.
+    """
+    import onnx
+
+    from .data import check_labels, load_dataset
+    from .export import sha256
+    from .runs import validation_data
+    from .runtime.session import OnnxModel
+
+    t0 = time.perf_counter()
+    export_dir, output = Path(export_dir), Path(output)
+    if mode not in MODES:
+        raise UsageError(f"--mode: unknown mode {mode!r}; choose one of {', '.join(MODES)}.{did_you_mean(mode, MODES)}")
+    info = _read_export(export_dir)
+    if output.resolve() == export_dir.resolve():
+        raise UsageError(f"{output}: is the export itself. Choose another --output.")
+    if output.exists() and not overwrite:
+        raise UsageError(f"{output}: already exists. Choose another --output or pass --overwrite.")
+    modality, labels, precision = info["modality"], info["labels"], PRECISION[mode]
+    pre = load_preprocessor(export_dir, info["preprocessing"])
+
+    calib_ds = None
+    if calibration is not None:
+        calib_ds = load_dataset(calibration, text_column, label_column, require_labels=False)
+        if calib_ds.kind != modality:
+            raise DataError(f"{calibration}: {calib_ds.kind} data, but {export_dir} holds a {modality} model.")
+        check_labels(calib_ds, labels)
+    val_ds = validation_data(info.get("validation"))
+    parity_ds = val_ds if val_ds is not None else calib_ds
+    if parity_ds is None:
+        raise UsageError(f"{export_dir}: its validation data is gone and no --calibration was given. "
+                         "Pass --calibration DATA (labelled rows) so the quantized model can be checked.")
+    if calib_ds is None and mode == "static":
+        calib_ds = val_ds
+    items = parity_ds.items[:PARITY_ROWS]
+    y = None
+    if all(v is not None for v in parity_ds.labels[: len(items)]):
+        index = {n: i for i, n in enumerate(labels)}
+        y = [index[v] for v in parity_ds.labels[: len(items)]]
+    t = thresholds or Thresholds.for_precision(precision)
+    if mode == "static":
+        log.debug("calibrating on %d rows of %s", min(len(calib_ds), CALIBRATION_ROWS), calib_ds.source)
+    log.debug("parity against fp32 on %d rows of %s", len(items), parity_ds.source)
+
+    with atomic.directory(output, replace=overwrite) as tmp:
+        calib_rows = [pre([x]) for x in calib_ds.items[:CALIBRATION_ROWS]] if mode == "static" else None
+        result = quantize_model(export_dir / "backbone.onnx", tmp / "backbone.onnx", mode, modality=modality,
+                                calibration=calib_rows, per_channel=per_channel)
+        del calib_rows
+        backbone, head = onnx.load(str(tmp / "backbone.onnx")), onnx.load(str(export_dir / "head.onnx"))
+        metas = {"backbone.onnx": _edgeft_meta(backbone) or _edgeft_meta(onnx.load(str(export_dir / "backbone.onnx"))),
+                 "head.onnx": _edgeft_meta(head)}
+        metas["model.onnx"] = {**metas["backbone.onnx"], "part": "model"}  # what export writes
+        quant_meta = {"mode": mode, "backbone": precision, "head": "fp32", "per_channel": result["per_channel"],
+                      "op_types": result["op_types"]}
+        fused = _fuse(backbone, head)
+        for f, m in (("backbone.onnx", backbone), ("head.onnx", head), ("model.onnx", fused)):
+            _save_with_meta(m, tmp / f, {**metas[f], "precision": precision, "quantization": quant_meta})
+        del backbone, head, fused
+        for f in COPIED:
+            if (export_dir / f).exists():
+                shutil.copy2(export_dir / f, tmp / f)
+
+        fp32_model, quant_model = OnnxModel(export_dir / "model.onnx"), OnnxModel(tmp / "model.onnx")
+        ref, got, gap, kept = _parity(fp32_model, quant_model, OnnxModel(tmp / "backbone.onnx"),
+                                      OnnxModel(tmp / "head.onnx"), pre, items)
+        report = compare(ref, got, y, labels, items)
+        report.update(fused_vs_split_max_abs_diff=gap, batch=1, reference=str(export_dir / "model.onnx"),
+                      data=parity_ds.source, thresholds=t.__dict__, checks=checks(report, t))
+        failed = [c for c in report["checks"] if not c["passed"]]
+        if failed:
+            hint = " fp16 usually keeps parity;" if precision == "int8" else ""
+            raise ParityError(
+                f"{output}: {mode} quantization strays too far from the fp32 export on {report['rows']} rows of "
+                f"{parity_ds.source}: " + "; ".join(c["message"] for c in failed)
+                + f". Nothing was written.{hint} --min-agreement and --max-drop loosen the gate knowingly.")
+        latency = _latency(fp32_model, quant_model, kept)
+
+        written = [f for f in (*FILES, *COPIED) if (tmp / f).exists()]
+        files = {f: {"sha256": sha256(tmp / f), "bytes": (tmp / f).stat().st_size,
+                     "fp32_bytes": (export_dir / f).stat().st_size} for f in written}
+        summary = {
+            "edgeft_version": __version__, "mode": mode, "precision": precision, "source": str(export_dir),
+            "per_channel": result["per_channel"], "op_types": result["op_types"], "head": "fp32",
+            "calibration": ({"data": calib_ds.source, "rows": min(len(calib_ds), CALIBRATION_ROWS)}
+                            if mode == "static" else None),
+            "files": files, "parity": report, "latency": latency,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        atomic.write_json(tmp / "quantize.json", summary)
+        # export.json too, so tools that read an export folder read this one alike
+        atomic.write_json(tmp / "export.json", {
+            **info, "precision": precision, "quantization": "quantize.json", "parity": report,
+            "files": {f: {k: v for k, v in files[f].items() if k != "fp32_bytes"} for f in FILES}})
+    return summary

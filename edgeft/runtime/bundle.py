@@ -1,0 +1,159 @@
+"""A bundle on the device: manifest checks, hash checks, then the models. numpy + onnxruntime only.
+
+Layout (see edgeft/bundle.py for how it is built):
+    manifest.json          schema, labels, preprocessing, runtime settings, files with sha256,
+                           the active head version and the history of heads
+    backbone.onnx          inputs -> features
+    heads/head-NNNN.onnx   features -> logits, probs (one file per head version)
+    tokenizer.json | preprocessor.json
+    reference/             inputs.npz, outputs.npz (PyTorch logits), items.json
+    parity.json            the build-time parity report
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BundleError
+from .preprocess import load_preprocessor
+from .session import OnnxModel
+
+MANIFEST = "manifest.json"
+SCHEMA = 1
+REQUIRED = {  # key: type; a manifest missing one, or with the wrong type, is refused
+    "schema": int, "edgeft_version": str, "task": str, "modality": str, "labels": list,
+    "preprocessing": dict, "inputs": list, "precision": str, "runtime": dict, "files": dict,
+    "backbone": str, "head": dict, "heads": list,
+}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(bundle: str | Path) -> dict:
+    path = Path(bundle) / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{bundle}: not a bundle (no {MANIFEST}).")
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: not valid JSON ({e}).") from None
+    if not isinstance(m, dict):
+        raise BundleError(f"{path}: expected a JSON object.")
+    schema = m.get("schema")
+    if isinstance(schema, int) and schema > SCHEMA:
+        raise BundleError(f"{path}: schema {schema} is newer than this edgeft reads ({SCHEMA}). Upgrade edgeft on the device.")
+    for key, kind in REQUIRED.items():
+        if key not in m:
+            raise BundleError(f"{path}: missing key '{key}'.")
+        if not isinstance(m[key], kind) or (kind is int and isinstance(m[key], bool)):
+            raise BundleError(f"{path}: key '{key}' must be {kind.__name__}, got {type(m[key]).__name__}.")
+    for key in ("version", "file"):
+        if key not in m["head"]:
+            raise BundleError(f"{path}: missing key 'head.{key}'.")
+    return m
+
+
+def check_files(bundle: str | Path, manifest: dict, only: list[str] | None = None) -> None:
+    """Every file the manifest lists exists, stays inside the bundle and has its sha256."""
+    bundle = Path(bundle)
+    root = bundle.resolve()
+    for rel, entry in manifest["files"].items():
+        if only is not None and rel not in only:
+            continue
+        path = (bundle / rel).resolve()
+        if root not in path.parents:
+            raise BundleError(f"{bundle / MANIFEST}: file '{rel}' points outside the bundle.")
+        if not path.is_file():
+            raise BundleError(f"{bundle / rel}: missing (listed in the manifest).")
+        if not isinstance(entry, dict) or "sha256" not in entry:
+            raise BundleError(f"{bundle / MANIFEST}: files['{rel}'] has no sha256.")
+        if sha256(path) != entry["sha256"]:
+            raise BundleError(f"{bundle / rel}: content does not match its sha256 in the manifest; the bundle was changed or damaged.")
+
+
+class Bundle:
+    """Load a bundle after its hashes match; run it: features, logits, predictions, self-check."""
+
+    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None,
+                 check_hashes: bool = True):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        if check_hashes:
+            check_files(self.path, self.manifest)
+        m = self.manifest
+        runtime = m["runtime"]
+        self.labels = list(m["labels"])
+        self.pre = load_preprocessor(self.path, m["preprocessing"])
+        providers = providers or runtime.get("providers")
+        threads = threads or runtime.get("threads")
+        self.fixed_batch = runtime.get("batch_size", 1) if runtime.get("static_shapes") else None
+        self.backbone = OnnxModel(self.path / m["backbone"], providers, threads)
+        self.head_version = m["head"]["version"]
+        self.head = OnnxModel(self.path / m["head"]["file"], providers, threads)
+
+    def _chunks(self, items, batch_size):
+        step = self.fixed_batch or batch_size
+        for i in range(0, len(items), step):
+            chunk = items[i : i + step]
+            if self.fixed_batch and len(chunk) < self.fixed_batch:
+                chunk = chunk + [chunk[-1]] * (self.fixed_batch - len(chunk))  # pad the last batch
+            yield chunk, min(step, len(items) - i)
+
+    def features(self, items: list, batch_size: int = 32) -> np.ndarray:
+        out = []
+        for chunk, n in self._chunks(items, batch_size):
+            out.append(self.backbone(self.pre(chunk))["features"][:n])
+        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
+
+    def features_from_arrays(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        return self.backbone(arrays)["features"]
+
+    def head_outputs(self, features: np.ndarray) -> dict[str, np.ndarray]:
+        return self.head({"features": features.astype(np.float32)})
+
+    def logits(self, items: list, batch_size: int = 32) -> np.ndarray:
+        return self.head_outputs(self.features(items, batch_size))["logits"]
+
+    def predict(self, items: list, batch_size: int = 32) -> list[dict]:
+        probs = self.head_outputs(self.features(items, batch_size))["probs"]
+        return [{"label": self.labels[int(p.argmax())], "confidence": float(p.max()),
+                 "probs": {n: float(v) for n, v in zip(self.labels, p, strict=True)}} for p in probs]
+
+    def check(self, thresholds=None) -> dict:
+        """Run the bundled reference inputs here and compare with the PyTorch outputs stored at build."""
+        from ..parity import Thresholds, checks, compare
+
+        ref_dir = self.path / "reference"
+        inputs = np.load(ref_dir / "inputs.npz")
+        expected = np.load(ref_dir / "outputs.npz")
+        arrays = {k: inputs[k] for k in inputs.files}
+        n = len(next(iter(arrays.values())))
+        step = self.fixed_batch or n
+        feats = np.concatenate([self.features_from_arrays({k: v[i : i + step] for k, v in arrays.items()})
+                                for i in range(0, n, step)])
+        got = self.head_outputs(feats)["logits"]
+        ref = expected["logits"]
+        if self.head_version != self.manifest["heads"][0]["version"]:
+            # a head retrained on the device is not the one PyTorch computed at build time:
+            # check the backbone's features, and the head against its own recorded outputs
+            ref = self.head_outputs(expected["features"])["logits"]
+        report = compare(ref, got, labels=self.labels)
+        t = thresholds or Thresholds.for_precision(self.manifest["precision"])
+        report["checks"] = checks(report, t)
+        report["passed"] = all(c["passed"] for c in report["checks"])
+        report["providers"] = self.backbone.session.get_providers()
+        report["precision"] = self.manifest["precision"]
+        report["head_version"] = self.head_version
+        if "features" in expected.files:
+            report["features_max_abs_diff"] = float(np.abs(feats - expected["features"]).max())
+        return report

@@ -1,0 +1,279 @@
+"""Retrain a bundle's head on the device, guarded and reversible. numpy + onnxruntime only.
+
+retrain: features of the new samples from the bundle's own backbone (cached by content
+hash) + the bundle's replay memory of training features -> a numpy softmax head. A guard
+accepts it only if accuracy on held-out new samples improves and accuracy on the replay
+hold-out drops by no more than a margin. An accepted head becomes version N+1:
+
+    1. heads/head-N+1.onnx and replay/replay-N+1.npz are written (temporary name, rename)
+    2. manifest.json is replaced in one rename: the commit point
+    3. versions beyond `keep` are deleted
+
+A power cut before step 2 leaves the old manifest, which names only old, complete files; after
+it, the new version is whole. rollback rewrites the manifest to point at an earlier version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..data import Dataset, load_dataset
+from ..errors import BundleError, DataError, EdgeftError, UsageError
+from . import atomic
+from .bundle import MANIFEST, Bundle, read_manifest, sha256
+from .head import fit_softmax, head_logits, read_head_onnx, write_head_onnx
+
+HOLDOUT = 0.25  # of the new samples, per class, held out for early stopping and the guard
+SEED = 0
+
+
+class RetrainRefused(EdgeftError):
+    """The guard refused the new head: the bundle is unchanged."""
+
+    exit_code = 1
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _split(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Stratified hold-out mask: a share of each class with at least 2 samples (at least one)."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        if len(idx) < 2:
+            continue
+        k = min(max(1, round(len(idx) * fraction)), len(idx) - 1)
+        mask[rng.choice(idx, k, replace=False)] = True
+    return mask
+
+
+def _accuracy(logits: np.ndarray, y: np.ndarray) -> float | None:
+    return float((logits.argmax(1) == y).mean()) if len(y) else None
+
+
+def cached_features(bundle: Bundle, ds: Dataset, batch_size: int = 32) -> tuple[np.ndarray, bool]:
+    """Features from the bundle's backbone; cached under the bundle by (backbone, preprocessing, data) hash."""
+    m = bundle.manifest
+    key = hashlib.sha256(json.dumps([m["files"][m["backbone"]]["sha256"], m["preprocessing"],
+                                     ds.fingerprint()], sort_keys=True).encode()).hexdigest()[:24]
+    path = bundle.path / "cache" / f"features-{key}.npy"
+    if path.exists():
+        try:
+            feats = np.load(path, allow_pickle=False)
+            if feats.shape[0] == len(ds):
+                return feats, True
+        except (OSError, ValueError):
+            pass  # a damaged cache entry is recomputed
+    feats = bundle.features(ds.items, batch_size)  # batch by batch: never all images in memory
+    buf = __import__("io").BytesIO()
+    np.save(buf, feats, allow_pickle=False)
+    atomic.write_bytes(path, buf.getvalue())
+    return feats, False
+
+
+def _load_replay(bundle: Bundle) -> dict:
+    entry = bundle.manifest["head"]
+    rel = entry.get("replay") or next((h.get("replay") for h in bundle.manifest["heads"]
+                                        if h["version"] == entry["version"]), None)
+    if not rel:
+        raise BundleError(f"{bundle.path}: this bundle has no replay memory; rebuild it with edgeft build (--replay N).")
+    with np.load(bundle.path / rel, allow_pickle=False) as z:
+        return {"features": z["features"], "labels": z["labels"], "holdout": z["holdout"]}
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic.write_bytes(path, buf.getvalue())
+
+
+def retrain(path: str | Path, data: str | Path, *, add_classes: bool = False, margin: float = 0.02,
+            keep: int = 5, text_column: str = "text", label_column: str = "label", l2: float = 1e-3,
+            max_iter: int = 300, replay_per_class: int | None = None) -> dict:
+    """Fit, guard, and (if accepted) commit head version N+1. Returns the report; raises RetrainRefused."""
+    t0 = time.perf_counter()
+    path = Path(path)
+    bundle = Bundle(path)
+    m = bundle.manifest
+    ds = load_dataset(data, text_column, label_column)
+    if ds.kind != m["modality"]:
+        raise DataError(f"{ds.source}: {ds.kind} data, but the bundle's model reads {m['modality']}.")
+    limit = m.get("retrain", {}).get("max_samples")
+    if limit and len(ds) > limit:
+        raise DataError(f"{ds.source}: {len(ds)} rows; this device retrains on at most {limit} "
+                        "(the profile's retrain_max_samples).")
+    labels = list(m["labels"])
+    new_labels = sorted({y for y in ds.labels} - set(labels))
+    if new_labels and not add_classes:
+        from ..errors import did_you_mean
+
+        hints = "".join(did_you_mean(n, labels) for n in new_labels[:1])
+        raise DataError(f"{ds.source}: labels the model does not know: {', '.join(new_labels)}.{hints} "
+                        "Pass --add-classes to add them as new classes.")
+    labels = labels + new_labels
+    index = {n: i for i, n in enumerate(labels)}
+    y_new = np.array([index[v] for v in ds.labels], dtype=np.int64)
+
+    t_feat = time.perf_counter()
+    X_new, cache_hit = cached_features(bundle, ds)
+    feature_seconds = time.perf_counter() - t_feat
+    hold_new = _split(y_new, HOLDOUT, SEED)
+    if not hold_new.any():
+        raise DataError(f"{ds.source}: too few rows to hold any out for the guard; give at least 2 per class.")
+
+    replay = _load_replay(bundle)
+    Xr, yr, hold_r = replay["features"], replay["labels"].astype(np.int64), replay["holdout"].astype(bool)
+    X_train = np.concatenate([Xr[~hold_r], X_new[~hold_new]])
+    y_train = np.concatenate([yr[~hold_r], y_new[~hold_new]])
+    X_hold = np.concatenate([Xr[hold_r], X_new[hold_new]])
+    y_hold = np.concatenate([yr[hold_r], y_new[hold_new]])
+
+    t_fit = time.perf_counter()
+    fit = fit_softmax(X_train, y_train, len(labels), l2=l2, max_iter=max_iter, holdout=(X_hold, y_hold))
+    fit_seconds = time.perf_counter() - t_fit
+
+    # the guard: old head vs new head on the same held-out rows
+    old_w, old_b = read_head_onnx(path / m["head"]["file"])
+
+    def old_logits(X):  # classes the old head does not have can never be its answer
+        z = head_logits(X, old_w, old_b)
+        return np.concatenate([z, np.full((len(X), len(labels) - z.shape[1]), -np.inf)], axis=1)
+
+    before_new = _accuracy(old_logits(X_new[hold_new]), y_new[hold_new])
+    after_new = _accuracy(head_logits(X_new[hold_new], fit.weight, fit.bias), y_new[hold_new])
+    before_old = _accuracy(old_logits(Xr[hold_r]), yr[hold_r])
+    after_old = _accuracy(head_logits(Xr[hold_r], fit.weight, fit.bias), yr[hold_r])
+    metrics = {
+        "new_holdout_accuracy": {"before": before_new, "after": after_new, "rows": int(hold_new.sum())},
+        "replay_holdout_accuracy": {"before": before_old, "after": after_old, "rows": int(hold_r.sum())},
+        "margin": margin,
+        "fit": {"iterations": fit.iterations, "best_iteration": fit.best_iteration, "l2": l2,
+                "train_rows": int(len(y_train)), "train_loss": fit.train_loss, "holdout_loss": fit.holdout_loss},
+        "seconds": {"features": round(feature_seconds, 3), "fit": round(fit_seconds, 3)},
+        "feature_cache_hit": cache_hit,
+    }
+    reasons = []
+    # "improves": better than before, or already perfect and still perfect (retraining on the
+    # same samples again, or adding them to the replay memory, must not be refused for that)
+    if not (after_new > before_new or after_new == 1.0):
+        reasons.append(f"accuracy on the {int(hold_new.sum())} held-out new samples did not improve "
+                       f"({100 * before_new:.1f}% -> {100 * after_new:.1f}%)")
+    if before_old is not None and before_old - after_old > margin + 1e-12:
+        reasons.append(f"accuracy on the replay hold-out of earlier classes dropped "
+                       f"{100 * (before_old - after_old):.1f} points ({100 * before_old:.1f}% -> {100 * after_old:.1f}%), "
+                       f"more than the {100 * margin:.1f}-point margin")
+    if reasons:
+        raise RetrainRefused(f"{path}: retrain refused, head v{m['head']['version']} stays: " + "; ".join(reasons) + ".")
+
+    # accepted: write version N+1, then commit it with the manifest
+    version = max(h["version"] for h in m["heads"]) + 1
+    head_rel, replay_rel = f"heads/head-{version:04d}.onnx", f"replay/replay-{version:04d}.npz"
+    write_head_onnx(path / head_rel, fit.weight, fit.bias,
+                    metadata={"labels": labels, "version": version, "edgeft_version": __version__})
+    per_class = replay_per_class or m.get("replay", {}).get("per_class", 100)
+    Xn, yn, hn = _merge_replay(Xr, yr, hold_r, X_new, y_new, hold_new, per_class)
+    _save_npz(path / replay_rel, features=Xn.astype(np.float32), labels=yn, holdout=hn)
+
+    data_hash = ds.fingerprint()
+    entry = {"version": version, "file": head_rel, "replay": replay_rel, "labels": labels, "created": _now(),
+             "source": "device retrain", "data": {"source": str(data), "fingerprint": data_hash, "rows": len(ds),
+                                                  "counts": ds.counts()},
+             "added_classes": new_labels, "metrics": metrics}
+    new_manifest = dict(m)
+    new_manifest["labels"] = labels
+    new_manifest["head"] = {"version": version, "file": head_rel, "replay": replay_rel}
+    new_manifest["heads"] = [*m["heads"], entry]
+    files = dict(m["files"])
+    for rel in (head_rel, replay_rel):
+        files[rel] = {"sha256": sha256(path / rel), "bytes": (path / rel).stat().st_size}
+    new_manifest["files"] = files
+    pruned = _prune(new_manifest, keep)
+    atomic.write_json(path / MANIFEST, new_manifest)  # the commit point
+    for rel in pruned:
+        (path / rel).unlink(missing_ok=True)
+    return {"accepted": True, "version": version, "previous_version": m["head"]["version"], "labels": labels,
+            "added_classes": new_labels, "pruned": pruned, "metrics": metrics,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _merge_replay(Xr, yr, hr, Xn, yn, hn, per_class: int):
+    """Replay memory for the next version: the new samples of a class first, then older ones, up to per_class."""
+    X, Y, H = [], [], []
+    for c in np.union1d(np.unique(yr), np.unique(yn)):
+        nx, nh = Xn[yn == c], hn[yn == c]
+        ox, oh = Xr[yr == c], hr[yr == c]
+        xs, hs = np.concatenate([nx, ox])[:per_class], np.concatenate([nh, oh])[:per_class]
+        if len(hs) >= 2 and not hs.any():
+            hs[-1] = True  # every class keeps at least one held-out row for the next guard
+        X.append(xs), Y.append(np.full(len(xs), c)), H.append(hs)
+    return np.concatenate(X), np.concatenate(Y).astype(np.int64), np.concatenate(H)
+
+
+def _prune(manifest: dict, keep: int) -> list[str]:
+    """Drop head versions beyond the newest `keep` (never the active one); return files to delete."""
+    active = manifest["head"]["version"]
+    live = [h for h in manifest["heads"] if not h.get("pruned")]
+    excess = len(live) - max(keep, 1)
+    victims = [h for h in sorted(live, key=lambda h: h["version"]) if h["version"] != active][:max(excess, 0)]
+    still_used = {h.get(k) for h in live if h not in victims for k in ("file", "replay")}
+    removed = []
+    for h in victims:
+        h["pruned"] = True
+        for k in ("file", "replay"):
+            rel = h.get(k)
+            if rel and rel not in still_used and rel in manifest["files"]:
+                del manifest["files"][rel]
+                removed.append(rel)
+    return removed
+
+
+def rollback(path: str | Path, version: int | None = None) -> dict:
+    """Make an earlier head version active again (default: the one before the active one)."""
+    path = Path(path)
+    m = read_manifest(path)
+    Bundle(path)  # refuses a damaged bundle before anything changes
+    active = m["head"]["version"]
+    live = {h["version"]: h for h in m["heads"] if not h.get("pruned")}
+    if version is None:
+        earlier = [v for v in live if v < active]
+        if not earlier:
+            raise UsageError(f"{path}: head v{active} is the oldest version kept; nothing to roll back to.")
+        version = max(earlier)
+    if version not in live:
+        known = ", ".join(f"v{v}" for v in sorted(live))
+        raise UsageError(f"{path}: no head version {version} (kept: {known}).")
+    h = live[version]
+    labels = h.get("labels") or m["heads"][0].get("labels") or m["labels"]
+    new = dict(m)
+    new["head"] = {"version": version, "file": h["file"], **({"replay": h["replay"]} if h.get("replay") else {})}
+    new["labels"] = labels
+    new["rollbacks"] = [*m.get("rollbacks", []), {"from": active, "to": version, "at": _now()}]
+    atomic.write_json(path / MANIFEST, new)
+    return {"from": active, "to": version, "labels": labels}
+
+
+def history(path: str | Path) -> list[dict]:
+    m = read_manifest(path)
+    active = m["head"]["version"]
+    out = []
+    for h in m["heads"]:
+        metrics = h.get("metrics", {})
+        out.append({
+            "version": h["version"], "active": h["version"] == active, "pruned": bool(h.get("pruned")),
+            "created": h.get("created"), "source": h.get("source"), "classes": len(h.get("labels") or m["labels"]),
+            "added_classes": h.get("added_classes", []), "data": h.get("data"),
+            "new_accuracy": metrics.get("new_holdout_accuracy", {}).get("after"),
+            "replay_accuracy": metrics.get("replay_holdout_accuracy", {}).get("after"),
+        })
+    return out

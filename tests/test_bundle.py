@@ -1,0 +1,278 @@
+"""Bundles for every device profile, the plugin system, and the torch-free device commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from edgeft.bundle import build
+from edgeft.cli import main
+from edgeft.config import TrainConfig
+from edgeft.errors import BundleError, ParityError, ProfileError
+from edgeft.plugins import all_profiles, find_profile, registry
+from edgeft.runtime.bundle import Bundle, read_manifest, sha256
+from edgeft.train import train
+
+REPO = Path(__file__).resolve().parent.parent
+PROFILES = sorted(p.stem for p in (REPO / "devices").glob("*.toml"))
+
+
+@pytest.fixture(scope="module")
+def text_run(tiny_bert, text_data, tmp_path_factory):
+    """A tiny text model trained until its answers have margins (quantization should not flip them)."""
+    out = tmp_path_factory.mktemp("bundle-runs") / "lora"
+    train(TrainConfig(model=str(tiny_bert), data=str(text_data["train"]), val=str(text_data["val"]),
+                      output=str(out), method="lora", pooling="mean", epochs=8, batch_size=8, lr=5e-3,
+                      head_lr=3e-2, patience=8, progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundles(text_run, tmp_path_factory):
+    base = tmp_path_factory.mktemp("bundles")
+    return {name: (build(text_run, name, base / name, archive=name == "raspberry-pi-5"), base / name)
+            for name in PROFILES}
+
+
+def test_every_required_profile_exists():
+    assert {"x86-64-server", "raspberry-pi-4", "raspberry-pi-5", "jetson-orin-nano", "jetson-xavier-nx",
+            "android-arm64", "iphone"} <= set(PROFILES)
+    assert set(all_profiles()) >= set(PROFILES)
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_bundle_for_every_profile(name, bundles):
+    manifest, path = bundles[name]
+    profile, target = find_profile(name)
+    assert read_manifest(path) == manifest
+    assert manifest["device"]["profile"] == name and manifest["target"]["name"] == target.name
+    assert manifest["precision"] == (profile.precision or target.precision)
+    assert manifest["runtime"]["providers"] == list(profile.providers or target.providers)
+    on_disk = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert on_disk == set(manifest["files"])
+    for rel, entry in manifest["files"].items():
+        assert sha256(path / rel) == entry["sha256"] and (path / rel).stat().st_size == entry["bytes"]
+    assert manifest["parity"]["agreement"] >= 0.99
+    assert manifest["head"] == {"version": 1, "file": "heads/head-0001.onnx", "replay": "replay/replay-0001.npz"}
+    report = Bundle(path, providers=["CPUExecutionProvider"]).check()
+    assert report["passed"], report["checks"]
+
+
+def test_target_files(bundles):
+    jetson = bundles["jetson-orin-nano"][1]
+    script = (jetson / "jetson" / "build_engine.sh").read_text()
+    assert "trtexec" in script and "--fp16" in script and "input_ids:8x128" in script
+    assert os.access(jetson / "jetson" / "build_engine.sh", os.X_OK)
+    mobile = bundles["android-arm64"][1]
+    for f in ("backbone.ort", "head.ort"):
+        sess = ort.InferenceSession(str(mobile / "mobile" / f), providers=["CPUExecutionProvider"])
+        assert sess.get_inputs()
+    ops = (mobile / "mobile" / "required_operators.config").read_text()
+    assert "ai.onnx" in ops and "Gemm" in ops
+    # fixed shapes on the phone: batch 1, sequences padded to the profile's max_length (64)
+    dims = ort.InferenceSession(str(mobile / "backbone.onnx")).get_inputs()[0].shape
+    assert dims == [1, 64]
+    m = bundles["android-arm64"][0]
+    assert m["preprocessing"]["pad_to"] == 64 and m["runtime"]["static_shapes"]
+    b = Bundle(mobile)
+    texts = ["pump leak", "motor fuse relay", "belt roller"]
+    assert len(b.predict(texts)) == 3
+
+
+def test_quantized_bundles_are_smaller(bundles):
+    for name, precision in (("x86-64-server", "int8"), ("jetson-orin-nano", "fp16")):
+        m = bundles[name][0]
+        assert m["precision"] == precision
+        assert m["files"]["backbone.onnx"]["bytes"] < m["quantization"]["fp32_bytes"]
+
+
+def test_archive(bundles):
+    path = bundles["raspberry-pi-5"][1]
+    archive = path.with_name(path.name + ".tar.gz")
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert f"{path.name}/manifest.json" in names and all(n.startswith(path.name) for n in names)
+
+
+def test_verify_accepts_a_bundle(bundles, text_run, text_data, tmp_path):
+    r = CliRunner().invoke(main, ["verify", str(bundles["x86-64-server"][1]), "--reference", str(text_run),
+                                  "--data", str(text_data["val"]), "--json", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["kind"] == "bundle" and rep["precision"] == "int8"
+    assert [c["name"] for c in rep["checks"]] == ["labels", "agreement", "accuracy_drop"]
+
+
+def test_device_commands(bundles, tmp_path):
+    path = str(bundles["raspberry-pi-4"][1])
+    r = CliRunner().invoke(main, ["device", "check", path])
+    assert r.exit_code == 0, r.output
+    assert "device check  ok" in r.output
+    r = CliRunner().invoke(main, ["device", "predict", path, "pump seal leak", "--json"])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.stdout.splitlines()[0])
+    assert row["label"] in ("belt", "motor", "pump") and abs(sum(row["probs"].values()) - 1) < 1e-5
+    r = CliRunner().invoke(main, ["device", "predict", path, "--file", "-"], input="belt roller\n\nmotor fuse\n")
+    assert r.exit_code == 0 and len(r.stdout.strip().splitlines()) == 2
+
+
+def test_changed_file_is_refused(bundles, tmp_path):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundles["x86-64-server"][1], copy)
+    head = copy / "heads" / "head-0001.onnx"
+    data = bytearray(head.read_bytes())
+    data[-10] ^= 0xFF
+    head.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"head-0001.onnx: content does not match its sha256"):
+        Bundle(copy)
+    r = CliRunner().invoke(main, ["device", "check", str(copy)])
+    assert r.exit_code == 1
+    assert r.stderr.count("\n") == 1 and "head-0001.onnx" in r.stderr and "Traceback" not in r.output
+
+
+def test_manifest_newer_schema_and_missing_key(bundles, tmp_path):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundles["x86-64-server"][1], copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**m, "schema": 99}))
+    with pytest.raises(BundleError, match="schema 99 is newer"):
+        Bundle(copy)
+    del m["labels"]
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="missing key 'labels'"):
+        Bundle(copy)
+
+
+def test_quantization_that_breaks_parity_is_refused(text_run, tmp_path, monkeypatch):
+    import onnx
+
+    import edgeft.quantize as Q
+
+    real = Q.quantize_model
+
+    def broken(src, dst, mode, **kw):
+        info = real(src, dst, mode, **kw)
+        m = onnx.load(str(dst))
+        for init in m.graph.initializer:  # scramble the weights, as a wrong scale would
+            if len(init.dims) == 2:  # int8 weight matrices (and any float ones)
+                w = onnx.numpy_helper.to_array(init)
+                init.CopyFrom(onnx.numpy_helper.from_array(
+                    np.random.default_rng(0).permutation(w.ravel()).reshape(w.shape), init.name))
+        onnx.save(m, str(dst))
+        return info
+
+    monkeypatch.setattr(Q, "quantize_model", broken)
+    with pytest.raises(ParityError, match="fails parity with PyTorch: top-1 agreement"):
+        build(text_run, "raspberry-pi-5", tmp_path / "bundle")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_build_leaves_no_bundle(text_run, tmp_path, monkeypatch):
+    import edgeft.bundle as B
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(B, "sha256", crash)
+    with pytest.raises(KeyboardInterrupt):
+        build(text_run, "x86-64-server", tmp_path / "bundle")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_profile_errors(tmp_path, text_run):
+    p = tmp_path / "my.toml"
+    p.write_text('target = "cpu"\n[runtime]\nprecison = "int8"\n')
+    with pytest.raises(ProfileError, match=r"my.toml: unknown key 'precison'.*Did you mean \"precision\""):
+        find_profile(str(p))
+    p.write_text('target = "gpu"\n')
+    with pytest.raises(ProfileError, match="my.toml: target: unknown target 'gpu'; installed targets: cpu, jetson, mobile"):
+        find_profile(str(p))
+    p.write_text('target = "cpu"\nprecision = "int4"\n')
+    with pytest.raises(ProfileError, match="precision: 'int4' is not one of"):
+        find_profile(str(p))
+    p.write_text('target = "jetson"\nprecision = "int8"\n')
+    with pytest.raises(ProfileError, match="not supported by target jetson"):
+        find_profile(str(p))[0].resolved(registry().targets["jetson"])
+    with pytest.raises(ProfileError, match='no profile named \'rasberry-pi-5\'.*Did you mean "raspberry-pi-5"'):
+        find_profile("rasberry-pi-5")
+    r = CliRunner().invoke(main, ["build", str(text_run), "--device", "rasberry-pi-5", "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2 and r.stderr.startswith("error: --device: no profile named") and not (tmp_path / "x").exists()
+
+
+def test_user_profile_file(text_run, tmp_path):
+    p = tmp_path / "line3-box.toml"
+    p.write_text('description = "Line 3 inspection PC"\ntarget = "cpu"\n[runtime]\nprecision = "fp32"\nthreads = 2\n')
+    m = build(text_run, str(p), tmp_path / "bundle")
+    assert m["device"]["profile"] == "line3-box" and m["precision"] == "fp32" and m["runtime"]["threads"] == 2
+    assert m["parity"]["max_abs_diff"] < 1e-5
+
+
+def test_devices_command_lists_targets_and_profiles():
+    r = CliRunner().invoke(main, ["devices", "--json"])
+    assert r.exit_code == 0
+    d = json.loads(r.stdout)
+    assert {"cpu", "jetson", "mobile"} <= set(d["targets"])
+    assert d["targets"]["jetson"]["providers"][0] == "TensorrtExecutionProvider"
+    assert set(PROFILES) <= set(d["profiles"])
+
+
+THIRD_PARTY = '''
+from edgeft import hookimpl
+from edgeft.targets import Target
+
+
+def package(ctx):
+    ctx.add_file("acme/README.txt", "vendor notes").write_text("flash with acmetool")
+
+
+@hookimpl
+def register_targets(register):
+    register(Target(name="acme-npu", description="ACME NPU board", precision="fp32",
+                    precisions=("fp32",), package=package))
+
+
+@hookimpl
+def register_device_profiles(register):
+    from pathlib import Path
+    register(Path(__file__).parent / "profiles")
+'''
+
+
+def test_third_party_plugin_appears_and_builds(tmp_path, text_run):
+    """A plugin installed as a real distribution (dist-info with an entry point) needs no change to edgeft."""
+    site = tmp_path / "site"
+    pkg = site / "edgeft_acme"
+    (pkg / "profiles").mkdir(parents=True)
+    (pkg / "__init__.py").write_text(THIRD_PARTY)
+    (pkg / "profiles" / "acme-board.toml").write_text('description = "ACME board"\ntarget = "acme-npu"\n')
+    info = site / "edgeft_acme-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: edgeft-acme\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[edgeft]\nacme = edgeft_acme\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "edgeft.cli", "devices", "--json"], env=env,
+                         capture_output=True, text=True, check=True)
+    d = json.loads(out.stdout)
+    assert d["targets"]["acme-npu"]["plugin"] == "acme" and "acme-board" in d["profiles"]
+    code = textwrap.dedent(f"""
+        from edgeft.bundle import build
+        m = build({str(text_run)!r}, "acme-board", {str(tmp_path / "bundle")!r})
+        print(m["target"]["name"], sorted(m["files"]))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("acme-npu") and "acme/README.txt" in out.stdout

@@ -1,0 +1,295 @@
+"""The device side: predict, retrain, guard, rollback, history, crash safety. Torch-free.
+
+These tests also run in a second environment with the core dependencies only (no torch),
+as a device is installed: there the bundles come prebuilt from EDGEFT_DEVICE_BUNDLES (see
+tests/make_device_bundles.py and .ci/run); here they are built on the spot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgeft.cli import main
+from edgeft.errors import BundleError, DataError
+from edgeft.runtime.bundle import Bundle, read_manifest
+from edgeft.runtime.head import fit_softmax, head_logits, read_head_onnx, write_head_onnx
+from edgeft.runtime.retrain import RetrainRefused, history, retrain
+from edgeft.runtime.session import OnnxModel
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import NEW_CLASS_WORDS, new_class_rows, text_rows  # noqa: E402
+
+PREBUILT = os.environ.get("EDGEFT_DEVICE_BUNDLES")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """{name: bundle path}: the text bundle and the image bundle, prebuilt or built here."""
+    if PREBUILT:
+        return {p.name: p for p in Path(PREBUILT).iterdir() if (p / "manifest.json").exists()}
+    from make_device_bundles import make_bundles
+
+    return make_bundles(tmp_path_factory.mktemp("device-bundles"))
+
+
+@pytest.fixture
+def bundle(built, tmp_path):
+    """A fresh copy of the text bundle per test."""
+    dst = tmp_path / "bundle"
+    shutil.copytree(built["text"], dst)
+    return dst
+
+
+def snapshot(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file() and "cache" not in p.parts}
+
+
+def write_csv(path: Path, rows) -> Path:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(rows)
+    return path
+
+
+def test_device_side_never_imports_torch(built, tmp_path):
+    dst = tmp_path / "b"
+    shutil.copytree(built["text"], dst)
+    data = write_csv(tmp_path / "new.csv", new_class_rows(12, seed=3))
+    code = f"""
+import sys
+from edgeft.cli import main
+for args in (["device", "predict", {str(dst)!r}, "pump leak"], ["device", "check", {str(dst)!r}],
+             ["device", "retrain", {str(dst)!r}, "--data", {str(data)!r}, "--add-classes"],
+             ["device", "history", {str(dst)!r}], ["device", "rollback", {str(dst)!r}]):
+    try:
+        main(args, standalone_mode=False)
+    except SystemExit as e:
+        assert not e.code, (args, e.code)
+heavy = [m for m in ("torch", "transformers", "peft", "accelerate") if m in sys.modules]
+print("HEAVY", heavy)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "HEAVY []" in out.stdout
+
+
+def test_numpy_head_writes_the_same_onnx(tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 12)).astype(np.float32)
+    y = rng.integers(0, 4, 60)
+    fit = fit_softmax(X, y, 4, max_iter=50)
+    write_head_onnx(tmp_path / "h.onnx", fit.weight, fit.bias)
+    out = OnnxModel(tmp_path / "h.onnx")({"features": X})
+    np.testing.assert_allclose(out["logits"], head_logits(X, fit.weight, fit.bias), atol=1e-5)
+    np.testing.assert_allclose(out["probs"].sum(1), 1, atol=1e-6)
+    w, b = read_head_onnx(tmp_path / "h.onnx")
+    assert np.array_equal(w, fit.weight) and np.array_equal(b, fit.bias)
+
+
+def test_numpy_fit_equals_pytorch_linear():
+    """Same objective (class-weighted CE on standardised features + L2), same full-batch Adam."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(90, 16)) * rng.uniform(0.5, 3, 16) + rng.normal(size=16)
+    y = np.r_[np.zeros(50), np.ones(30), np.full(10, 2)].astype(np.int64)
+    X[y == 1] += 0.8
+    X[y == 2] -= 0.8
+    l2, lr, steps = 1e-2, 0.05, 120
+    fit = fit_softmax(X, y, 3, l2=l2, lr=lr, max_iter=steps)
+
+    mean, std = X.mean(0), X.std(0)
+    Z = torch.tensor((X - mean) / std)
+    counts = np.bincount(y, minlength=3)
+    cw = torch.tensor(counts.sum() / (3 * counts))
+    lin = torch.nn.Linear(16, 3).double()
+    torch.nn.init.zeros_(lin.weight), torch.nn.init.zeros_(lin.bias)
+    opt = torch.optim.Adam(lin.parameters(), lr=lr)
+    yt = torch.tensor(y)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(lin(Z), yt, weight=cw) + 0.5 * l2 * (lin.weight ** 2).sum()
+        loss.backward()
+        opt.step()
+    w = lin.weight.detach().numpy() / std  # fold the standardisation as the device does
+    b = lin.bias.detach().numpy() - (mean / std) @ lin.weight.detach().numpy().T
+    np.testing.assert_allclose(fit.weight, w, atol=1e-5)
+    np.testing.assert_allclose(fit.bias, b, atol=1e-5)
+
+
+def test_preprocessing_matches_the_training_side(built):
+    pytest.importorskip("torch")
+    from edgeft.runs import load_model
+
+    b = Bundle(built["text"])
+    run = load_model(b.manifest["source"])
+    texts = ["pump leak at line 3", "motor", "belt conveyor roller tension pulley idler track sprocket"]
+    ours, theirs = b.pre(texts), run.pre(texts)
+    for k in theirs:
+        assert np.array_equal(ours[k], theirs[k]), k
+
+
+def test_add_a_class(bundle, tmp_path):
+    before = Bundle(bundle)
+    data = write_csv(tmp_path / "new.csv", new_class_rows(24, seed=1))
+    r = CliRunner().invoke(main, ["device", "retrain", str(bundle), "--data", str(data), "--add-classes"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("retrain  ok") and "head v1 -> v2  added valve" in r.stdout
+    after = Bundle(bundle)
+    assert after.labels == before.labels + ["valve"] and after.head_version == 2
+    test = new_class_rows(10, seed=9)
+    got = [p["label"] for p in after.predict([t for t, _ in test])]
+    assert sum(g == "valve" for g in got) >= 7
+    m = read_manifest(bundle)
+    entry = m["heads"][-1]
+    assert entry["added_classes"] == ["valve"] and entry["data"]["rows"] == 24
+    assert entry["metrics"]["new_holdout_accuracy"]["after"] > entry["metrics"]["new_holdout_accuracy"]["before"]
+    assert Bundle(bundle).check()["passed"]  # device check holds with the retrained head
+
+
+def test_new_label_needs_add_classes(bundle, tmp_path):
+    data = write_csv(tmp_path / "new.csv", [("pump seal leak", "pumpp"), ("motor fuse", "motor")])
+    before = snapshot(bundle)
+    r = CliRunner().invoke(main, ["device", "retrain", str(bundle), "--data", str(data)])
+    assert r.exit_code == 2
+    assert r.stderr.strip() == (f"error: {data}: labels the model does not know: pumpp. Did you mean \"pump\"? "
+                                "Pass --add-classes to add them as new classes.")
+    assert snapshot(bundle) == before
+
+
+def test_change_a_class(bundle, tmp_path):
+    """A class drifts: 'pump' faults now read as valve-and-cavitation entries."""
+    rng = random.Random(4)
+    rows = [(" ".join(rng.sample(NEW_CLASS_WORDS, 4)), "pump") for _ in range(24)]
+    data = write_csv(tmp_path / "drift.csv", rows)
+    before = Bundle(bundle).predict([t for t, _ in rows[:10]])
+    r = retrain(bundle, data)
+    assert r["accepted"] and r["labels"] == Bundle(bundle).labels and not r["added_classes"]
+    after = Bundle(bundle).predict([t for t, _ in rows[:10]])
+    assert sum(p["label"] == "pump" for p in after) > sum(p["label"] == "pump" for p in before)
+
+
+def test_guard_refuses_a_harmful_retrain(bundle, tmp_path):
+    """Samples that teach the model to call every pump entry 'belt' must not be accepted."""
+    rows = [(text, "belt") for text, label in text_rows(40, seed=11) if label == "pump"]
+    data = write_csv(tmp_path / "bad.csv", rows)
+    before = snapshot(bundle)
+    with pytest.raises(RetrainRefused, match=r"retrain refused, head v1 stays: .*replay hold-out .* dropped"):
+        retrain(bundle, data, margin=0.02)
+    assert snapshot(bundle) == before
+    r = CliRunner().invoke(main, ["device", "retrain", str(bundle), "--data", str(data)])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.output
+
+
+def test_rollback_restores_the_exact_head(bundle, tmp_path):
+    b1 = Bundle(bundle)
+    texts = ["pump leak seal", "motor relay fuse", "belt pulley", "the unit check"]
+    logits1 = b1.logits(texts)
+    head1 = (bundle / b1.manifest["head"]["file"]).read_bytes()
+    retrain(bundle, write_csv(tmp_path / "n.csv", new_class_rows(20, seed=2)), add_classes=True)
+    assert Bundle(bundle).labels[-1] == "valve"
+    r = CliRunner().invoke(main, ["device", "rollback", str(bundle)])
+    assert r.exit_code == 0 and "head v2 -> v1" in r.stdout
+    b = Bundle(bundle)
+    assert b.head_version == 1 and b.labels == b1.labels
+    assert (bundle / b.manifest["head"]["file"]).read_bytes() == head1
+    assert np.array_equal(b.logits(texts), logits1)
+    r = CliRunner().invoke(main, ["device", "rollback", str(bundle), "--to", "2"])
+    assert r.exit_code == 0 and Bundle(bundle).labels[-1] == "valve"
+    r = CliRunner().invoke(main, ["device", "rollback", str(bundle), "--to", "9"])
+    assert r.exit_code == 2 and "no head version 9 (kept: v1, v2)" in r.stderr
+
+
+def test_history_pruning_and_feature_cache(bundle, tmp_path):
+    data = write_csv(tmp_path / "n.csv", new_class_rows(20, seed=2))
+    r1 = retrain(bundle, data, add_classes=True, keep=2)
+    assert not r1["metrics"]["feature_cache_hit"]
+    r2 = retrain(bundle, data, keep=2, margin=1.0)  # the same data again: features come from the cache
+    assert r2["metrics"]["feature_cache_hit"] and r2["version"] == 3
+    assert r2["pruned"] == ["heads/head-0001.onnx", "replay/replay-0001.npz"]
+    assert not (bundle / "heads" / "head-0001.onnx").exists()
+    Bundle(bundle)  # every file still listed is present and whole
+    rows = history(bundle)
+    assert [(h["version"], h["active"], h["pruned"]) for h in rows] == [(1, False, True), (2, False, False), (3, True, False)]
+    r = CliRunner().invoke(main, ["device", "history", str(bundle)])
+    assert r.exit_code == 0 and "* v3" in r.stdout and "x v1" in r.stdout
+
+
+def test_max_samples_limit(bundle, tmp_path):
+    m = read_manifest(bundle)
+    limit = m["retrain"]["max_samples"]
+    data = write_csv(tmp_path / "big.csv", new_class_rows(limit + 1, seed=0))
+    with pytest.raises(DataError, match=f"at most {limit}"):
+        retrain(bundle, data, add_classes=True)
+
+
+def test_image_bundle_predict_and_retrain(built, tmp_path):
+    dst = tmp_path / "img"
+    shutil.copytree(built["image"], dst)
+    images = sorted((built["image"].parent / "image-data").rglob("*.png"))
+    r = CliRunner().invoke(main, ["device", "predict", str(dst), *map(str, images[:3]), "--json"])
+    assert r.exit_code == 0, r.output
+    assert len(r.stdout.splitlines()) == 3
+    res = retrain(dst, built["image"].parent / "image-new", add_classes=True, margin=1.0)
+    assert res["added_classes"] == ["rust"]
+    assert Bundle(dst).check()["passed"]
+
+
+def _retrain_cmd(bundle: Path, data: Path) -> list[str]:
+    return [sys.executable, "-m", "edgeft.cli", "device", "retrain", str(bundle), "--data", str(data), "--add-classes"]
+
+
+def test_killed_retrain_never_leaves_a_broken_bundle(built, tmp_path):
+    """SIGKILL at random moments: afterwards the bundle always loads, hashes match, head v1 or v2."""
+    data = write_csv(tmp_path / "n.csv", new_class_rows(20, seed=2))
+    src = tmp_path / "src"
+    shutil.copytree(built["text"], src)
+    t0 = time.perf_counter()
+    subprocess.run(_retrain_cmd(src, data), check=True, capture_output=True)
+    full = time.perf_counter() - t0
+    rng = random.Random(0)
+    seen = set()
+    for trial in range(20):
+        b = tmp_path / f"t{trial}"
+        shutil.copytree(built["text"], b)
+        p = subprocess.Popen(_retrain_cmd(b, data), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 1.0) * full)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        loaded = Bundle(b)  # raises if any listed file is missing, partial or changed
+        assert loaded.head_version in (1, 2)
+        assert ("valve" in loaded.labels) == (loaded.head_version == 2)
+        assert loaded.predict(["pump leak"])[0]["label"] in loaded.labels
+        seen.add(loaded.head_version)
+        shutil.rmtree(b)
+    assert seen  # trials landed before and/or after the commit point; each left a whole bundle
+
+
+def test_bundle_refuses_a_half_written_head(bundle):
+    m = read_manifest(bundle)
+    head = bundle / m["head"]["file"]
+    head.write_bytes(head.read_bytes()[: len(head.read_bytes()) // 2])
+    with pytest.raises(BundleError, match="head-0001.onnx: content does not match"):
+        Bundle(bundle)
+    r = CliRunner().invoke(main, ["device", "predict", str(bundle), "x"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+
+
+def test_manifest_json_is_strict_json(bundle):
+    json.loads((bundle / "manifest.json").read_text())
