@@ -42,7 +42,7 @@ class TrainConfig:
     train_layers: int = 2
     unfreeze_every: int = 1
     metric: str = "accuracy"
-    patience: int | None = None  # epochs without improvement before stopping; None: 5 for head, 3 otherwise
+    patience: int | None = None  # epochs without improvement before stopping; None: 10 for head, 3 otherwise
     keep_checkpoints: int = 2
     resume: bool = False
     progress: bool = True
@@ -73,7 +73,7 @@ class TrainConfig:
             if d.get(k) is None:
                 d[k] = v
         if d["patience"] is None:
-            d["patience"] = 5 if self.method == "head" else 3
+            d["patience"] = 10 if self.method == "head" else 3
         return TrainConfig(**d)
 
     def to_dict(self) -> dict:

@@ -109,7 +109,8 @@ def export(source: str | Path, output: str | Path, opset: int = DEFAULT_OPSET, d
            overwrite: bool = False) -> dict:
     """Export, check parity on validation rows (or `data`), write export.json; return it."""
     import onnx
-    from onnx import compose
+
+    from .onnx_graph import fuse
 
     t0 = time.perf_counter()
     output = Path(output)
@@ -145,17 +146,7 @@ def export(source: str | Path, output: str | Path, opset: int = DEFAULT_OPSET, d
         feats = torch.zeros(2, spec.feature_dim)
         _quiet_export(_Head(model.head).eval(), (feats,), tmp / "head.onnx", ["features"], ["logits", "probs"],
                       {"features": {0: "batch"}, "logits": {0: "batch"}, "probs": {0: "batch"}}, opset)
-        b, h = onnx.load(str(tmp / "backbone.onnx")), onnx.load(str(tmp / "head.onnx"))
-        h.ir_version = b.ir_version
-        fused = compose.merge_models(b, h, io_map=[("features", "features")], prefix2="head/")
-        # keep the public output names: logits, probs
-        rename = {o.name: o.name.removeprefix("head/") for o in fused.graph.output}
-        for out in fused.graph.output:
-            out.name = rename[out.name]
-        for node in fused.graph.node:
-            node.input[:] = [rename.get(n, n) for n in node.input]
-            node.output[:] = [rename.get(n, n) for n in node.output]
-        onnx.checker.check_model(fused)
+        fused = fuse(onnx.load(str(tmp / "backbone.onnx")), onnx.load(str(tmp / "head.onnx")))
         onnx.save(fused, str(tmp / "model.onnx"))
         for f in FILES:
             _set_metadata(tmp / f, {**meta, "part": f.removesuffix(".onnx")})

@@ -3,6 +3,9 @@
 dynamic  int8 weights, activation scales computed per call (onnxruntime quantize_dynamic)
 static   int8 QDQ, activation scales fixed by calibration on real preprocessed samples
 fp16     half-precision weights and compute, float32 inputs and outputs
+weight-only  int8 weights in blocks of 32 (MatMulNBits), activations stay float: the answers of
+         fp32 at a quarter of the size (measured on MiniLM: 100% top-1 agreement where dynamic
+         int8 kept 96-98%), about 1.5-2x faster than fp32 on CPU; the embedding table int8 too
 
 Only the backbone is quantized: the head stays fp32, since the device retrains it in fp32,
 and model.onnx is the two joined again, as export does it. The quantized model.onnx runs
@@ -24,14 +27,16 @@ import numpy as np
 
 from . import __version__
 from .errors import DataError, ParityError, UsageError, did_you_mean, require
+from .onnx_graph import fuse
 from .parity import Thresholds, checks, compare
 from .runtime import atomic
 from .runtime.preprocess import load_preprocessor
 
 log = logging.getLogger(__name__)
 
-MODES = ("dynamic", "static", "fp16")
-PRECISION = {"dynamic": "int8", "static": "int8", "fp16": "fp16"}
+MODES = ("dynamic", "static", "fp16", "weight-only")
+PRECISION = {"dynamic": "int8", "static": "int8", "fp16": "fp16", "weight-only": "int8"}
+WEIGHT_ONLY_BLOCK = 32  # int8 scales per 32 weights: block 128 flipped 2.5% of MiniLM's answers, 32 none
 FILES = ("backbone.onnx", "head.onnx", "model.onnx")
 COPIED = ("tokenizer.json", "preprocessor.json", "labels.json")
 # Static QDQ over every op type can put infinite scales on a BERT's attention-mask path
@@ -115,7 +120,9 @@ def quantize_model(src: Path, dst: Path, mode: str, *, modality: str,
         nag = _NoPreprocessNag()
         logging.getLogger().addFilter(nag)
         try:
-            if mode == "dynamic":
+            if mode == "weight-only":
+                op_types = _weight_only(src, dst, present, extra)
+            elif mode == "dynamic":
                 op_types = sorted(present & set(IntegerOpsRegistry))
                 quantize_dynamic(str(src), str(dst), op_types_to_quantize=op_types, per_channel=per_channel,
                                  weight_type=QuantType.QInt8, extra_options=extra)
@@ -146,6 +153,32 @@ def quantize_model(src: Path, dst: Path, mode: str, *, modality: str,
     return {"mode": mode, "op_types": op_types, "per_channel": bool(per_channel), "bytes": dst.stat().st_size}
 
 
+def _weight_only(src: Path, dst: Path, present: set[str], extra: dict) -> list[str]:
+    """MatMul weights to 8-bit blocks (MatMulNBits, int8 compute where the CPU has it), then the
+    embedding tables (Gather) to int8 with dynamic quantization."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    logging.getLogger(nbits.__name__).setLevel(logging.WARNING)  # it logs every node it skips at INFO
+    config = nbits.DefaultWeightOnlyQuantConfig(block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True,
+                                                accuracy_level=4, bits=8)
+    q = nbits.MatMulNBitsQuantizer(onnx.load(str(src)), bits=8, block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True,
+                                   accuracy_level=4, algo_config=config)
+    q.process()
+    mid = dst.with_name(f".{dst.name}.matmul.onnx")
+    try:
+        q.model.save_model_to_file(str(mid), use_external_data_format=False)
+        if "Gather" in present:
+            quantize_dynamic(str(mid), str(dst), op_types_to_quantize=["Gather"], per_channel=False,
+                             weight_type=QuantType.QInt8, extra_options=extra)
+        else:
+            mid.replace(dst)
+    finally:
+        mid.unlink(missing_ok=True)
+    return sorted({"MatMul", "Gather"} & present)
+
+
 def _fix_float_casts(model) -> None:
     """Cast(to=float) nodes inside an fp16 graph: make them cast to fp16, as their outputs are typed.
 
@@ -161,42 +194,6 @@ def _fix_float_casts(model) -> None:
             for a in node.attribute:
                 if a.name == "to" and a.i == onnx.TensorProto.FLOAT:
                     a.i = onnx.TensorProto.FLOAT16
-
-
-def _fuse(backbone, head):
-    """backbone then head as one graph, keeping the public output names (as export does).
-
-    Clears both models' metadata (merge_models refuses differing values; the caller sets it).
-    """
-    import onnx
-    from onnx import compose, version_converter
-
-    for m in (backbone, head):
-        del m.metadata_props[:]
-    opset = {o.domain or "ai.onnx": o.version for o in backbone.opset_import}.get("ai.onnx")
-    if opset and {o.domain or "ai.onnx": o.version for o in head.opset_import}.get("ai.onnx") != opset:
-        # the quantizer may raise the opset (per-channel QDQ needs 13); the head follows
-        head = version_converter.convert_version(head, opset)
-    ir_version = head.ir_version
-    head.ir_version = backbone.ir_version
-    try:
-        fused = compose.merge_models(backbone, head, io_map=[("features", "features")], prefix2="head/")
-    finally:
-        head.ir_version = ir_version
-    # merge_models lists the shared default-domain opset twice; one entry per domain is enough
-    seen = {}
-    for o in fused.opset_import:
-        seen.setdefault(o.domain, o.version)
-    del fused.opset_import[:]
-    fused.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in seen.items())
-    rename = {o.name: o.name.removeprefix("head/") for o in fused.graph.output}
-    for out in fused.graph.output:
-        out.name = rename[out.name]
-    for node in fused.graph.node:
-        node.input[:] = [rename.get(n, n) for n in node.input]
-        node.output[:] = [rename.get(n, n) for n in node.output]
-    onnx.checker.check_model(fused)
-    return fused
 
 
 def _edgeft_meta(model) -> dict:
@@ -324,7 +321,7 @@ def quantize(export_dir, mode, output, *, calibration=None, text_column="text", 
         metas["model.onnx"] = {**metas["backbone.onnx"], "part": "model"}  # what export writes
         quant_meta = {"mode": mode, "backbone": precision, "head": "fp32", "per_channel": result["per_channel"],
                       "op_types": result["op_types"]}
-        fused = _fuse(backbone, head)
+        fused = fuse(backbone, head)
         for f, m in (("backbone.onnx", backbone), ("head.onnx", head), ("model.onnx", fused)):
             _save_with_meta(m, tmp / f, {**metas[f], "precision": precision, "quantization": quant_meta})
         del backbone, head, fused

@@ -132,13 +132,20 @@ def load_labelled(path, loaded: Loaded, text_column="text", label_column="label"
 
 @torch.no_grad()
 def predict_logits(model, pre, items: list, batch_size: int = 64) -> torch.Tensor:
-    out = []
-    for i in range(0, len(items), batch_size):
-        arrays = pre(items[i : i + batch_size])
-        out.append(model(**{k: torch.from_numpy(v) for k, v in arrays.items()}))
-    if not out:
+    """Logits in the order of `items`; texts run in batches of similar length (less padding)."""
+    if not items:
         raise DataError("no rows to predict.")
-    return torch.cat(out)
+    order = sorted(range(len(items)), key=lambda i: len(str(items[i]))) if isinstance(items[0], str) \
+        and not hasattr(pre, "size") else list(range(len(items)))
+    out = None
+    for i in range(0, len(items), batch_size):
+        idx = order[i : i + batch_size]
+        arrays = pre([items[j] for j in idx])
+        logits = model(**{k: torch.from_numpy(v) for k, v in arrays.items()})
+        if out is None:
+            out = torch.empty(len(items), logits.shape[1])
+        out[idx] = logits
+    return out
 
 
 def evaluate(path: str | Path, data: str | Path, text_column="text", label_column="label") -> dict:

@@ -94,11 +94,23 @@ def model_fingerprint(spec: ModelSpec) -> str:
     return h.hexdigest()[:16]
 
 
+def by_length(inputs: Inputs, batch_size: int) -> list[list[int]]:
+    """Batches of similar-length texts: padding to the batch's longest costs less (images: in order)."""
+    n = len(inputs.ds)
+    order = sorted(range(n), key=lambda i: len(inputs.encoded[i][0])) if inputs.encoded else list(range(n))
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
 @torch.no_grad()
 def extract_features(model, inputs: Inputs, batch_size: int = EVAL_BATCH) -> torch.Tensor:
     model.eval()
-    out = [model.features(**inputs.batch(idx)) for idx in batches(len(inputs.ds), batch_size, 0, 0, False)]
-    return torch.cat(out).float()
+    out = torch.empty(0)
+    for idx in by_length(inputs, batch_size):
+        f = model.features(**inputs.batch(idx)).float()
+        if out.numel() == 0:
+            out = torch.empty(len(inputs.ds), f.shape[1])
+        out[idx] = f
+    return out
 
 
 def cached_features(model, spec: ModelSpec, inputs: Inputs) -> tuple[torch.Tensor, bool]:
@@ -316,7 +328,9 @@ def train(cfg: TrainConfig) -> dict:
     @torch.no_grad()
     def evaluate():
         model.eval()
-        logits = torch.cat([logits_for(idx, val_in, "val", False) for idx in batches(len(val_ds), EVAL_BATCH, 0, 0, False)])
+        logits = torch.empty(len(val_ds), len(labels))
+        for idx in by_length(val_in, EVAL_BATCH):
+            logits[idx] = logits_for(idx, val_in, "val", False).float().cpu()
         loss = loss_fn(logits, val_in.y.to(logits.device)).item()
         report = classification_report(val_in.y.numpy(), logits.argmax(-1).cpu().numpy(), labels)
         return loss, report

@@ -99,7 +99,7 @@ def test_text_modes_keep_parity_and_layout(mode, text_quantized, text_export):
     assert info["latency"]["fp32_ms"] > 0 and info["latency"]["quantized_ms"] > 0 and info["latency"]["batch"] == 1
     assert json.loads((out / "quantize.json").read_text()) == info
     assert json.loads((out / "export.json").read_text())["precision"] == PRECISION[mode]
-    assert info["op_types"] == (["MatMul"] if mode == "static" else info["op_types"])
+    assert "MatMul" in info["op_types"] and (mode != "static" or info["op_types"] == ["MatMul"])
     assert (info["calibration"] is not None) == (mode == "static")
 
 

@@ -62,3 +62,21 @@ def test_minilm_merge_export_verify(runs, tmp_path):
     assert report["passed"] and report["rows"] == 120 and report["max_abs_diff"] < 1e-4
     assert report["accuracy"] == report["reference_accuracy"]
     assert ET.parse(tmp_path / "r.xml").getroot().get("failures") == "0"
+
+
+def test_minilm_cpu_bundle_keeps_its_answers(runs, tmp_path):
+    """The cpu bundle (int8) of the real LoRA run: at least 99% of PyTorch's answers on held-out rows."""
+    from edgeft.bundle import build
+    from edgeft.runtime.bundle import Bundle
+
+    m = build(runs["lora"], "x86-64-server", tmp_path / "bundle", data=EXAMPLE / "test.csv")
+    assert m["precision"] == "int8" and m["parity"]["rows"] == 120
+    assert m["parity"]["agreement"] >= 0.99 and m["parity"]["accuracy_drop"] <= 0.01
+    assert m["files"]["backbone.onnx"]["bytes"] < m["quantization"]["fp32_bytes"] / 3
+    # which int8 variant won, and what the faster ones scored, is on record
+    assert m["quantization"]["tried"][-1]["passed"]
+    r = CliRunner().invoke(main, ["verify", str(tmp_path / "bundle"), "--reference", str(runs["lora"]),
+                                  "--data", str(EXAMPLE / "test.csv")])
+    assert r.exit_code == 0, r.output
+    report = Bundle(tmp_path / "bundle").check()
+    assert report["passed"]
