@@ -486,17 +486,43 @@ def _report_table(report: dict) -> str:
 
 @main.command()
 @click.option("--output", "-o", default="edgeft-demo", show_default=True, help="Folder for everything the demo makes.")
-@click.option("--method", type=click.Choice(["head", "lora"]), default="head", show_default=True)
-def demo(output, method):
+@click.option("--force", is_flag=True, help="Redo every step, even those whose output is current.")
+def demo(output, force):
     """Run the built-in example end to end, offline, with the real all-MiniLM-L6-v2.
 
-    Trains a maintenance-log router (6 teams) and evaluates it on held-out test data.
+    Trains a maintenance-log router (6 teams) with LoRA, merges, exports, builds bundles for
+    a Raspberry Pi 5 and a Jetson Orin Nano, verifies them against PyTorch on held-out
+    entries, then teaches the Pi's bundle a 7th team from 40 samples with the torch-free
+    device retrain. It is examples/maintenance/recipe.toml; a rerun skips current steps.
     """
     from .demo import run_demo
+    from .recipe import summary_table
 
-    result = run_demo(output, method)
-    click.echo(_report_table(result["test"]))
-    click.echo(f"demo  ok  {result['seconds']:.1f} s  test accuracy {result['test']['accuracy']:.4f}  -> {output}")
+    s = run_demo(output, force)
+    click.echo(summary_table(s))
+    click.echo(f"demo  ok  {s['seconds']:.1f} s  -> {output}/summary.json")
+
+
+@main.command("run")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--output", "-o", help="Output folder.  [default: the recipe's `output`]")
+@click.option("--force", is_flag=True, help="Redo every step, even those whose output is current.")
+def run_cmd(recipe, output, force):
+    """Run a recipe: train, merge, export, build per device, verify, device retrain.
+
+    \b
+    Example:
+      edgeft run examples/maintenance/recipe.toml
+
+    Each step writes its own folder under the recipe's output; a step whose output is
+    current is skipped; a failing step stops the chain. Ends with a summary table and
+    summary.json (accuracy, parity, size and latency per device).
+    """
+    from .recipe import run_recipe, summary_table
+
+    s = run_recipe(recipe, force=force, output=output)
+    click.echo(summary_table(s))
+    click.echo(f"run  ok  {s['seconds']:.1f} s  -> {s['output']}/summary.json")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,307 @@
+"""`edgeft run RECIPE.toml`: train -> merge -> export -> build per device -> verify -> device retrain.
+
+A recipe is one reproducible file. Each step writes into its own folder under `output`
+and records a fingerprint of what it was made from (its options and its inputs' contents);
+a step whose folder exists with the same fingerprint is skipped, so a rerun after editing
+the [build] table rebuilds the bundles and nothing before them. A failing step stops the
+chain with its error. The end is a summary table and summary.json.
+
+    output = "out"                 # folders: run/, model/, export/, bundles/<device>/, retrain/
+    [train]                        # the options of edgeft train (model, data, method, ...)
+    [export]     opset = 17        # optional
+    [build]      devices = ["raspberry-pi-5"], data = "test.csv", calibration = "..."
+    [verify]     data = "test.csv"  (+ min_agreement, max_drop, max_abs_diff)
+    [retrain]    device = "raspberry-pi-5", data = "new.csv", add_classes = true,
+                 margin = 0.02, test = ["test.csv", "new_test.csv"]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from .config import load_train_config, read_toml
+from .errors import ConfigError, EdgeftError, did_you_mean
+from .runtime import atomic
+
+log = logging.getLogger(__name__)
+
+TABLES = {
+    "train": None,  # checked by TrainConfig
+    "export": {"opset"},
+    "build": {"devices", "data", "calibration", "replay", "min_agreement", "max_drop"},
+    "verify": {"data", "min_agreement", "max_drop", "max_abs_diff"},
+    "retrain": {"device", "data", "add_classes", "margin", "keep", "test"},
+}
+STEP_FILE = "edgeft-step.json"
+
+
+def _fingerprint(obj, own: Path | None = None) -> str:
+    """Options plus the size and mtime of every file they name (and of files in folders they
+    name), except the step's own output folder."""
+    h = hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode())
+    own = own.resolve() if own else None
+
+    def visit(v):
+        if isinstance(v, dict):
+            for x in v.values():
+                visit(x)
+        elif isinstance(v, list):
+            for x in v:
+                visit(x)
+        elif isinstance(v, str) and len(v) < 4096:
+            p = Path(v)
+            try:
+                if own is not None and (p.resolve() == own or own in p.resolve().parents):
+                    return
+                if p.is_file():
+                    st = p.stat()
+                    h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
+                elif p.is_dir():
+                    for f in sorted(p.rglob("*")):
+                        if f.is_file() and f.name != STEP_FILE:
+                            st = f.stat()
+                            h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+            except OSError:
+                pass
+
+    visit(obj)
+    return h.hexdigest()[:16]
+
+
+def _current(folder: Path, fp: str) -> bool:
+    marker = folder / STEP_FILE
+    return marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fp
+
+
+def _mark(folder: Path, step: str, fp: str, result: dict | None = None) -> None:
+    atomic.write_json(folder / STEP_FILE, {"step": step, "fingerprint": fp, "result": result or {}})
+
+
+def load_recipe(path: str | Path, output: str | Path | None = None) -> dict:
+    path = Path(path)
+    doc = read_toml(path)
+    for key, value in doc.items():
+        if key == "output":
+            continue
+        if key not in TABLES:
+            raise ConfigError(f"{path}: unknown table or key '{key}'.{did_you_mean(key, [*TABLES, 'output'])} "
+                              f"Known: output, {', '.join(f'[{t}]' for t in TABLES)}.")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: '{key}' must be a table ([{key}]).")
+        allowed = TABLES[key]
+        for k in value:
+            if allowed is not None and k.replace("-", "_") not in allowed:
+                raise ConfigError(f"{path}: unknown key '{k}' in [{key}].{did_you_mean(k, allowed)} "
+                                  f"Known: {', '.join(sorted(allowed))}.")
+    if "train" not in doc:
+        raise ConfigError(f"{path}: a recipe needs a [train] table.")
+    base = path.parent
+
+    def rel(v):
+        if isinstance(v, list):
+            return [rel(x) for x in v]
+        return str(base / v) if isinstance(v, str) and not Path(v).is_absolute() and (base / v).exists() else v
+
+    recipe = {"path": str(path), "output": str(Path(output).resolve() if output else base / doc.get("output", "out"))}
+    for table in ("export", "build", "verify", "retrain"):
+        t = {k.replace("-", "_"): v for k, v in doc.get(table, {}).items()}
+        for k in ("data", "calibration", "test"):
+            if k in t:
+                t[k] = rel(t[k])
+        recipe[table] = t
+    devices = recipe["build"].get("devices", [])
+    if isinstance(devices, str):
+        devices = [devices]
+    recipe["build"]["devices"] = [rel(d) if str(d).endswith(".toml") else d for d in devices]
+    if recipe["retrain"] and recipe["retrain"].get("device") not in recipe["build"]["devices"]:
+        raise ConfigError(f"{path}: [retrain] device must be one of [build] devices "
+                          f"({', '.join(recipe['build']['devices']) or 'none'}).")
+    recipe["train_config"] = load_train_config(path, {"output": str(Path(recipe["output"]) / "run")})
+    return recipe
+
+
+def run_recipe(path: str | Path, force: bool = False, output: str | Path | None = None) -> dict:
+    """Run every step of the recipe; return the summary (also summary.json in the output)."""
+    from .bundle import build
+    from .export import export
+    from .merge import merge
+    from .parity import Thresholds
+    from .plugins import find_profile
+    from .train import train
+    from .verify import verify, write_junit
+
+    t0 = time.perf_counter()
+    r = load_recipe(path, output)
+    out = Path(r["output"])
+    out.mkdir(parents=True, exist_ok=True)
+    steps: list[dict] = []
+    summary: dict = {"recipe": r["path"], "output": str(out), "steps": steps, "devices": {}}
+
+    def step(name: str, folder: Path, fp_input, fn):
+        fp = _fingerprint(fp_input, folder)
+        t = time.perf_counter()
+        if not force and _current(folder, fp):
+            steps.append({"step": name, "status": "skipped (current)", "seconds": 0.0, "folder": str(folder)})
+            log.info("%-8s current, skipped", name)
+            return json.loads((folder / STEP_FILE).read_text())["result"]
+        if folder.exists():  # an out-of-date or interrupted output of this recipe: redo it
+            shutil.rmtree(folder)
+        try:
+            result = fn(folder)
+        except EdgeftError as e:
+            steps.append({"step": name, "status": "failed", "error": str(e)})
+            atomic.write_json(out / "summary.json", summary)
+            raise type(e)(f"{name}: {e}") from None
+        _mark(folder, name, fp, result)
+        steps.append({"step": name, "status": "ok", "seconds": round(time.perf_counter() - t, 2), "folder": str(folder)})
+        log.info("%-8s ok  %.1f s", name, time.perf_counter() - t)
+        return result
+
+    cfg = r["train_config"]
+    run_dir, model_dir, export_dir = out / "run", out / "model", out / "export"
+
+    def do_train(folder):
+        s = train(cfg)
+        return {"accuracy": s["accuracy"], "macro_f1": s["macro_f1"], "best_epoch": s["best"]["epoch"]}
+
+    trained = step("train", run_dir, cfg.to_dict() | {"resume": False, "progress": False}, do_train)
+    summary["train"] = trained
+    merged = step("merge", model_dir, {"run": trained, "from": str(run_dir)},
+                  lambda f: merge(run_dir, f))
+    opset = r["export"].get("opset", 17)
+    exported = step("export", export_dir, {"model": merged, "opset": opset, "from": str(model_dir)},
+                    lambda f: {k: v for k, v in export(model_dir, f, opset=opset).items()
+                               if k in ("parity", "files", "seconds")})
+    summary["export"] = {"max_abs_diff": (exported.get("parity") or {}).get("max_abs_diff")}
+
+    b = r["build"]
+    verify_cfg = r["verify"]
+    for device in b.get("devices", []):
+        name = Path(device).stem if str(device).endswith(".toml") else device
+        bundle_dir = out / "bundles" / name
+        profile, target = find_profile(device)
+        thresholds = Thresholds.for_precision(profile.resolved(target)["precision"]).override(
+            min_agreement=b.get("min_agreement"), max_accuracy_drop=b.get("max_drop"))
+
+        def do_build(folder, device=device, thresholds=thresholds):
+            m = build(run_dir, device, folder, data=b.get("data"), calibration=b.get("calibration"),
+                      replay=b.get("replay", 100), thresholds=thresholds)
+            return {"precision": m["precision"], "parity": m["parity"],
+                    "bytes": sum(f["bytes"] for f in m["files"].values()),
+                    "quantization": (m.get("quantization") or {}).get("mode")}
+
+        built = step(f"build {name}", bundle_dir, {"device": device, "build": b, "run": trained,
+                                                  "profile": str(profile.path)}, do_build)
+        row = {"precision": built["precision"], "size_mb": round(built["bytes"] / 1e6, 1),
+               "quantization": built.get("quantization"), "build_agreement": built["parity"]["agreement"]}
+        if verify_cfg.get("data"):
+            vdir = out / "verify" / name
+
+            def do_verify(folder, bundle_dir=bundle_dir):
+                rep = verify(bundle_dir, run_dir, verify_cfg["data"], max_abs_diff=verify_cfg.get("max_abs_diff"),
+                             min_agreement=verify_cfg.get("min_agreement"),
+                             max_accuracy_drop=verify_cfg.get("max_drop"))
+                folder.mkdir(parents=True, exist_ok=True)
+                atomic.write_json(folder / "verify.json", rep)
+                write_junit(rep, folder / "junit.xml")
+                if not rep["passed"]:
+                    from .errors import ParityError
+
+                    raise ParityError("; ".join(c["message"] for c in rep["checks"] if not c["passed"]))
+                return {k: rep[k] for k in ("accuracy", "reference_accuracy", "agreement", "max_abs_diff", "rows")}
+
+            v = step(f"verify {name}", vdir, {"bundle": built, "verify": verify_cfg}, do_verify)
+            row.update({"accuracy": v["accuracy"], "reference_accuracy": v["reference_accuracy"],
+                        "agreement": v["agreement"]})
+        row["ms_per_input"] = _latency(bundle_dir, verify_cfg.get("data") or b.get("data"))
+        summary["devices"][name] = row
+
+    rt = r["retrain"]
+    if rt:
+        summary["retrain"] = step("retrain", out / "retrain",
+                                  {"retrain": rt, "bundle": str(out / "bundles" / Path(rt["device"]).stem)},
+                                  lambda f: _retrain_step(out / "bundles" / Path(rt["device"]).stem, f, rt))
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    atomic.write_json(out / "summary.json", summary)
+    return summary
+
+
+def _latency(bundle_dir: Path, data) -> float | None:
+    """Median ms per input, batch 1, on this machine (a stand-in for the device; same runtime)."""
+    if not data:
+        return None
+    import statistics
+
+    from .data import load_dataset
+    from .runtime.bundle import Bundle
+
+    items = load_dataset(data, require_labels=False).items[:30]
+    b = Bundle(bundle_dir, providers=["CPUExecutionProvider"])
+    b.predict(items[:3])
+    times = []
+    for item in items:
+        t = time.perf_counter()
+        b.predict([item])
+        times.append(1000 * (time.perf_counter() - t))
+    return round(statistics.median(times), 2)
+
+
+def _retrain_step(bundle: Path, folder: Path, rt: dict) -> dict:
+    """Retrain a copy of the device's bundle (the built bundle stays as built), then test it."""
+    from .data import load_dataset
+    from .runtime.bundle import Bundle
+    from .runtime.retrain import retrain
+
+    copy = folder / "bundle"
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(bundle, copy)
+    tests = rt.get("test", [])
+    tests = [tests] if isinstance(tests, str) else tests
+
+    def accuracy(b: Bundle):
+        out = {}
+        for t in tests:
+            ds = load_dataset(t)
+            known = [(x, y) for x, y in zip(ds.items, ds.labels, strict=True) if y in b.labels]
+            pred = b.predict([x for x, _ in known]) if known else []
+            out[Path(t).name] = {"accuracy": sum(p["label"] == y for p, (_, y) in zip(pred, known, strict=True))
+                                 / max(len(ds), 1), "rows": len(ds)}
+        return out
+
+    before = accuracy(Bundle(copy))
+    rep = retrain(copy, rt["data"], add_classes=bool(rt.get("add_classes")), margin=rt.get("margin", 0.02),
+                  keep=rt.get("keep", 5))
+    after = accuracy(Bundle(copy))
+    return {"version": rep["version"], "added_classes": rep["added_classes"], "metrics": rep["metrics"],
+            "test_before": before, "test_after": after, "bundle": str(copy)}
+
+
+def summary_table(s: dict) -> str:
+    lines = [f"{'step':<24} {'status':<18} {'seconds':>8}"]
+    for st in s["steps"]:
+        lines.append(f"{st['step']:<24} {st['status']:<18} {st.get('seconds', 0):>8.1f}")
+    lines.append("")
+    lines.append(f"{'device':<20} {'precision':<18} {'size MB':>8} {'agreement':>10} {'accuracy':>9} {'PyTorch':>8} {'ms/input':>9}")
+    for name, d in s["devices"].items():
+        pct = lambda v: f"{100 * v:.1f}%" if v is not None else "-"  # noqa: E731
+        lines.append(f"{name:<20} {d['precision'] + ('/' + d['quantization'] if d.get('quantization') else ''):<18} "
+                     f"{d['size_mb']:>8.1f} {pct(d.get('agreement', d['build_agreement'])):>10} "
+                     f"{pct(d.get('accuracy')):>9} {pct(d.get('reference_accuracy')):>8} "
+                     f"{d['ms_per_input'] if d['ms_per_input'] is not None else '-':>9}")
+    if s.get("retrain"):
+        rt = s["retrain"]
+        m = rt["metrics"]
+        lines.append("")
+        lines.append(f"device retrain: head v{rt['version']}, added {', '.join(rt['added_classes']) or 'no class'}; "
+                     f"held-out new samples {100 * m['new_holdout_accuracy']['before']:.1f}% -> "
+                     f"{100 * m['new_holdout_accuracy']['after']:.1f}%, earlier classes "
+                     f"{100 * m['replay_holdout_accuracy']['before']:.1f}% -> {100 * m['replay_holdout_accuracy']['after']:.1f}%")
+        for t, v in rt["test_after"].items():
+            lines.append(f"  {t}: accuracy {100 * rt['test_before'][t]['accuracy']:.1f}% -> {100 * v['accuracy']:.1f}% "
+                         f"({v['rows']} rows)")
+    return "\n".join(lines)
