@@ -80,6 +80,7 @@ def main(ctx, debug, verbose, quiet):
 @click.option("--max-length", type=int, help="Text: longest token sequence.  [default: 128]")
 @click.option("--pooling", type=click.Choice(["mean", "cls", "pooler", "max"]), help="Feature pooling.  [default: the model's own]")
 @click.option("--image-size", type=int, help="Image: input size in pixels.  [default: the model's own]")
+@click.option("--dropout", type=float, help="Dropout before the classifier head.  [default: 0.1]")
 @click.option("--augment/--no-augment", default=None, help="Image: random crop, flip and colour jitter on training data.")
 @click.option("--lora-r", type=int, help="LoRA rank.  [default: 8]")
 @click.option("--lora-alpha", type=int, help="LoRA alpha.  [default: 16]")
@@ -92,6 +93,9 @@ def main(ctx, debug, verbose, quiet):
 @click.option("--keep-checkpoints", type=int, help="How many recent epoch checkpoints to keep (the best is kept apart).  [default: 2]")
 @click.option("--resume", is_flag=True, default=None, help="Continue an interrupted run from its last checkpoint.")
 @click.option("--no-progress", "progress", flag_value=False, default=None, help="No progress bar.")
+@click.option("--nproc", type=int, help="Local training processes, launched through torchrun (DDP; gloo on CPU).  [default: 1]")
+@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step; --batch-size stays the global batch.  [default: 1]")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Mixed precision through accelerate (fp16 needs a GPU).  [default: fp32]")
 def train(config_path, **options):
     """Fine-tune a model on labelled data and write a run directory.
 
@@ -104,10 +108,16 @@ def train(config_path, **options):
     metrics.json, curves.png, confusion.png and a model card (README.md).
     """
     from .config import load_train_config
-    from .train import train as run_train
+    from .launch import in_worker, launch
 
     cfg = load_train_config(config_path, options)
+    if cfg.nproc > 1 and not in_worker():
+        sys.exit(launch(cfg.nproc, sys.argv[1:]))
+    from .train import train as run_train
+
     summary = run_train(cfg)
+    if not summary:  # a worker other than the main one: the main one reports
+        return
     best = summary["best"]
     t = summary["timing"]["total_seconds"]
     click.echo(

@@ -46,6 +46,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     progress: bool = True
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (mixed precision through accelerate)
+    grad_accum: int = 1  # micro-batches per optimizer step; --batch-size stays the global batch
+    nproc: int = 1  # local processes (edgeft train launches them through torchrun)
 
     def __post_init__(self):
         from .methods import METHODS
@@ -57,6 +60,12 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "lora_r", "train_layers", "unfreeze_every"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{name}: expected a positive integer, got {v!r}.")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision: expected fp32, bf16 or fp16, got {self.precision!r}.")
+        for name in ("grad_accum", "nproc"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name}: expected a positive integer, got {v!r}.")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warmup: expected a fraction in [0, 1), got {self.warmup}.")

@@ -8,6 +8,7 @@ run, because batch order is a function of (seed, epoch) and every RNG state is s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -94,41 +95,65 @@ def model_fingerprint(spec: ModelSpec) -> str:
     return h.hexdigest()[:16]
 
 
-def by_length(inputs: Inputs, batch_size: int) -> list[list[int]]:
+def by_length(inputs: Inputs, batch_size: int, rows: list[int] | None = None) -> list[list[int]]:
     """Batches of similar-length texts: padding to the batch's longest costs less (images: in order)."""
-    n = len(inputs.ds)
-    order = sorted(range(n), key=lambda i: len(inputs.encoded[i][0])) if inputs.encoded else list(range(n))
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    rows = list(range(len(inputs.ds))) if rows is None else rows
+    order = sorted(rows, key=lambda i: len(inputs.encoded[i][0])) if inputs.encoded else rows
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 @torch.no_grad()
-def extract_features(model, inputs: Inputs, batch_size: int = EVAL_BATCH) -> torch.Tensor:
+def extract_features(model, inputs: Inputs, batch_size: int = EVAL_BATCH, rows: list[int] | None = None) -> torch.Tensor:
+    """Features of `rows` (default: all), in that order."""
     model.eval()
+    rows = list(range(len(inputs.ds))) if rows is None else rows
+    where = {r: i for i, r in enumerate(rows)}
     out = torch.empty(0)
-    for idx in by_length(inputs, batch_size):
-        f = model.features(**inputs.batch(idx)).float()
+    for idx in by_length(inputs, batch_size, rows):
+        f = model.features(**inputs.batch(idx)).float().cpu()
         if out.numel() == 0:
-            out = torch.empty(len(inputs.ds), f.shape[1])
-        out[idx] = f
+            out = torch.empty(len(rows), f.shape[1])
+        out[[where[i] for i in idx]] = f
     return out
 
 
-def cached_features(model, spec: ModelSpec, inputs: Inputs) -> tuple[torch.Tensor, bool]:
-    """Features for every row, from the cache when this model has seen this data before."""
+def cached_features(model, spec: ModelSpec, inputs: Inputs, accelerator=None) -> tuple[torch.Tensor, bool]:
+    """Features for every row, from the cache when this model has seen this data before.
+
+    With several processes, each extracts its share of the rows and all of them end with the
+    whole set; the main process decides whether the cache is used and writes it.
+    """
+    from accelerate.utils import broadcast_object_list, gather_object
     from safetensors.torch import load_file, save_file
 
+    world = accelerator.num_processes if accelerator else 1
+    main = accelerator is None or accelerator.is_main_process
     key = f"{model_fingerprint(spec)}-{inputs.ds.fingerprint()}"
     path = cache_dir() / f"{key}.safetensors"
-    if path.exists():
+    feats = None
+    if main and path.exists():
         try:
-            return load_file(path)["features"], True
+            feats = load_file(path)["features"]
         except Exception:  # a damaged cache entry is recomputed, never trusted
             path.unlink(missing_ok=True)
-    feats = extract_features(model, inputs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"features": feats.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    hit = [feats is not None]
+    if world > 1:
+        broadcast_object_list(hit)
+    if hit[0]:
+        return (feats if feats is not None else load_file(path)["features"]), True
+    if world > 1:
+        mine = list(range(accelerator.process_index, len(inputs.ds), world))
+        parts = gather_object([(mine, extract_features(model, inputs, rows=mine))])
+        feats = torch.empty(len(inputs.ds), parts[0][1].shape[1])
+        for rows, f in parts:
+            feats[rows] = f
+    else:
+        feats = extract_features(model, inputs)
+    if main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({"features": feats.contiguous()}, str(tmp))
+        os.replace(tmp, path)
     return feats, False
 
 
@@ -260,9 +285,28 @@ def _check_output(cfg: TrainConfig, run: Path, state: dict) -> Path | None:
     return None
 
 
+def make_accelerator(cfg: TrainConfig):
+    """accelerate's Accelerator: DDP when launched on several processes (gloo on CPU, NCCL on GPUs)."""
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    cuda = torch.cuda.is_available()
+    if cfg.precision == "fp16" and not cuda:
+        raise UsageError("--precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32.")
+    if cfg.precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UsageError("--precision bf16: this GPU has no bfloat16; use fp16 or fp32.")
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=int(os.environ.get("EDGEFT_DIST_TIMEOUT", 300))))]
+    # Some trainable weights get no gradient in a step: layers gradual unfreezing has not reached
+    # yet, a pooler the chosen pooling does not read. DDP must be told to look for them.
+    handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    return Accelerator(cpu=not cuda, mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision),
+                       kwargs_handlers=handlers)
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train per `cfg`; write the run directory; return the summary (also metrics.json)."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     cfg = cfg.with_method_defaults()
@@ -281,7 +325,15 @@ def train(cfg: TrainConfig) -> dict:
     }
     resume_from = _check_output(cfg, run, state)
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(cfg)
+    main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if not main:  # one process speaks; the others only report errors
+        logging.getLogger("edgeft").setLevel(logging.WARNING)
+    if world > 1:
+        log.info("training on %d processes (%s); global batch %d = %d per process x %d x grad-accum %d",
+                 world, accelerator.distributed_type, cfg.batch_size, -(-cfg.batch_size // world // cfg.grad_accum),
+                 world, cfg.grad_accum)
     set_seed(cfg.seed)
     pre = build_preprocessor(spec)
     model = build_task_model(spec, len(labels), cfg.dropout)
@@ -298,9 +350,10 @@ def train(cfg: TrainConfig) -> dict:
     train_in = Inputs.build(train_ds, pre, labels, augment)
     val_in = Inputs.build(val_ds, pre, labels)
 
-    run.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume:
-        atomic.write_json(run / STATE_FILE, {**state, "config": cfg.to_dict(), "status": "running"})
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:
+            atomic.write_json(run / STATE_FILE, {**state, "config": cfg.to_dict(), "status": "running"})
 
     # head: the backbone is frozen, so its features are computed once (and cached on disk)
     feats = {}
@@ -308,29 +361,36 @@ def train(cfg: TrainConfig) -> dict:
     t_feat = time.perf_counter()
     if cfg.method == "head":
         for name, inp in (("train", train_in), ("val", val_in)):
-            feats[name], hit = cached_features(model, spec, inp)
+            feats[name], hit = cached_features(model, spec, inp, accelerator)
             cache_hits.append(hit)
     feature_seconds = time.perf_counter() - t_feat
 
     optimizer = make_optimizer(model, plan, cfg)
     steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
     scheduler = make_scheduler(optimizer, steps_per_epoch * cfg.epochs, cfg.warmup)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    core = model  # the TaskModel itself; `model` may become its DDP wrapper
+    if cfg.method == "head" or world == 1:
+        # head: every process holds all features and takes the same steps on the whole global
+        # batch (identical seeds), so there is nothing to synchronise
+        model = model.to(accelerator.device)
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     loss_fn = nn.CrossEntropyLoss()
 
-    def logits_for(idx, inputs: Inputs, split: str, train_mode: bool):
+    def logits_for(idx, inputs: Inputs, split: str, train_mode: bool, net=None):
         if cfg.method == "head":
             x = feats[split][idx].to(accelerator.device)
-            return model.head(model.dropout(x))
+            return core.head(core.dropout(x))
         batch = {k: v.to(accelerator.device) for k, v in inputs.batch(idx, train=train_mode).items()}
-        return model(**batch)
+        return (net or model)(**batch)
 
     @torch.no_grad()
     def evaluate():
-        model.eval()
+        core.eval()
         logits = torch.empty(len(val_ds), len(labels))
-        for idx in by_length(val_in, EVAL_BATCH):
-            logits[idx] = logits_for(idx, val_in, "val", False).float().cpu()
+        for idx in by_length(val_in, EVAL_BATCH):  # every process evaluates all of it: same decisions
+            logits[idx] = logits_for(idx, val_in, "val", False, net=core).float().cpu()
         loss = loss_fn(logits, val_in.y.to(logits.device)).item()
         report = classification_report(val_in.y.numpy(), logits.argmax(-1).cpu().numpy(), labels)
         return loss, report
@@ -340,7 +400,7 @@ def train(cfg: TrainConfig) -> dict:
     bad_epochs = 0
     start_epoch = 0
     if resume_from is not None:
-        load_weights(model, resume_from / "weights.safetensors")
+        load_weights(core, resume_from / "weights.safetensors")
         st = torch.load(resume_from / "state.pt", map_location="cpu", weights_only=True)
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
@@ -350,7 +410,8 @@ def train(cfg: TrainConfig) -> dict:
         start_epoch = progress["epoch"] + 1
         log.info("resuming from %s (epoch %d done)", resume_from.name, start_epoch)
 
-    show = cfg.progress and accelerator.is_main_process and sys.stderr.isatty()
+    show = cfg.progress and main and sys.stderr.isatty()
+    shared = cfg.method == "head" or world == 1  # no gradient synchronisation needed
     stopped_early = False
     samples = 0
     step_seconds = 0.0  # training steps only: evaluation and checkpoints are timed apart
@@ -360,11 +421,12 @@ def train(cfg: TrainConfig) -> dict:
             stopped_early = True
             break
         t0 = time.perf_counter()
-        methods.set_trainable(model, plan.trainable_at(epoch))
+        methods.set_trainable(core, plan.trainable_at(epoch))
         model.train()
-        methods.freeze_frozen_norms(model)
+        core.train()
+        methods.freeze_frozen_norms(core)
         if cfg.method == "head":
-            model.backbone.eval()
+            core.backbone.eval()
         total, count = 0.0, 0
         order = batches(len(train_ds), cfg.batch_size, cfg.seed, epoch)
         bar = None
@@ -376,22 +438,40 @@ def train(cfg: TrainConfig) -> dict:
         for step, idx in enumerate(order):
             if augment is not None:  # augmentation draws depend on (seed, epoch, step) only
                 augment.rng.seed(f"{cfg.seed}-{epoch}-{step}")
-            logits = logits_for(idx, train_in, "train", True)
-            loss = loss_fn(logits, train_in.y[idx].to(logits.device))
-            accelerator.backward(loss)
+            # Each process takes its share of the global batch, in grad-accum micro-batches.
+            # Summed losses scaled by world / |batch|: DDP's gradient average then equals the
+            # gradient of the mean loss over the whole global batch, whatever the split.
+            shard = idx if shared else idx[rank::world]
+            scale = (1 if shared else world) / len(idx)
+            if not shard:  # fewer rows than processes: join the all-reduce with zero weight
+                shard, scale = idx[:1], 0.0
+            micro = [m for m in (shard[j::cfg.grad_accum] for j in range(cfg.grad_accum)) if m]
+            for j, mb in enumerate(micro):
+                last = j == len(micro) - 1
+                sync = contextlib.nullcontext() if last or shared else accelerator.no_sync(model)
+                with sync, accelerator.autocast():
+                    logits = logits_for(mb, train_in, "train", True)
+                    loss = nn.functional.cross_entropy(logits.float(), train_in.y[mb].to(logits.device),
+                                                       reduction="sum")
+                    accelerator.backward(loss * scale)
+                total += loss.item()
             if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                accelerator.clip_grad_norm_(core.parameters() if shared else model.parameters(), cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            total += loss.item() * len(idx)
-            count += len(idx)
+            count += len(shard) if scale else 0
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{total / count:.4f}")
         step_seconds += time.perf_counter() - t_steps
         if bar is not None:
             bar.close()
+        if not shared:  # every process's share of the epoch's loss, summed
+            from accelerate.utils import reduce
+
+            tc = reduce(torch.tensor([total, float(count)], device=accelerator.device), reduction="sum")
+            total, count = float(tc[0]), int(tc[1])
         samples += count
         val_loss, report = evaluate()
         value = val_loss if cfg.metric == "loss" else report[cfg.metric]
@@ -404,20 +484,23 @@ def train(cfg: TrainConfig) -> dict:
         if better(cfg.metric, value, best["value"]):
             best = {"epoch": epoch + 1, "value": value}
             bad_epochs = 0
-            if accelerator.is_main_process:
-                save_best(run, accelerator.unwrap_model(model), keys)
+            if main:
+                save_best(run, core, keys)
         else:
             bad_epochs += 1
         log.info("epoch %d/%d  loss %.4f  val loss %.4f  accuracy %.4f  macro-F1 %.4f  %.1f s",
                  epoch + 1, cfg.epochs, row["train_loss"], val_loss, report["accuracy"],
                  report["macro_f1"], row["seconds"])
-        if accelerator.is_main_process:
-            save_checkpoint(run, epoch, accelerator.unwrap_model(model), keys, optimizer, scheduler,
+        if main:
+            save_checkpoint(run, epoch, core, keys, optimizer, scheduler,
                             {"epoch": epoch, "history": history, "best": best, "bad_epochs": bad_epochs},
                             cfg.keep_checkpoints)
     loop_seconds = time.perf_counter() - t_loop
 
-    model = accelerator.unwrap_model(model)
+    accelerator.wait_for_everyone()
+    if not main:  # only the main process writes the run directory
+        return {}
+    model = core
     load_weights(model, run / "checkpoints" / "best" / "weights.safetensors")
     val_loss, report = evaluate()
     summary = {
@@ -444,8 +527,7 @@ def train(cfg: TrainConfig) -> dict:
             "feature_cache_hits": cache_hits,
         },
     }
-    if accelerator.is_main_process:
-        _write_outputs(run, cfg, spec, model, plan, keys, pre, labels, summary)
+    _write_outputs(run, cfg, spec, model, plan, keys, pre, labels, summary)
     return summary
 
 

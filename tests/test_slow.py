@@ -80,3 +80,18 @@ def test_minilm_cpu_bundle_keeps_its_answers(runs, tmp_path):
     assert r.exit_code == 0, r.output
     report = Bundle(tmp_path / "bundle").check()
     assert report["passed"]
+
+
+def test_minilm_lora_on_two_processes(runs, tmp_path):
+    """The real LoRA run on 2 processes (torchrun, gloo): the same validation accuracy within 1 point."""
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "edgeft.cli", "train", "--model", "minilm", "--data",
+                        str(EXAMPLE / "train.csv"), "--method", "lora", "--output", str(tmp_path / "two"),
+                        "--nproc", "2", "--no-progress"], capture_output=True, text=True, env=os.environ.copy())
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = json.loads((runs["lora"] / "metrics.json").read_text())["accuracy"]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())["accuracy"]
+    assert abs(one - two) <= 0.01 + 1e-9, (one, two)

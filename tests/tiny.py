@@ -44,7 +44,7 @@ def new_class_rows(n: int, seed: int, label: str = "valve"):
             for _ in range(n)]
 
 
-def make_tiny_bert(d: Path) -> Path:
+def make_tiny_bert(d: Path, dropout: float = 0.1) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
@@ -56,7 +56,8 @@ def make_tiny_bert(d: Path) -> Path:
     (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
+                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout)
     BertModel(cfg).save_pretrained(d)
     return d
 
