@@ -50,7 +50,7 @@ def _rows(ds, n):
 
 def build(source: str | Path, device: str, output: str | Path, *, calibration: str | Path | None = None,
           data: str | Path | None = None, archive: bool = False, overwrite: bool = False,
-          thresholds: Thresholds | None = None, replay: int = REPLAY_PER_CLASS) -> dict:
+          thresholds: Thresholds | None = None, replay: int = REPLAY_PER_CLASS, sign_key: str | Path | None = None) -> dict:
     """Build the bundle; return its manifest. Fails (ParityError) without writing if parity breaks."""
     from .data import load_dataset
     from .export import export
@@ -222,6 +222,14 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
             manifest["files"]["parity.json"] = {"sha256": sha256(tmp / "parity.json"),
                                                 "bytes": (tmp / "parity.json").stat().st_size}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if sign_key:
+        from .runtime.trust import sign
+
+        try:
+            sign(output, sign_key)
+        except BaseException:  # a bundle that was to be signed and is not must not stay behind
+            shutil.rmtree(output, ignore_errors=True)
+            raise
     if archive:
         write_archive(output)
     log.info("built %s for %s (%s, %s) in %.1f s", output, profile.name, target.name, precision,

@@ -206,8 +206,9 @@ def export(source, output, opset, data, overwrite):
 @click.option("--max-drop", "max_accuracy_drop", type=float, help="Largest accuracy drop (0.01 = 1 point).  [default: unchecked fp32, 0.01 quantized]")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="Write a JUnit XML report (one test case per check).")
+@click.option("--public-key", type=click.Path(dir_okay=False), help="Bundles: refuse unless the owner's signature verifies with this key.")
 def verify(artifact, reference, data, text_column, label_column, max_abs_diff, min_agreement,
-           max_accuracy_drop, json_path, junit_path):
+           max_accuracy_drop, json_path, junit_path, public_key):
     """Check an exported model against its PyTorch reference; exit 1 when a check fails.
 
     \b
@@ -221,7 +222,7 @@ def verify(artifact, reference, data, text_column, label_column, max_abs_diff, m
 
     report = run_verify(artifact, reference, data, text_column=text_column, label_column=label_column,
                         max_abs_diff=max_abs_diff, min_agreement=min_agreement,
-                        max_accuracy_drop=max_accuracy_drop)
+                        max_accuracy_drop=max_accuracy_drop, public_key=public_key)
     if json_path:
         atomic.write_json(json_path, report)
     if junit_path:
@@ -243,9 +244,10 @@ def verify(artifact, reference, data, text_column, label_column, max_abs_diff, m
 @click.option("--replay", type=int, default=100, show_default=True, help="Training features kept per class for on-device retraining (0: none).")
 @click.option("--min-agreement", type=float, help="Parity: smallest share of answers equal to PyTorch's.  [default: 1.0 fp32, 0.99 quantized]")
 @click.option("--max-drop", type=float, help="Parity: largest accuracy drop (0.01 = 1 point).  [default: 0.01 quantized]")
+@click.option("--sign", "sign_key", type=click.Path(dir_okay=False, exists=True), help="Sign the bundle with this private key (see edgeft keys generate).")
 @click.option("--archive", is_flag=True, help="Also write BUNDLE.tar.gz.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
-def build(source, device, output, calibration, data, replay, min_agreement, max_drop, archive, overwrite):
+def build(source, device, output, calibration, data, replay, min_agreement, max_drop, sign_key, archive, overwrite):
     """Build a verified bundle of a run or model directory for one device.
 
     \b
@@ -265,7 +267,7 @@ def build(source, device, output, calibration, data, replay, min_agreement, max_
     t = Thresholds.for_precision(profile.resolved(target)["precision"]).override(
         min_agreement=min_agreement, max_accuracy_drop=max_drop)
     m = run_build(source, device, output, calibration=calibration, data=data, archive=archive,
-                  overwrite=overwrite, thresholds=t, replay=replay)
+                  overwrite=overwrite, thresholds=t, replay=replay, sign_key=sign_key)
     size = sum(f["bytes"] for f in m["files"].values()) / 1e6
     p = m["parity"]
     click.echo(f"build  ok  {m['build_seconds']:.1f} s  {m['device']['profile']} ({m['target']['name']}, {m['precision']})  "
@@ -315,7 +317,8 @@ def device():
 @click.option("--file", "file_", type=click.File("r", encoding="utf-8"), help="One input per line (- for standard input).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input per line: label, confidence, probs.")
 @click.option("--top", type=int, default=1, show_default=True, help="Labels to print per input.")
-def device_predict(bundle, inputs, file_, as_json, top):
+@click.option("--public-key", type=click.Path(dir_okay=False), help="Refuse the bundle unless the owner's signature verifies with this key.")
+def device_predict(bundle, inputs, file_, as_json, top, public_key):
     """Predict labels for texts or image paths with the bundle's active head.
 
     \b
@@ -330,7 +333,7 @@ def device_predict(bundle, inputs, file_, as_json, top):
         items += [line.rstrip("\n") for line in file_ if line.strip()]
     if not items:
         raise click.UsageError("give inputs as arguments or with --file.")
-    b = Bundle(bundle)
+    b = Bundle(bundle, public_key=public_key)
     for item, r in zip(items, b.predict(items), strict=True):
         if as_json:
             click.echo(json.dumps({"input": item, **r}))
@@ -343,7 +346,8 @@ def device_predict(bundle, inputs, file_, as_json, top):
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--providers", help="Comma-separated execution providers.  [default: the bundle's]")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def device_check(bundle, providers, as_json):
+@click.option("--public-key", type=click.Path(dir_okay=False), help="Refuse the bundle unless the owner's signature verifies with this key.")
+def device_check(bundle, providers, as_json, public_key):
     """Check the bundle on this device's runtime against the PyTorch outputs stored at build.
 
     \b
@@ -355,7 +359,7 @@ def device_check(bundle, providers, as_json):
     """
     from .runtime.bundle import Bundle
 
-    b = Bundle(bundle, providers=providers.split(",") if providers else None)
+    b = Bundle(bundle, providers=providers.split(",") if providers else None, public_key=public_key)
     report = b.check()
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -379,7 +383,8 @@ def device_check(bundle, providers, as_json):
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--label-column", default="label", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def device_retrain(bundle, data, add_classes, margin, keep, text_column, label_column, as_json):
+@click.option("--public-key", type=click.Path(dir_okay=False), help="Refuse the bundle unless the owner's signature verifies with this key.")
+def device_retrain(bundle, data, add_classes, margin, keep, text_column, label_column, as_json, public_key):
     """Retrain the head on this device from labelled samples (numpy + onnxruntime only).
 
     \b
@@ -394,7 +399,7 @@ def device_retrain(bundle, data, add_classes, margin, keep, text_column, label_c
     from .runtime.retrain import retrain
 
     r = retrain(bundle, data, add_classes=add_classes, margin=margin, keep=keep,
-                text_column=text_column, label_column=label_column)
+                text_column=text_column, label_column=label_column, public_key=public_key)
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
@@ -433,7 +438,8 @@ def device_history(bundle, as_json):
 @device.command("rollback")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--to", "version", type=int, help="Head version to make active.  [default: the one before the active one]")
-def device_rollback(bundle, version):
+@click.option("--public-key", type=click.Path(dir_okay=False), help="Refuse the bundle unless the owner's signature verifies with this key.")
+def device_rollback(bundle, version, public_key):
     """Make an earlier head version active again.
 
     \b
@@ -442,7 +448,7 @@ def device_rollback(bundle, version):
     """
     from .runtime.retrain import rollback
 
-    r = rollback(bundle, version)
+    r = rollback(bundle, version, public_key)
     click.echo(f"rollback  ok  head v{r['from']} -> v{r['to']}  ({len(r['labels'])} classes)")
 
 
@@ -485,6 +491,71 @@ def quantize(export_dir, mode, calibration, per_channel, output, text_column, la
     click.echo(f"quantize  ok  {r['seconds']:.1f} s  {mode}  backbone.onnx {b['bytes'] / 1e6:.1f} MB "
                f"(fp32 {b['fp32_bytes'] / 1e6:.1f} MB)  agreement {p['agreement']:.1%}{drop}  "
                f"{lat['quantized_ms']:.1f} ms vs {lat['fp32_ms']:.1f} ms  -> {output}")
+
+@main.group(cls=Group)
+def keys():
+    """Key pairs for signing bundles."""
+
+
+@keys.command("generate")
+@click.option("--output", "-o", required=True, help="Folder for owner.key (private, mode 0600) and owner.pub.")
+def keys_generate(output):
+    """Make an EC P-256 key pair for signing bundles (offline).
+
+    \b
+    Example:
+      edgeft keys generate --output keys/
+      edgeft build runs/maint --device raspberry-pi-5 --sign keys/owner.key -o bundles/pi5
+    Keep owner.key off the devices; install owner.pub on them (see edgeft device install).
+    """
+    from .runtime.trust import generate_keys
+
+    priv, pub = generate_keys(output)
+    click.echo(f"keys  ok  private {priv}  public {pub}")
+
+
+@main.command("sign")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--key", required=True, type=click.Path(dir_okay=False), help="The owner's private key (PEM, EC).")
+def sign_cmd(bundle, key):
+    """Sign every file of a bundle as built (OpenSSF model-signing, Sigstore format, offline).
+
+    \b
+    Example:
+      edgeft sign bundles/pi5 --key keys/owner.key
+
+    The signature (owner.sig) covers owner-manifest.json, a frozen copy of the build's
+    manifest, and every file it lists. Heads the device retrains later are recorded in
+    manifest.json with their data hashes and do not break the owner's signature.
+    """
+    from .runtime.trust import sign
+
+    sig = sign(bundle, key)
+    click.echo(f"sign  ok  {sig}")
+
+
+@device.command("install")
+@click.argument("archive", type=click.Path(exists=True, dir_okay=False))
+@click.argument("target", type=click.Path(file_okay=False))
+@click.option("--public-key", type=click.Path(dir_okay=False), help="Refuse the bundle unless the owner's signature verifies with this key.")
+@click.option("--max-size-mb", type=int, help="Refuse archives that unpack past this size.  [default: 4096, or the policy's]")
+@click.option("--replace", is_flag=True, help="Swap out an installed bundle at TARGET.")
+def device_install(archive, target, public_key, max_size_mb, replace):
+    """Install a .tar.gz bundle safely and atomically.
+
+    \b
+    Example:
+      edgeft device install pi5.tar.gz /opt/edgeft/bundle --public-key /etc/edgeft/owner.pub
+
+    Refuses absolute paths, '..', links, device files and archives that unpack past the size
+    limit; checks the signature (with --public-key or when the device policy requires it)
+    and every hash before the bundle is moved into place in one rename.
+    """
+    from .runtime.trust import install
+
+    path = install(archive, target, public_key, (max_size_mb << 20) if max_size_mb else None, replace)
+    click.echo(f"install  ok  -> {path}")
+
 
 def _report_table(report: dict) -> str:
     lines = [f"{'label':<16} {'precision':>9} {'recall':>7} {'F1':>6} {'n':>5}"]

@@ -24,10 +24,10 @@ from .runtime.session import OnnxModel
 BATCH = 16
 
 
-def _candidate(artifact: Path, ref_pre):
+def _candidate(artifact: Path, ref_pre, public_key=None):
     """(run(items) -> logits, precision, labels, description) for an export folder, an .onnx file or a bundle."""
     if artifact.is_dir() and (artifact / MANIFEST).exists():
-        bundle = Bundle(artifact)  # hashes are checked before anything runs
+        bundle = Bundle(artifact, public_key=public_key)  # signature and hashes before anything runs
         m = bundle.manifest
         return (lambda items: bundle.logits(items, BATCH)), m["precision"], m["labels"], "bundle"
     if artifact.is_file():
@@ -52,13 +52,13 @@ def _candidate(artifact: Path, ref_pre):
 
 def verify(artifact: str | Path, reference: str | Path, data: str | Path, *, text_column="text",
            label_column="label", max_abs_diff=None, min_agreement=None, max_accuracy_drop=None,
-           limit: int | None = None) -> dict:
+           limit: int | None = None, public_key=None) -> dict:
     from .runs import load_labelled, load_model, predict_logits
 
     t0 = time.perf_counter()
     artifact = Path(artifact)
     ref = load_model(reference)
-    run, precision, artifact_labels, kind = _candidate(artifact, ref.pre)
+    run, precision, artifact_labels, kind = _candidate(artifact, ref.pre, public_key)
     ds = load_labelled(data, ref, text_column, label_column)
     items, labels = ds.items[:limit] if limit else ds.items, ds.labels[:limit] if limit else ds.labels
     t = Thresholds.for_precision(precision).override(

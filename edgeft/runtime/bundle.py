@@ -85,10 +85,13 @@ class Bundle:
     """Load a bundle after its hashes match; run it: features, logits, predictions, self-check."""
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None,
-                 check_hashes: bool = True):
+                 check_hashes: bool = True, public_key: str | Path | None = None):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         if check_hashes:
+            from .trust import enforce
+
+            enforce(self.path, public_key)  # the owner's signature, when given a key or the policy says so
             check_files(self.path, self.manifest)
         m = self.manifest
         runtime = m["runtime"]

@@ -100,11 +100,11 @@ def _save_npz(path: Path, **arrays) -> None:
 
 def retrain(path: str | Path, data: str | Path, *, add_classes: bool = False, margin: float = 0.02,
             keep: int = 5, text_column: str = "text", label_column: str = "label", l2: float = 1e-3,
-            max_iter: int = 300, replay_per_class: int | None = None) -> dict:
+            max_iter: int = 300, replay_per_class: int | None = None, public_key=None) -> dict:
     """Fit, guard, and (if accepted) commit head version N+1. Returns the report; raises RetrainRefused."""
     t0 = time.perf_counter()
     path = Path(path)
-    bundle = Bundle(path)
+    bundle = Bundle(path, public_key=public_key)
     m = bundle.manifest
     ds = load_dataset(data, text_column, label_column)
     if ds.kind != m["modality"]:
@@ -238,11 +238,11 @@ def _prune(manifest: dict, keep: int) -> list[str]:
     return removed
 
 
-def rollback(path: str | Path, version: int | None = None) -> dict:
+def rollback(path: str | Path, version: int | None = None, public_key=None) -> dict:
     """Make an earlier head version active again (default: the one before the active one)."""
     path = Path(path)
     m = read_manifest(path)
-    Bundle(path)  # refuses a damaged bundle before anything changes
+    Bundle(path, public_key=public_key)  # refuses a damaged or unsigned bundle before anything changes
     active = m["head"]["version"]
     live = {h["version"]: h for h in m["heads"] if not h.get("pruned")}
     if version is None:
