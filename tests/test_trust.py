@@ -130,6 +130,18 @@ def test_policy_requires_a_signature(built, signed, keys, tmp_path):
     assert r.exit_code == 2 and "unknown key 'require_signatur'" in one_error_line(r)
 
 
+def test_relative_paths_sign_and_verify(built, keys, tmp_path, monkeypatch):
+    """Signing `bundles/x` from the current folder and installing its archive elsewhere."""
+    from edgeft.bundle import write_archive
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(built, tmp_path / "rel")
+    sign(Path("rel"), keys["key"])
+    archive = write_archive(Path("rel"))
+    install(archive, tmp_path / "installed", public_key=keys["pub"])
+    assert Bundle(tmp_path / "installed", public_key=keys["pub"]).labels
+
+
 def test_build_sign_and_verify(keys, tmp_path, built):
     run_dir = built.parent / "text-run"
     r = run("build", run_dir, "--device", "x86-64-server", "-o", tmp_path / "b", "--sign", keys["key"])

@@ -70,7 +70,8 @@ def generate_keys(output: str | Path) -> tuple[Path, Path]:
 
 
 def _hashing_config(hashing, bundle: Path):
-    return hashing.Config().set_ignored_paths(paths=[bundle / p for p in UNSIGNED])
+    # absolute paths: model-signing matches ignored paths against resolved file paths
+    return hashing.Config().set_ignored_paths(paths=[bundle.resolve() / p for p in UNSIGNED])
 
 
 def sign(bundle: str | Path, key: str | Path) -> Path:
@@ -91,7 +92,7 @@ def sign(bundle: str | Path, key: str | Path) -> Path:
     tmp = bundle / f".{SIGNATURE}.tmp"
     try:
         (signing.Config().use_elliptic_key_signer(private_key=Path(key))
-         .set_hashing_config(_hashing_config(hashing, bundle)).sign(bundle, tmp))
+         .set_hashing_config(_hashing_config(hashing, bundle)).sign(bundle.resolve(), tmp))
     except Exception as e:  # model-signing raises several types for bad keys
         tmp.unlink(missing_ok=True)
         raise UsageError(f"{key}: cannot sign with it ({type(e).__name__}: {e}).") from None
@@ -111,7 +112,7 @@ def verify_signature(bundle: str | Path, public_key: str | Path) -> None:
     try:
         (verifying.Config().use_elliptic_key_verifier(public_key=Path(public_key))
          .set_hashing_config(_hashing_config(hashing, bundle)).set_ignore_unsigned_files(True)
-         .verify(bundle, sig))
+         .verify(bundle.resolve(), sig))
     except Exception as e:
         import re
 
