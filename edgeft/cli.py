@@ -81,6 +81,7 @@ def main(ctx, debug, verbose, quiet):
 @click.option("--pooling", type=click.Choice(["mean", "cls", "pooler", "max"]), help="Feature pooling.  [default: the model's own]")
 @click.option("--image-size", type=int, help="Image: input size in pixels.  [default: the model's own]")
 @click.option("--dropout", type=float, help="Dropout before the classifier head.  [default: 0.1]")
+@click.option("--backbone-dropout", type=float, help="Dropout inside the backbone.  [default: the model's own]")
 @click.option("--augment/--no-augment", default=None, help="Image: random crop, flip and colour jitter on training data.")
 @click.option("--lora-r", type=int, help="LoRA rank.  [default: 8]")
 @click.option("--lora-alpha", type=int, help="LoRA alpha.  [default: 16]")

@@ -33,7 +33,8 @@ class TrainConfig:
     max_length: int = 128
     pooling: str | None = None
     image_size: int | None = None
-    dropout: float = 0.1
+    dropout: float = 0.1  # before the head
+    backbone_dropout: float | None = None  # None: the model's own dropout rates
     augment: bool = False
     lora_r: int = 8
     lora_alpha: int = 16

@@ -341,6 +341,10 @@ def train(cfg: TrainConfig) -> dict:
         model, cfg.method, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         lora_targets=cfg.lora_targets, train_layers=cfg.train_layers, unfreeze_every=cfg.unfreeze_every,
     )
+    if cfg.backbone_dropout is not None:  # e.g. 0: runs that must match bit for bit across process counts
+        for m in model.backbone.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = float(cfg.backbone_dropout)
     params = methods.count_parameters(model, plan.trainable)
     keys = methods.state_keys(model, plan)
     log.info("%s: %s of %s parameters train (%.2f%%)", cfg.method, f"{params['trainable']:,}",

@@ -82,16 +82,22 @@ def test_minilm_cpu_bundle_keeps_its_answers(runs, tmp_path):
     assert report["passed"]
 
 
-def test_minilm_lora_on_two_processes(runs, tmp_path):
-    """The real LoRA run on 2 processes (torchrun, gloo): the same validation accuracy within 1 point."""
+def test_minilm_lora_on_two_processes(tmp_path):
+    """The real LoRA run on 2 processes (torchrun, gloo) reaches the validation accuracy of 1 process.
+
+    Dropout is off in both: with it on, two processes draw other dropout masks than one,
+    which on 66 validation rows moves accuracy by a row or two either way.
+    """
     import os
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "edgeft.cli", "train", "--model", "minilm", "--data",
-                        str(EXAMPLE / "train.csv"), "--method", "lora", "--output", str(tmp_path / "two"),
-                        "--nproc", "2", "--no-progress"], capture_output=True, text=True, env=os.environ.copy())
-    assert r.returncode == 0, r.stderr[-3000:]
-    one = json.loads((runs["lora"] / "metrics.json").read_text())["accuracy"]
-    two = json.loads((tmp_path / "two" / "metrics.json").read_text())["accuracy"]
-    assert abs(one - two) <= 0.01 + 1e-9, (one, two)
+    acc = {}
+    for n in (1, 2):
+        r = subprocess.run([sys.executable, "-m", "edgeft.cli", "train", "--model", "minilm", "--data",
+                            str(EXAMPLE / "train.csv"), "--method", "lora", "--output", str(tmp_path / f"n{n}"),
+                            "--nproc", str(n), "--dropout", "0", "--lora-dropout", "0", "--backbone-dropout", "0",
+                            "--no-progress"], capture_output=True, text=True, env=os.environ.copy())
+        assert r.returncode == 0, r.stderr[-3000:]
+        acc[n] = json.loads((tmp_path / f"n{n}" / "metrics.json").read_text())["accuracy"]
+    assert abs(acc[1] - acc[2]) <= 0.01 + 1e-9, acc
