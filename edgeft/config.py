@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -96,6 +97,8 @@ def read_toml(path: str | Path) -> dict:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file.") from None
+    except OSError as e:  # a folder, no permission
+        raise ConfigError(f"{path}: cannot read it ({e.strerror or type(e).__name__}).") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text.") from None
     except tomllib.TOMLDecodeError as e:
@@ -114,6 +117,7 @@ def load_train_config(path: str | Path, overrides: dict) -> TrainConfig:
         name = key.replace("-", "_")
         if name not in known:
             raise ConfigError(f"{path}: unknown key '{key}' in [train].{did_you_mean(name, known)}")
+        _check_type(path, key, name, value)
         values[name] = value
     if path:
         base = Path(path).parent
@@ -121,13 +125,44 @@ def load_train_config(path: str | Path, overrides: dict) -> TrainConfig:
             if isinstance(values.get(k), str) and not Path(values[k]).is_absolute():
                 values[k] = str(base / values[k])
         m = values.get("model")
-        if isinstance(m, str) and (base / m).exists() and not Path(m).is_absolute():
+        if isinstance(m, str) and _exists(base / m) and not Path(m).is_absolute():
             values["model"] = str(base / m)
     values.update({k: v for k, v in overrides.items() if v is not None})
     for required in ("model", "data", "output"):
         if not values.get(required):
-            raise ConfigError(f"--{required} is required (as a flag or in the config's [train] table).")
+            where = f"{path}: " if path else ""
+            raise ConfigError(f"{where}--{required} is required (as a flag or in the config's [train] table).")
     try:
         return TrainConfig(**values)
     except TypeError as e:
         raise ConfigError(f"{path or 'options'}: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def _exists(p: Path) -> bool:
+    try:
+        return p.exists()
+    except (OSError, ValueError):  # a name too long, a NUL byte
+        return False
+
+
+def _check_type(path, key: str, name: str, value) -> None:
+    """Values a person wrote in TOML have the type the option takes (bool is not a number)."""
+    kind = {f.name: f.type for f in fields(TrainConfig)}[name]
+    kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    ok = True
+    if kind.startswith("str"):
+        ok = isinstance(value, str)
+    elif kind.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind.startswith("float"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    elif kind.startswith("bool"):
+        ok = isinstance(value, bool)
+    elif kind.startswith("list"):
+        ok = isinstance(value, (list, str)) and all(isinstance(v, str) for v in (value if isinstance(value, list) else []))
+    if not ok:
+        expected = kind.split(" ")[0].replace("str", "a string").replace("int", "an integer").replace(
+            "float", "a number").replace("bool", "true or false").replace("list[a string]", "a list of strings")
+        raise ConfigError(f"{path}: [train] {key}: expected {expected}, got {value!r}.")

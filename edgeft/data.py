@@ -114,6 +114,8 @@ def _rows_jsonl(path: Path, text: str):
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: line {n}: not valid JSON ({e.msg}).") from None
+        except (ValueError, RecursionError) as e:  # e.g. an integer of 5,000 digits, deep nesting
+            raise DataError(f"{path}: line {n}: JSON beyond what edgeft reads ({type(e).__name__}).") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}: line {n}: expected a JSON object per line, got {type(row).__name__}.")
         yield n, row, list(row.keys())
@@ -186,7 +188,11 @@ def load_dataset(
 def _check_image(p: Path, where: str) -> Path:
     from PIL import Image
 
-    if not p.is_file():
+    try:
+        exists = p.is_file()
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte
+        raise DataError(f"{where}: unusable image path ({type(e).__name__}).") from None
+    if not exists:
         raise DataError(f"{where}: image {p} does not exist.")
     try:
         with Image.open(p) as im:

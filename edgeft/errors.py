@@ -9,8 +9,16 @@ from __future__ import annotations
 import difflib
 
 
+# every character str.splitlines() breaks at, shown escaped instead
+_ONE_LINE = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
 class EdgeftError(Exception):
     exit_code = 2
+
+    def __init__(self, message: str = "", *args):
+        # names from user files (columns, keys, paths) may hold line breaks: keep one line
+        super().__init__(str(message).translate(_ONE_LINE), *args)
 
 
 class UsageError(EdgeftError, ValueError):

@@ -101,11 +101,24 @@ def load_recipe(path: str | Path, output: str | Path | None = None) -> dict:
     if "train" not in doc:
         raise ConfigError(f"{path}: a recipe needs a [train] table.")
     base = path.parent
+    if not isinstance(doc.get("output", "out"), str):
+        raise ConfigError(f"{path}: output: expected a folder name, got {doc['output']!r}.")
+    devs = doc.get("build", {}).get("devices", [])
+    if not (isinstance(devs, str) or (isinstance(devs, list) and all(isinstance(d, str) for d in devs))):
+        raise ConfigError(f"{path}: [build] devices: expected a list of profile names or .toml paths, got {devs!r}.")
+    if "retrain" in doc and not isinstance(doc["retrain"].get("device"), str):
+        raise ConfigError(f"{path}: [retrain] device: expected a profile name.")
+
+    def exists(p: Path) -> bool:
+        try:
+            return p.exists()
+        except (OSError, ValueError):
+            return False
 
     def rel(v):
         if isinstance(v, list):
             return [rel(x) for x in v]
-        return str(base / v) if isinstance(v, str) and not Path(v).is_absolute() and (base / v).exists() else v
+        return str(base / v) if isinstance(v, str) and not Path(v).is_absolute() and exists(base / v) else v
 
     recipe = {"path": str(path), "output": str(Path(output).resolve() if output else base / doc.get("output", "out"))}
     for table in ("export", "build", "verify", "retrain"):

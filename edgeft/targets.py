@@ -123,8 +123,11 @@ def read_profile(path: str | Path) -> Profile:
     flat.setdefault("name", path.stem)
     if "target" not in flat:
         raise ProfileError(f"{path}: missing key 'target' (the plugin target, e.g. \"cpu\").")
-    if isinstance(flat.get("providers"), list):
-        flat["providers"] = tuple(flat["providers"])
+    if "providers" in flat:
+        p = flat["providers"]
+        if not isinstance(p, list) or not p or not all(isinstance(x, str) for x in p):
+            raise ProfileError(f"{path}: providers: expected a list of execution provider names, got {p!r}.")
+        flat["providers"] = tuple(p)
     for key in ("name", "target", "description"):
         if key in flat and not isinstance(flat[key], str):
             raise ProfileError(f"{path}: {key}: expected a string, got {flat[key]!r}.")

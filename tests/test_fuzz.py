@@ -87,55 +87,11 @@ class Bug:
         return isinstance(e, self.types) and re.search(self.pattern, str(e), re.S) is not None
 
 
-KNOWN = {
-    # data.py:115 (_rows_jsonl) catches only JSONDecodeError from json.loads
-    "data-json-limits": Bug("data-json-limits", "exception", (ValueError, RecursionError),
-                            r"integer string conversion|maximum recursion depth"),
-    # runtime/bundle.py:48 (read_manifest): the same for manifest.json
-    "manifest-json-limits": Bug("manifest-json-limits", "exception", (ValueError, RecursionError),
-                                r"integer string conversion|maximum recursion depth"),
-    # data.py:189 (_check_image): Path.is_file() raises ENAMETOOLONG for a long image path
-    "image-path-too-long": Bug("image-path-too-long", "exception", (OSError,), r"File name too long"),
-    # recipe.py:108 (rel) and config.py:123: (base / v).exists() raises ENAMETOOLONG
-    "config-path-too-long": Bug("config-path-too-long", "exception", (OSError,), r"File name too long"),
-    # user-supplied names (column names, TOML keys, method names, manifest file names) are
-    # echoed raw into messages, so a name with a line break breaks the one-line promise:
-    # data.py:81/190/195/233, config.py:57/59/115, targets.py:120, recipe.py:92/99/122,
-    # runtime/bundle.py:75/77/79/81, runtime/session.py:25
-    "raw-names": Bug("raw-names", "lines", (EdgeftError,),
-                     r"no (text|label) column '|unknown (key|table or key|method|metric|label) |"
-                     r"image .* does not exist|unreadable image |"
-                     r"must be one of \[build\] devices|listed in the manifest|outside the bundle|"
-                     r"has no sha256|does not match its sha256|onnxruntime cannot load it"),
-    # recipe.py:110: a non-string `output` -> Path / int
-    "recipe-output-type": Bug("recipe-output-type", "exception", (TypeError,), r"unsupported operand type"),
-    # recipe.py:120/122: `[build] devices` neither a string nor a list of strings
-    "recipe-devices-type": Bug("recipe-devices-type", "exception", (TypeError,),
-                               r"is not iterable|sequence item \d+: expected str instance"),
-    # config.py:53-73 (TrainConfig.__post_init__) and 128: messages without the file
-    "train-messages": Bug("train-messages", "where", (ConfigError,),
-                          r"^(--(model|data|output) is required|(method|metric|precision|warmup|"
-                          r"keep_checkpoints|epochs|batch_size|lora_r|train_layers|unfreeze_every|"
-                          r"grad_accum|nproc): )"),
-    # runtime/preprocess.py:97 (ImagePreprocessor.load) lets PIL's DecompressionBombError through
-    "preprocess-bomb": Bug("preprocess-bomb", "exception", (Exception,), r"decompression bomb"),
-    # runtime/bundle.py:60-62/103/105: head.file and backbone are not type-checked -> Path / int
-    "manifest-model-paths": Bug("manifest-model-paths", "exception", (TypeError,), r"unsupported operand type"),
-    # ... nor kept inside the bundle: an absolute backbone is loaded from outside it
-    "manifest-model-paths-where": Bug("manifest-model-paths-where", "where", (BundleError,),
-                                      r"onnxruntime cannot load it"),
-    # runtime/bundle.py:96-103 -> preprocess.py:72/131-136, session.py:18-21: the preprocessing
-    # and runtime tables are not validated (KeyError, TypeError, ValueError, onnxruntime errors)
-    "manifest-spec": Bug("manifest-spec", "exception", (Exception,), r""),
-    # runtime/bundle.py:73: a file name with a NUL byte -> ValueError from Path.resolve()
-    "manifest-files-nul": Bug("manifest-files-nul", "exception", (ValueError,), r"embedded null byte"),
-    # runtime/bundle.py:98/132-133: labels are not checked against the head's outputs
-    "manifest-labels": Bug("manifest-labels", "exception", (ValueError, IndexError, TypeError, KeyError), r""),
-}
+KNOWN = {}  # every bug this file found is fixed; a new find goes here with a test_bug_* test
 
 
 def bugs(*names: str) -> list[Bug]:
-    return [KNOWN[n] for n in names]
+    return [KNOWN[n] for n in names if n in KNOWN]
 
 
 def check_message(e: EdgeftError, where, known=()) -> None:
@@ -1032,8 +988,8 @@ def test_manifests(scratch, tiny_bundle, data):
         before = snapshot(b)
         loaded, err = read(lambda: Bundle(b), b, BundleError, manifest_bugs(areas))
         if loaded is not None:
-            assert loaded.labels == list(m["labels"])
-            assert loaded.head_version == m["head"]["version"]
+            assert json.dumps(loaded.labels) == json.dumps(list(m["labels"]))
+            assert json.dumps(loaded.head_version) == json.dumps(m["head"]["version"])  # NaN too
         assert snapshot(b) == before, "loading a bundle changed its files"
 
 
@@ -1099,14 +1055,27 @@ def test_cli_device_predict(scratch, tiny_bundle, data):
         assert snapshot(b) == before
 
 
+@st.composite
+def near_valid_csvs(draw) -> bytes:
+    """A training CSV that is nearly right: one label, too few rows, a blank cell, an image name, cut short."""
+    rows = draw(st.lists(st.tuples(st.sampled_from(["pump leak seal", "motor fuse relay", "belt roller", " ", "a.png", "a.png"]),
+                                   st.sampled_from(["pump", "motor", "belt", "", " motor"])), min_size=1, max_size=8))
+    buf = io.StringIO()
+    csv.writer(buf).writerows([("text", "label"), *rows])
+    data = buf.getvalue().encode()
+    return data[: draw(st.integers(0, len(data)))] if rarely(draw, 3) else data
+
+
 @fuzz(8)
-@given(raw=st.one_of(raw_data, tables().map(lambda t: "\n".join(",".join(r) for r in [t[0], *t[1]]).encode())))
+@given(raw=st.one_of(raw_data, near_valid_csvs(), near_valid_csvs(),
+                     tables().map(lambda t: "\n".join(",".join(r) for r in [t[0], *t[1]]).encode())))
 @example(raw=b"text,label\n\"a\nb\",x\n")
 @example(raw=b"\xff\xfe")
 def test_cli_train_fuzzed_data(scratch, tiny_bert, raw):
     with workdir(scratch) as d:
         f = d / "train.csv"
         f.write_bytes(raw)
+        (d / "a.png").write_bytes(REAL["png"][0])
         out = d / "run"
         r = CliRunner().invoke(main, ["train", "--model", str(tiny_bert), "--data", str(f), "--output", str(out),
                                       "--method", "head", "--epochs", "1", "--no-progress"])
@@ -1117,15 +1086,33 @@ def test_cli_train_fuzzed_data(scratch, tiny_bert, raw):
         assert f.read_bytes() == raw
 
 
+@fuzz(20)
+@given(raw=st.one_of(raw_data, near_valid_csvs()), suffix=st.sampled_from([".csv", ".jsonl", ".tsv"]))
+def test_cli_device_retrain_fuzzed_data(scratch, tiny_bundle, raw, suffix):
+    """Bad retraining data is refused before the bundle changes (this bundle has no replay
+    memory, so even good data ends in a refusal: nothing is ever committed)."""
+    base, _, _ = tiny_bundle
+    with workdir(scratch) as d:
+        b = d / "bundle"
+        shutil.copytree(base, b)
+        f = d / f"new{suffix}"
+        f.write_bytes(raw)
+        (d / "a.png").write_bytes(REAL["png"][0])
+        before = snapshot(b)
+        r = CliRunner().invoke(main, ["device", "retrain", str(b), "--data", str(f), "--add-classes"])
+        check_cli(r, DATA_BUGS)
+        event(f"exit {r.exit_code}: {type(r.exception).__name__}")
+        assert r.exit_code != 0
+        after = {k: v for k, v in snapshot(b).items() if not k.startswith("cache")}  # the feature cache may grow
+        assert after == before, "a refused retrain changed the bundle"
+
+
 # ---------------------------------------------------------------- the bugs found, one minimal input each
 
 
-def xfail(bug: str, why: str):
-    return pytest.mark.xfail(strict=True, reason=f"{bug}: {why}")
 
 
-@xfail("data-json-limits", "data.py:115 catches only JSONDecodeError; json.loads also raises ValueError "
-                           "(int over 4300 digits) and RecursionError (deep nesting)")
+
 @pytest.mark.parametrize("line", ['{"text": "a", "label": ' + "9" * 5000 + "}", "[" * 100_000])
 def test_bug_jsonl_json_limits(tmp_path, line):
     f = tmp_path / "d.jsonl"
@@ -1134,7 +1121,6 @@ def test_bug_jsonl_json_limits(tmp_path, line):
         load_dataset(f)
 
 
-@xfail("manifest-json-limits", "runtime/bundle.py:48 catches only UnicodeDecodeError and JSONDecodeError")
 @pytest.mark.parametrize("text", ['{"schema": ' + "1" * 5000 + "}", "[" * 100_000])
 def test_bug_manifest_json_limits(tmp_path, text):
     (tmp_path / MANIFEST).write_text(text)
@@ -1142,7 +1128,6 @@ def test_bug_manifest_json_limits(tmp_path, text):
         Bundle(tmp_path)
 
 
-@xfail("image-path-too-long", "data.py:189 Path.is_file() raises OSError ENAMETOOLONG")
 def test_bug_image_csv_long_path(tmp_path):
     f = tmp_path / "d.csv"
     f.write_text("path,label\n" + "a" * 300 + ".png,x\n")
@@ -1150,13 +1135,13 @@ def test_bug_image_csv_long_path(tmp_path):
         load_dataset(f)
 
 
-@xfail("config-path-too-long", "recipe.py:108 and config.py:123 (base / v).exists() raise OSError ENAMETOOLONG")
 @pytest.mark.parametrize("text", ['[train]\nmodel = "' + "m" * 300 + '"\ndata = "d.csv"\noutput = "o"\n',
                                   '[train]\nmodel = "m"\ndata = "d.csv"\n[build]\ndata = "' + "d" * 300 + '"\n'])
 def test_bug_config_long_path(tmp_path, text):
+    """A name too long for the file system is not a path: no OSError, a read or a ConfigError."""
     f = tmp_path / "recipe.toml"
     f.write_text(text)
-    with pytest.raises(ConfigError):
+    with contextlib.suppress(ConfigError):
         load_recipe(f) if "[build]" in text else load_train_config(f, {})
 
 
@@ -1196,8 +1181,6 @@ def _multiline(tmp_path, what: str):
     return b, lambda: Bundle(b)
 
 
-@xfail("raw-names", "user-supplied names are echoed raw into messages (data.py:81/190, targets.py:120, "
-                    "config.py:57/115, recipe.py:92, runtime/bundle.py:77): a name with a line break makes a multi-line error")
 @pytest.mark.parametrize("what", ["csv header", "image path", "jsonl key", "profile key", "train key", "recipe table", "method",
                                   "manifest file"])
 def test_bug_multiline_messages(tmp_path, what):
@@ -1207,7 +1190,6 @@ def test_bug_multiline_messages(tmp_path, what):
     assert len(str(info.value).splitlines()) == 1, str(info.value)
 
 
-@xfail("recipe-output-type", "recipe.py:110 base / doc['output'] with a non-string output")
 def test_bug_recipe_output_not_a_string(tmp_path):
     f = tmp_path / "r.toml"
     f.write_text('output = 1\n[train]\nmodel = "m"\ndata = "d"\n')
@@ -1215,7 +1197,6 @@ def test_bug_recipe_output_not_a_string(tmp_path):
         load_recipe(f)
 
 
-@xfail("recipe-devices-type", "recipe.py:120/122 iterate and join [build] devices without checking their type")
 @pytest.mark.parametrize("text", ["[build]\ndevices = 5\n", "[build]\ndevices = [1]\n",
                                   '[build]\ndevices = [1]\n[retrain]\ndevice = "x"\n'])
 def test_bug_recipe_devices_type(tmp_path, text):
@@ -1225,8 +1206,6 @@ def test_bug_recipe_devices_type(tmp_path, text):
         load_recipe(f)
 
 
-@xfail("train-config-types", "config.py:104-132 load_train_config checks no value types: strings where paths go, "
-                             "numbers where numbers go; the wrong type fails later, as a traceback")
 @pytest.mark.parametrize("line", ["data = 5", "model = [1]", "output = true", 'lr = "fast"', 'val_fraction = "x"',
                                   "epochs = true", "keep_checkpoints = nan"])
 def test_bug_train_config_types(tmp_path, line):
@@ -1240,7 +1219,6 @@ def test_bug_train_config_types(tmp_path, line):
     assert key in str(info.value)
 
 
-@xfail("train-messages", "config.py:53-73 TrainConfig.__post_init__ errors do not name the config file")
 def test_bug_train_config_message_names_the_file(tmp_path):
     f = tmp_path / "t.toml"
     f.write_text('[train]\nmodel = "m"\ndata = "d"\noutput = "o"\nmethod = "lorax"\n')
@@ -1249,8 +1227,6 @@ def test_bug_train_config_message_names_the_file(tmp_path):
     assert str(info.value).startswith(str(f))
 
 
-@xfail("read-toml-oserror", "config.py:94-101 read_toml catches FileNotFoundError only: a folder (or an unreadable "
-                            "file) raises IsADirectoryError / PermissionError")
 def test_bug_profile_is_a_folder(tmp_path):
     d = tmp_path / "my-device.toml"
     d.mkdir()
@@ -1258,7 +1234,6 @@ def test_bug_profile_is_a_folder(tmp_path):
         read_profile(d)
 
 
-@xfail("profile-providers", "targets.py:126-127 providers is not type-checked: a string becomes a list of letters")
 @pytest.mark.parametrize("value", ['"CPUExecutionProvider"', "[1]", "5"])
 def test_bug_profile_providers_type(tmp_path, value):
     f = tmp_path / "p.toml"
@@ -1267,7 +1242,6 @@ def test_bug_profile_providers_type(tmp_path, value):
         read_profile(f)
 
 
-@xfail("preprocess-bomb", "runtime/preprocess.py:97 ImagePreprocessor.load does not catch PIL's DecompressionBombError")
 def test_bug_preprocessor_decompression_bomb(tmp_path):
     f = tmp_path / "bomb.png"
     f.write_bytes(BOMB)
@@ -1290,8 +1264,6 @@ def _outside_backbone(m, b):
     m["backbone"] = "../other.onnx"
 
 
-@xfail("manifest-model-paths", "runtime/bundle.py:60-62/103/105: backbone and head.file are neither type-checked "
-                               "nor required to be hashed files inside the bundle")
 @pytest.mark.parametrize("change", [
     lambda m, b: m["head"].update(file=5),
     _outside_backbone,  # a model outside the bundle, loaded with no hash check
@@ -1303,30 +1275,29 @@ def test_bug_manifest_model_paths(tmp_path, tiny_bundle, change):
         Bundle(b)
 
 
-@xfail("manifest-spec", "runtime/bundle.py:96-103: the preprocessing and runtime tables are not validated; "
-                        "load_preprocessor / make_session raise KeyError, TypeError, ValueError")
 @pytest.mark.parametrize("change", [
     lambda m, b: m.update(preprocessing={}),
     lambda m, b: m["preprocessing"].update(size="ab"),
     lambda m, b: m["preprocessing"].update(kind="text"),  # no tokenizer.json: tokenizers' own Exception
     lambda m, b: m["runtime"].update(providers=5),
     lambda m, b: m["runtime"].update(threads="x"),
-], ids=["preprocessing-empty", "size-str", "text-no-tokenizer", "providers-int", "threads-str"])
+    # accepted at load, then predict pads every batch to 10**9 rows / resizes to 10**10 pixels
+    lambda m, b: m["runtime"].update(static_shapes=True, batch_size=10**9),
+    lambda m, b: m["preprocessing"].update(size=[100_000, 100_000], resize_to=[100_000, 100_000]),
+], ids=["preprocessing-empty", "size-str", "text-no-tokenizer", "providers-int", "threads-str", "batch-huge",
+        "size-huge"])
 def test_bug_manifest_spec(tmp_path, tiny_bundle, change):
     b = _bundle_with(tmp_path, tiny_bundle, change)
     with pytest.raises(BundleError):
         Bundle(b)
 
 
-@xfail("manifest-files-nul", "runtime/bundle.py:73 Path.resolve() raises ValueError on a NUL in a file name")
 def test_bug_manifest_file_name_with_nul(tmp_path, tiny_bundle):
     b = _bundle_with(tmp_path, tiny_bundle, lambda m, b: m["files"].update({"a\x00b": {"sha256": "0" * 64}}))
     with pytest.raises(BundleError):
         Bundle(b)
 
 
-@xfail("manifest-labels", "runtime/bundle.py:98/132-133: labels are not checked against the head; predict "
-                          "raises ValueError from zip(strict=True)")
 @pytest.mark.parametrize("labels", [["crack"], [*LABELS, "extra"], [[1], [2], [3]]], ids=["fewer", "more", "lists"])
 def test_bug_manifest_labels_match_the_head(tmp_path, tiny_bundle, labels):
     b = _bundle_with(tmp_path, tiny_bundle, lambda m, b: m.update(labels=labels))
@@ -1343,20 +1314,17 @@ def _one_error_line(r, code: int) -> None:
     assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
 
 
-@xfail("manifest-labels", "edgeft device predict on a bundle whose labels do not match its head: ValueError traceback")
 def test_bug_cli_device_predict_labels(tmp_path, tiny_bundle):
     b = _bundle_with(tmp_path, tiny_bundle, lambda m, b: m.update(labels=["crack"]))
     _one_error_line(CliRunner().invoke(main, ["device", "predict", str(b), str(tiny_bundle[2])]), 1)
 
 
-@xfail("preprocess-bomb", "edgeft device predict BUNDLE bomb.png: DecompressionBombError traceback")
 def test_bug_cli_device_predict_bomb(tmp_path, tiny_bundle):
     f = tmp_path / "bomb.png"
     f.write_bytes(BOMB)
     _one_error_line(CliRunner().invoke(main, ["device", "predict", str(tiny_bundle[0]), str(f)]), 2)
 
 
-@xfail("train-config-types", "edgeft train --config with data = 5: TypeError traceback from Path(5)")
 def test_bug_cli_train_config_wrong_type(tmp_path):
     f = tmp_path / "t.toml"
     f.write_text(f'[train]\nmodel = "m"\ndata = 5\noutput = "{tmp_path / "run"}"\n')
@@ -1365,7 +1333,6 @@ def test_bug_cli_train_config_wrong_type(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@xfail("data-json-limits", "edgeft train --data d.jsonl with a 5000-digit label: ValueError traceback")
 def test_bug_cli_train_jsonl_huge_integer(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text('{"text": "a", "label": ' + "9" * 5000 + "}\n")

@@ -47,6 +47,8 @@ def read_manifest(bundle: str | Path) -> dict:
         m = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{path}: not valid JSON ({e}).") from None
+    except (ValueError, RecursionError) as e:
+        raise BundleError(f"{path}: JSON beyond what edgeft reads ({type(e).__name__}).") from None
     if not isinstance(m, dict):
         raise BundleError(f"{path}: expected a JSON object.")
     schema = m.get("schema")
@@ -60,6 +62,12 @@ def read_manifest(bundle: str | Path) -> dict:
     for key in ("version", "file"):
         if key not in m["head"]:
             raise BundleError(f"{path}: missing key 'head.{key}'.")
+    for key, value in (("backbone", m["backbone"]), ("head.file", m["head"]["file"])):
+        # the models a device loads must be files the manifest hashes
+        if not isinstance(value, str) or value not in m["files"]:
+            raise BundleError(f"{path}: '{key}' must name a file listed (and hashed) in 'files'.")
+    if not all(isinstance(x, str) for x in m["labels"]) or not m["labels"]:
+        raise BundleError(f"{path}: 'labels' must be a non-empty list of strings.")
     return m
 
 
@@ -70,7 +78,10 @@ def check_files(bundle: str | Path, manifest: dict, only: list[str] | None = Non
     for rel, entry in manifest["files"].items():
         if only is not None and rel not in only:
             continue
-        path = (bundle / rel).resolve()
+        try:
+            path = (bundle / rel).resolve()
+        except (OSError, ValueError):  # a NUL byte, a name too long
+            raise BundleError(f"{bundle / MANIFEST}: unusable file name {rel!r}.") from None
         if root not in path.parents:
             raise BundleError(f"{bundle / MANIFEST}: file '{rel}' points outside the bundle.")
         if not path.is_file():
@@ -96,13 +107,27 @@ class Bundle:
         m = self.manifest
         runtime = m["runtime"]
         self.labels = list(m["labels"])
-        self.pre = load_preprocessor(self.path, m["preprocessing"])
-        providers = providers or runtime.get("providers")
-        threads = threads or runtime.get("threads")
-        self.fixed_batch = runtime.get("batch_size", 1) if runtime.get("static_shapes") else None
+        try:
+            self.pre = load_preprocessor(self.path, m["preprocessing"])
+            providers = providers or runtime.get("providers")
+            threads = threads or runtime.get("threads")
+            if providers is not None and (not isinstance(providers, list) or not all(isinstance(p, str) for p in providers)):
+                raise TypeError("runtime.providers must be a list of names")
+            if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or not 0 < threads <= 1024):
+                raise TypeError("runtime.threads must be a small positive integer")
+            batch = runtime.get("batch_size", 1)
+            if not isinstance(batch, int) or isinstance(batch, bool) or not 0 < batch <= 4096:
+                raise TypeError("runtime.batch_size must be a positive integer up to 4096")
+            self.fixed_batch = batch if runtime.get("static_shapes") else None
+        except (KeyError, TypeError, ValueError, OSError) as e:
+            raise BundleError(f"{self.path / MANIFEST}: unusable preprocessing or runtime settings ({type(e).__name__}: {e}).") from None
         self.backbone = OnnxModel(self.path / m["backbone"], providers, threads)
         self.head_version = m["head"]["version"]
         self.head = OnnxModel(self.path / m["head"]["file"], providers, threads)
+        dims = self.head.session.get_outputs()[0].shape
+        if isinstance(dims[-1], int) and dims[-1] != len(self.labels):
+            raise BundleError(f"{self.path / MANIFEST}: {len(self.labels)} labels, but the head "
+                              f"{m['head']['file']} has {dims[-1]} outputs.")
 
     def _chunks(self, items, batch_size):
         step = self.fixed_batch or batch_size

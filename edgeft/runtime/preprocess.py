@@ -70,6 +70,8 @@ class ImagePreprocessor:
 
     def __init__(self, spec: dict):
         self.size = tuple(int(v) for v in spec["size"])
+        if len(self.size) != 2 or not all(0 < v <= 8192 for v in self.size):
+            raise ValueError(f"image size {spec['size']!r}: expected [height, width] up to 8192")
         self.resize_to = spec.get("resize_to", list(self.size))
         self.scale = float(spec.get("scale", 1 / 255))
         self.mean = np.asarray(spec.get("mean", [0.485, 0.456, 0.406]), dtype=np.float32)
@@ -94,8 +96,8 @@ class ImagePreprocessor:
         try:
             with Image.open(item) as im:
                 return im.convert("RGB")
-        except (OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"{item}: unreadable image ({e}). Use jpg, png, bmp or webp.") from None
+        except Exception as e:  # Pillow raises many types, DecompressionBombError among them
+            raise DataError(f"{item}: unreadable image ({type(e).__name__}: {e}). Use jpg, png, bmp or webp.") from None
 
     def resize(self, im):
         from PIL import Image
@@ -131,6 +133,9 @@ class ImagePreprocessor:
 def load_preprocessor(directory: str | Path, spec: dict):
     """Rebuild the preprocessor described by `spec` from files in `directory`."""
     if spec["kind"] == "text":
+        tok = Path(directory) / spec.get("tokenizer", "tokenizer.json")
+        if not isinstance(spec.get("tokenizer", "tokenizer.json"), str) or not tok.is_file():
+            raise ValueError(f"no tokenizer file {tok}")
         return TextPreprocessor(Path(directory) / spec.get("tokenizer", "tokenizer.json"), spec["max_length"],
                                 spec.get("pad_to"))
     return ImagePreprocessor(spec)
