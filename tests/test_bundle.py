@@ -167,11 +167,16 @@ def test_quantization_that_breaks_parity_is_refused(text_run, tmp_path, monkeypa
     def broken(src, dst, mode, **kw):
         info = real(src, dst, mode, **kw)
         m = onnx.load(str(dst))
-        for init in m.graph.initializer:  # scramble the weights, as a wrong scale would
-            if len(init.dims) == 2:  # int8 weight matrices (and any float ones)
+        rng = np.random.default_rng(0)
+        for init in m.graph.initializer:  # random weights, as a wrong scale or a broken kernel would give
+            if len(init.dims) >= 2:  # weight matrices: int8, weight-only 8-bit blocks, float
                 w = onnx.numpy_helper.to_array(init)
-                init.CopyFrom(onnx.numpy_helper.from_array(
-                    np.random.default_rng(0).permutation(w.ravel()).reshape(w.shape), init.name))
+                if np.issubdtype(w.dtype, np.integer):
+                    info_ = np.iinfo(w.dtype)
+                    noise = rng.integers(info_.min, info_.max, size=w.shape, endpoint=True).astype(w.dtype)
+                else:
+                    noise = (rng.normal(size=w.shape) * 10).astype(w.dtype)
+                init.CopyFrom(onnx.numpy_helper.from_array(noise, init.name))
         onnx.save(m, str(dst))
         return info
 
