@@ -110,6 +110,9 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
             for mode in QUANT_MODES[precision]:  # fastest first; the first that keeps parity wins
                 dst = work / f"backbone.{mode}.onnx"
                 info = quantize_model(backbone_src, dst, mode, modality=modality, calibration=calib)
+                if not info.get("op_types"):  # e.g. weight-only on a CNN: nothing it can quantize
+                    tried.append({**info, "passed": False, "failed": ["no operator of this model to quantize"]})
+                    continue
                 candidate = OnnxModel(dst)
                 got = np.concatenate([head({"features": candidate(pre(items[i : i + 16]))["features"]})["logits"]
                                       for i in range(0, len(items), 16)])

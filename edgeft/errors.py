@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 
-
 # every character str.splitlines() breaks at, shown escaped instead
 _ONE_LINE = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
 

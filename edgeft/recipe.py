@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -131,6 +132,8 @@ def load_recipe(path: str | Path, output: str | Path | None = None) -> dict:
     if isinstance(devices, str):
         devices = [devices]
     recipe["build"]["devices"] = [rel(d) if str(d).endswith(".toml") else d for d in devices]
+    if recipe["retrain"] and str(recipe["retrain"].get("device", "")).endswith(".toml"):
+        recipe["retrain"]["device"] = rel(recipe["retrain"]["device"])
     if recipe["retrain"] and recipe["retrain"].get("device") not in recipe["build"]["devices"]:
         raise ConfigError(f"{path}: [retrain] device must be one of [build] devices "
                           f"({', '.join(recipe['build']['devices']) or 'none'}).")
@@ -254,7 +257,8 @@ def _latency(bundle_dir: Path, data) -> float | None:
     from .runtime.bundle import Bundle
 
     items = load_dataset(data, require_labels=False).items[:30]
-    b = Bundle(bundle_dir, providers=["CPUExecutionProvider"])
+    threads = min(os.cpu_count() or 1, json.loads((bundle_dir / "manifest.json").read_text())["runtime"].get("threads") or 64)
+    b = Bundle(bundle_dir, providers=["CPUExecutionProvider"], threads=threads)
     b.predict(items[:3])
     times = []
     for item in items:
@@ -295,9 +299,10 @@ def _retrain_step(bundle: Path, folder: Path, rt: dict) -> dict:
 
 
 def summary_table(s: dict) -> str:
-    lines = [f"{'step':<24} {'status':<18} {'seconds':>8}"]
+    w = max([24] + [len(st["step"]) + 1 for st in s["steps"]])
+    lines = [f"{'step':<{w}} {'status':<18} {'seconds':>8}"]
     for st in s["steps"]:
-        lines.append(f"{st['step']:<24} {st['status']:<18} {st.get('seconds', 0):>8.1f}")
+        lines.append(f"{st['step']:<{w}} {st['status']:<18} {st.get('seconds', 0):>8.1f}")
     lines.append("")
     lines.append(f"{'device':<20} {'precision':<18} {'size MB':>8} {'agreement':>10} {'accuracy':>9} {'PyTorch':>8} {'ms/input':>9}")
     for name, d in s["devices"].items():

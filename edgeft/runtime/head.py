@@ -52,7 +52,8 @@ def _loss_grad(Z, Y1, sw, W, b, l2):
 
 def fit_softmax(X: np.ndarray, y: np.ndarray, n_classes: int, *, l2: float = 1e-3, lr: float = 0.05,
                 max_iter: int = 300, holdout: tuple[np.ndarray, np.ndarray] | None = None,
-                patience: int = 30, balanced: bool = True, betas=(0.9, 0.999), eps: float = 1e-8) -> FitResult:
+                patience: int = 30, min_iter: int = 100, balanced: bool = True, betas=(0.9, 0.999),
+                eps: float = 1e-8) -> FitResult:
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y, dtype=np.int64)
     mean = X.mean(0)
@@ -83,7 +84,9 @@ def fit_softmax(X: np.ndarray, y: np.ndarray, n_classes: int, *, l2: float = 1e-
         c1, c2 = 1 - betas[0] ** t, 1 - betas[1] ** t
         W = W - lr * (mW / c1) / (np.sqrt(vW / c2) + eps)
         b = b - lr * (mb / c1) / (np.sqrt(vb / c2) + eps)
-        if holdout is not None and len(yh):
+        if holdout is not None and len(yh) and t >= min_iter:
+            # Adam from zeros overshoots at first (the hold-out loss rises, then falls), so the
+            # early-stopping watch starts after min_iter steps
             hl = -(swh * np.log(np.clip(softmax(Zh @ W + b)[np.arange(len(yh)), yh], 1e-12, None))).sum()
             if hl < best[0] - 1e-9:
                 best = (hl, W.copy(), b.copy(), t)

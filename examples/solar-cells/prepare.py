@@ -65,10 +65,10 @@ def read_labels(data: Path) -> list[dict]:
     return rows
 
 
-def stratified(rows: list[dict], sizes: list[int], rng: random.Random) -> list[list[dict]]:
+def stratified(rows: list[dict], sizes: list[int], rng: random.Random, what: str = "cells") -> list[list[dict]]:
     """Disjoint samples of the given sizes, each with the pool's mix of defect probabilities."""
     if sum(sizes) > len(rows):
-        sys.exit(f"asked for {sum(sizes)} cells, only {len(rows)} available.")
+        sys.exit(f"asked for {sum(sizes)} {what}, only {len(rows)} available; choose smaller sizes.")
     strata = defaultdict(list)
     for r in rows:
         strata[round(r["probability"], 2)].append(r)
@@ -103,11 +103,12 @@ def write(path: Path, rows: list[dict], threshold: float, rng: random.Random) ->
     print(f"{path}: {len(rows)} cells ({len(rows) - n_def} functional, {n_def} defective)")
 
 
-def balanced(rows: list[dict], n: int, threshold: float, rng: random.Random) -> list[dict]:
+def balanced(rows: list[dict], n: int, threshold: float, rng: random.Random, kind: str) -> list[dict]:
     """n cells, half defective and half functional (each half with its pool's mix of probabilities)."""
     defective = [r for r in rows if r["probability"] >= threshold]
     functional = [r for r in rows if r["probability"] < threshold]
-    return stratified(defective, [n // 2], rng)[0] + stratified(functional, [n - n // 2], rng)[0]
+    return (stratified(defective, [n // 2], rng, f"defective {kind} cells")[0]
+            + stratified(functional, [n - n // 2], rng, f"functional {kind} cells")[0])
 
 
 def main(argv=None) -> None:
@@ -128,10 +129,10 @@ def main(argv=None) -> None:
     poly = [r for r in rows if r["type"] == "poly"]
     # held-out sets first, with the line's real mix; training sets from the rest, balanced, so
     # the minority class (defective) is learned as well as the majority
-    test, mono_rest = stratified(mono, [a.test, len(mono) - a.test], rng)
-    train = balanced(mono_rest, a.train, a.threshold, rng)
-    poly_test, poly_rest = stratified(poly, [a.poly_test, len(poly) - a.poly_test], rng)
-    poly_new = balanced(poly_rest, a.poly_new, a.threshold, rng)
+    test, mono_rest = stratified(mono, [a.test, max(len(mono) - a.test, 0)], rng, "mono cells")
+    train = balanced(mono_rest, a.train, a.threshold, rng, "mono")
+    poly_test, poly_rest = stratified(poly, [a.poly_test, max(len(poly) - a.poly_test, 0)], rng, "poly cells")
+    poly_new = balanced(poly_rest, a.poly_new, a.threshold, rng, "poly")
     a.out.mkdir(parents=True, exist_ok=True)
     print(f"elpv-dataset images in {data / 'images'} ({len(rows)} cells: {len(mono)} mono, {len(poly)} poly)")
     for name, part in (("train", train), ("test", test), ("poly_new", poly_new), ("poly_test", poly_test)):
