@@ -158,6 +158,8 @@ def _weight_only(src: Path, dst: Path, present: set[str], extra: dict) -> list[s
     embedding tables (Gather) to int8 with dynamic quantization."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    require("onnx_ir")  # onnxruntime's MatMulNBits quantizer imports it; say how to install it
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
     logging.getLogger(nbits.__name__).setLevel(logging.WARNING)  # it logs every node it skips at INFO
