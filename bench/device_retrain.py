@@ -38,6 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import latency  # noqa: E402  (bench/latency.py: the cached run and bundles)
+from _table import print_cells  # noqa: E402  (bench/ is the script's own folder)
 
 ROOT = latency.ROOT
 DATA = latency.DATA
@@ -254,11 +255,7 @@ def reference_logreg(bundle: Path, new_rows, held: tuple[list, list], new_classe
 def print_table(rows: list[tuple[str, str, str, str]]) -> None:
     head = ("measurement", "value", "target", "ok")
     cells = [head, *rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
-    for i, c in enumerate(cells):
-        print(" | ".join(s.ljust(w) if j == 0 else s.rjust(w) for j, (s, w) in enumerate(zip(c, widths, strict=True))))
-        if i == 0:
-            print("-+-".join("-" * w for w in widths))
+    print_cells(cells)
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _table import print_cells  # noqa: E402  (bench/ is the script's own folder)
 from torch import nn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,11 +232,7 @@ def print_table(rows: list[dict]) -> None:
     cells = [head] + [(r["name"], format(r["edgeft"], r["fmt"]), format(r["plain"], r["fmt"]),
                        f"{r['ratio']:.2f}", f">= {r['target']:g}", "yes" if r["ok"] else "NO")
                       for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
-    for i, c in enumerate(cells):
-        print(" | ".join(s.ljust(w) if j == 0 else s.rjust(w) for j, (s, w) in enumerate(zip(c, widths, strict=True))))
-        if i == 0:
-            print("-+-".join("-" * w for w in widths))
+    print_cells(cells)
 
 
 def main() -> None:
