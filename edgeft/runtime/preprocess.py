@@ -7,6 +7,7 @@ tokenizer.json); images through Pillow and numpy. Both return plain numpy arrays
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,47 @@ class TextPreprocessor:
         return self.collate(self.encode_ids(texts))
 
 
+MAX_SIDE = 8192  # pixels: an image side a spec may ask for
+
+
+def _side(key: str, value, expected: str) -> int:
+    """A positive whole number of pixels up to MAX_SIDE (JSON may spell 224 as 224.0), or ValueError."""
+    n = int(value) if isinstance(value, float) and value.is_integer() else value
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_SIDE:
+        raise ValueError(f"image {key} {value!r}: expected {expected}, whole pixels from 1 to {MAX_SIDE}")
+    return n
+
+
+def _sides(key: str, value) -> list[int]:
+    """[height, width], each a _side."""
+    try:
+        if isinstance(value, (list, tuple)) and len(value) == 2:
+            return [_side(key, v, "") for v in value]
+    except ValueError:
+        pass
+    raise ValueError(f"image {key} {value!r}: expected [height, width], whole pixels from 1 to {MAX_SIDE}")
+
+
+def _number(value, positive: bool) -> bool:
+    """A real number that float32 holds (finite), and above 0 if `positive`."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and abs(value) <= float(np.finfo(np.float32).max) and (not positive or np.float32(value) > 0))
+
+
+def _finite(key: str, value, positive: bool) -> float:
+    if not _number(value, positive):
+        raise ValueError(f"image {key} {value!r}: expected a finite number{' above 0' if positive else ''}")
+    return float(value)
+
+
+def _channels(key: str, value, positive: bool) -> np.ndarray:
+    """Three finite numbers, one per RGB channel (std: each above 0)."""
+    if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(_number(v, positive) for v in value):
+        raise ValueError(f"image {key} {value!r}: expected 3 finite numbers{' above 0' if positive else ''}, "
+                         "one per RGB channel")
+    return np.asarray(value, dtype=np.float32)
+
+
 class ImagePreprocessor:
     """Image paths or PIL images -> {pixel_values: float32 (N, 3, H, W)}, the model's own normalisation.
 
@@ -69,13 +111,18 @@ class ImagePreprocessor:
     """
 
     def __init__(self, spec: dict):
-        self.size = tuple(int(v) for v in spec["size"])
-        if len(self.size) != 2 or not all(0 < v <= 8192 for v in self.size):
-            raise ValueError(f"image size {spec['size']!r}: expected [height, width] up to 8192")
-        self.resize_to = spec.get("resize_to", list(self.size))
-        self.scale = float(spec.get("scale", 1 / 255))
-        self.mean = np.asarray(spec.get("mean", [0.485, 0.456, 0.406]), dtype=np.float32)
-        self.std = np.asarray(spec.get("std", [0.229, 0.224, 0.225]), dtype=np.float32)
+        self.size = tuple(_sides("size", spec.get("size")))
+        resize_to = spec.get("resize_to", list(self.size))
+        if isinstance(resize_to, (list, tuple)):
+            self.resize_to = _sides("resize_to", resize_to)
+        else:
+            self.resize_to = _side("resize_to", resize_to, "a shorter side or [height, width]")
+            if self.resize_to < max(self.size):
+                raise ValueError(f"image resize_to {resize_to!r}: expected a shorter side of at least the crop size "
+                                 f"{list(self.size)}")
+        self.scale = _finite("scale", spec.get("scale", 1 / 255), positive=True)
+        self.mean = _channels("mean", spec.get("mean", [0.485, 0.456, 0.406]), positive=False)
+        self.std = _channels("std", spec.get("std", [0.229, 0.224, 0.225]), positive=True)
         self._spec = {
             "kind": "image",
             "size": list(self.size),

@@ -41,7 +41,17 @@ class OnnxModel:
         if missing:
             raise BundleError(f"{self.path}: the model needs inputs {missing}, the preprocessing gives {sorted(arrays)}.")
         feed = {n: arrays[n].astype(np.float16) if n in self._float16 else arrays[n] for n in self.inputs}
-        return dict(zip(self.outputs, self.session.run(None, feed), strict=True))
+        try:
+            results = self.session.run(None, feed)
+        except MemoryError:
+            raise
+        except Exception as e:  # onnxruntime raises its own types (InvalidArgument, Fail, RuntimeException)
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            given = ", ".join(f"{n} {list(np.shape(a))}" for n, a in feed.items())
+            declared = ", ".join(f"{i.name} {list(i.shape)}" for i in self.session.get_inputs())
+            raise BundleError(f"{self.path}: onnxruntime cannot run it ({lines[0].strip()}); inputs given: {given}; "
+                              f"the model declares: {declared}. Does the preprocessing fit this model?") from None
+        return dict(zip(self.outputs, results, strict=True))
 
     def metadata(self) -> dict:
         meta = self.session.get_modelmeta().custom_metadata_map
