@@ -20,7 +20,7 @@ class Thresholds:
     def for_precision(cls, precision: str) -> Thresholds:
         if precision in ("fp32", "float32"):
             return cls()
-        return cls(max_abs_diff=None, min_agreement=0.99, max_accuracy_drop=0.01)
+        return cls(max_abs_diff=None, min_agreement=0.99, max_accuracy_drop=0.005)
 
     def override(self, **kw) -> Thresholds:
         values = asdict(self)

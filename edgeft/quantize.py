@@ -19,6 +19,7 @@ import json
 import logging
 import shutil
 import statistics
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -77,13 +78,15 @@ class _NoPreprocessNag(logging.Filter):
 
 
 def quantize_model(src: Path, dst: Path, mode: str, *, modality: str,
-                   calibration: list[dict[str, np.ndarray]] | None = None, per_channel: bool = True) -> dict:
+                   calibration: list[dict[str, np.ndarray]] | None = None, per_channel: bool = True,
+                   exclude: list[str] | None = None) -> dict:
     """Quantize one ONNX file (a backbone) `src` -> `dst`, self-contained.
 
     mode: "dynamic" (int8 weights, activation scales per call), "static" (int8 QDQ; needs
     `calibration`, input dicts of real preprocessed samples) or "fp16" (float16 inside,
     float32 inputs and outputs). `modality` ("text" or "image") picks the op types static
-    quantizes. Returns {"mode", "op_types", "per_channel", "bytes"}.
+    quantizes; `exclude` names nodes to keep in float (dynamic and static). Returns
+    {"mode", "op_types", "per_channel", "bytes"}.
     """
     import onnx
 
@@ -125,7 +128,7 @@ def quantize_model(src: Path, dst: Path, mode: str, *, modality: str,
             elif mode == "dynamic":
                 op_types = sorted(present & set(IntegerOpsRegistry))
                 quantize_dynamic(str(src), str(dst), op_types_to_quantize=op_types, per_channel=per_channel,
-                                 weight_type=QuantType.QInt8, extra_options=extra)
+                                 weight_type=QuantType.QInt8, nodes_to_exclude=exclude or None, extra_options=extra)
             else:
                 if not calibration:
                     raise UsageError(f"{src}: static quantization needs calibration samples; none were given.")
@@ -141,7 +144,7 @@ def quantize_model(src: Path, dst: Path, mode: str, *, modality: str,
                 quantize_static(str(src), str(dst), _Reader(calibration, inputs), quant_format=QuantFormat.QDQ,
                                 op_types_to_quantize=op_types, per_channel=per_channel,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                extra_options=extra)
+                                nodes_to_exclude=exclude or None, extra_options=extra)
         finally:
             logging.getLogger().removeFilter(nag)
     out = onnx.load(str(dst), load_external_data=False)
@@ -151,6 +154,109 @@ def quantize_model(src: Path, dst: Path, mode: str, *, modality: str,
     if meta:  # the quantizers keep the export's metadata, precision "fp32" included
         _save_with_meta(out, dst, {**meta, "precision": PRECISION[mode]})
     return {"mode": mode, "op_types": op_types, "per_channel": bool(per_channel), "bytes": dst.stat().st_size}
+
+
+SEARCHABLE = ("dynamic", "static")  # modes whose nodes can be kept in float one by one
+
+
+class Gate:
+    """A candidate backbone (ONNX file) -> the parity checks of head(backbone(x)) against reference
+    logits on fixed rows. `batches`: preprocessed input dicts, in the order of `reference`."""
+
+    def __init__(self, reference: np.ndarray, y: list[int] | None, labels: list[str], batches, head,
+                 thresholds: Thresholds):
+        self.reference, self.y, self.labels, self.head, self.thresholds = reference, y, labels, head, thresholds
+        self.batches = batches  # a list, or a callable giving a fresh iterable (images: decoded per use)
+
+    def logits(self, model) -> np.ndarray:
+        batches = self.batches() if callable(self.batches) else self.batches
+        return np.concatenate([self.head({"features": model(a)["features"]})["logits"] for a in batches])
+
+    def __call__(self, path: Path) -> dict:
+        from .runtime.session import OnnxModel
+
+        rep = compare(self.reference, self.logits(OnnxModel(path)), self.y, self.labels)
+        found = checks(rep, self.thresholds)
+        return {"passed": all(c["passed"] for c in found), "agreement": rep["agreement"],
+                "accuracy_drop": rep.get("accuracy_drop"), "bytes": Path(path).stat().st_size,
+                "failed": [c["message"] for c in found if not c["passed"]]}
+
+
+def quantize_to_budget(src: Path, work: Path, mode: str, *, modality: str, gate: Gate,
+                       calibration: list[dict[str, np.ndarray]] | None = None, per_channel: bool = True,
+                       search: bool = True) -> dict:
+    """Quantize `src` with `mode` into `work`; when the result misses the gate (dynamic or static
+    int8), keep the nodes int8 hurts most in float until it passes (edgeft.sensitivity).
+
+    Returns quantize_model's info plus the gate's verdict ("passed", "agreement",
+    "accuracy_drop", "failed"), "path" (the file that passed, or the plain attempt), and for a
+    search: "kept_float" (node names), "plain" (the all-int8 attempt) and "search" (ranking,
+    attempts). Nothing raises for a missed budget: the caller decides.
+    """
+    import onnx
+
+    from .sensitivity import max_float, name_nodes, node_errors
+    from .sensitivity import search as search_nodes
+
+    work.mkdir(parents=True, exist_ok=True)
+    model = onnx.load(str(src))
+    if mode in SEARCHABLE and name_nodes(model):  # keeping nodes in float goes by name
+        src = work / f"{Path(src).stem}.named.onnx"
+        onnx.save(model, str(src))
+    del model
+    plain = work / f"backbone.{mode}.onnx"
+    info = quantize_model(src, plain, mode, modality=modality, calibration=calibration, per_channel=per_channel)
+    if not info["op_types"]:  # e.g. weight-only on a CNN: nothing it can quantize
+        return {**info, "path": None, "passed": False, "failed": ["no operator of this model to quantize"]}
+    out = {**info, **gate(plain), "path": plain, "kept_float": []}
+    log.info("%s: agreement %.2f%%, accuracy drop %.2f points%s", mode, 100 * out["agreement"],
+             100 * (out["accuracy_drop"] or 0.0), "" if out["passed"] else " (misses the budget)")
+    if out["passed"] or not search or mode not in SEARCHABLE or not calibration:
+        return out
+
+    def quantize_one(a: Path, b: Path, rows: list[dict]) -> None:
+        quantize_model(a, b, mode, modality=modality, calibration=rows, per_channel=per_channel)
+
+    t0 = time.perf_counter()
+    ranking = node_errors(src, quantize_one, info["op_types"], calibration)
+
+    def attempt(names: list[str]) -> dict:
+        path = work / f"backbone.{mode}.float{len(names)}.onnx"
+        quantize_model(src, path, mode, modality=modality, calibration=calibration, per_channel=per_channel,
+                       exclude=names)
+        result = {**gate(path), "path": path}
+        log.info("%s with %d node(s) in float: agreement %.2f%%, accuracy drop %.2f points%s", mode, len(names),
+                 100 * result["agreement"], 100 * (result["accuracy_drop"] or 0.0),
+                 "" if result["passed"] else " (misses the budget)")
+        return result
+
+    best, tried = search_nodes(ranking, attempt)
+    plain_verdict = {k: out[k] for k in ("agreement", "accuracy_drop", "bytes", "failed")}
+    out["search"] = {
+        "nodes": len(ranking), "max_float": max_float(ranking),
+        "ranking": [e.as_dict() for e in ranking[:20]],
+        "tried": [{"kept_float": len(t["kept_float"]), "passed": t["passed"], "agreement": t["agreement"],
+                   "accuracy_drop": t["accuracy_drop"], "bytes": t["bytes"]} for t in tried],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    out["plain"] = plain_verdict
+    if best is not None:
+        out.update({k: best[k] for k in ("passed", "agreement", "accuracy_drop", "bytes", "failed", "path",
+                                         "kept_float")})
+    elif tried:  # report the closest miss: the attempt with the most nodes in float
+        last = max(tried, key=lambda t: len(t["kept_float"]))
+        out.update({k: last[k] for k in ("agreement", "accuracy_drop", "bytes", "failed", "kept_float")})
+    return out
+
+
+def describe_miss(result: dict) -> str:
+    """One line: why a variant missed its budget, with the search's numbers."""
+    text = f"{result['mode']}: " + ", ".join(result.get("failed") or ["failed"])
+    if result.get("search"):
+        s = result["search"]
+        text += (f" even with {len(result.get('kept_float') or [])} of {s['nodes']} nodes kept in float "
+                 f"(the search stops at {s['max_float']})")
+    return text
 
 
 def _weight_only(src: Path, dst: Path, present: set[str], extra: dict) -> list[str]:
@@ -261,7 +367,7 @@ def _parity(fp32, quant, backbone, head, pre, items) -> tuple[np.ndarray, np.nda
 
 
 def quantize(export_dir, mode, output, *, calibration=None, text_column="text", label_column="label",
-             per_channel=True, overwrite=False, thresholds=None) -> dict:
+             per_channel=True, overwrite=False, thresholds=None, search=True) -> dict:
     """Quantize an export dir's backbone into `output` (same layout + quantize.json); return quantize.json.
 
     `calibration`: data file or image folder (labels optional) whose rows calibrate static
@@ -300,7 +406,7 @@ def quantize(export_dir, mode, output, *, calibration=None, text_column="text", 
     if parity_ds is None:
         raise UsageError(f"{export_dir}: its validation data is gone and no --calibration was given. "
                          "Pass --calibration DATA (labelled rows) so the quantized model can be checked.")
-    if calib_ds is None and mode == "static":
+    if calib_ds is None and mode in SEARCHABLE:
         calib_ds = val_ds
     items = parity_ds.items[:PARITY_ROWS]
     y = None
@@ -312,17 +418,33 @@ def quantize(export_dir, mode, output, *, calibration=None, text_column="text", 
         log.debug("calibrating on %d rows of %s", min(len(calib_ds), CALIBRATION_ROWS), calib_ds.source)
     log.debug("parity against fp32 on %d rows of %s", len(items), parity_ds.source)
 
-    with atomic.directory(output, replace=overwrite) as tmp:
-        calib_rows = [pre([x]) for x in calib_ds.items[:CALIBRATION_ROWS]] if mode == "static" else None
-        result = quantize_model(export_dir / "backbone.onnx", tmp / "backbone.onnx", mode, modality=modality,
-                                calibration=calib_rows, per_channel=per_channel)
+    ref_model = OnnxModel(export_dir / "model.onnx")
+    if modality == "text":  # a few hundred token rows: keep them; images are decoded per use
+        rows = [pre([x]) for x in items]
+        batches = rows
+    else:
+        batches = lambda: (pre([x]) for x in items)  # noqa: E731
+    ref = np.concatenate([ref_model(a)["logits"] for a in (batches() if callable(batches) else batches)])
+    gate = Gate(ref, y, labels, batches, OnnxModel(export_dir / "head.onnx"), t)
+    with atomic.directory(output, replace=overwrite) as tmp, tempfile.TemporaryDirectory(prefix="edgeft-quantize-") as work:
+        calib_rows = ([pre([x]) for x in calib_ds.items[:CALIBRATION_ROWS]]
+                      if mode in SEARCHABLE and calib_ds is not None else None)
+        result = quantize_to_budget(export_dir / "backbone.onnx", Path(work), mode, modality=modality, gate=gate,
+                                    calibration=calib_rows, per_channel=per_channel, search=search)
         del calib_rows
+        if not result["passed"]:
+            hint = " fp16 usually keeps parity;" if precision == "int8" else ""
+            raise ParityError(
+                f"{output}: {mode} quantization misses the budget against the fp32 export on {len(items)} rows of "
+                f"{parity_ds.source}: {describe_miss(result)}. Nothing was written.{hint} --min-agreement and "
+                "--max-drop loosen the gate knowingly.")
+        shutil.copy2(result["path"], tmp / "backbone.onnx")
         backbone, head = onnx.load(str(tmp / "backbone.onnx")), onnx.load(str(export_dir / "head.onnx"))
         metas = {"backbone.onnx": _edgeft_meta(backbone) or _edgeft_meta(onnx.load(str(export_dir / "backbone.onnx"))),
                  "head.onnx": _edgeft_meta(head)}
         metas["model.onnx"] = {**metas["backbone.onnx"], "part": "model"}  # what export writes
         quant_meta = {"mode": mode, "backbone": precision, "head": "fp32", "per_channel": result["per_channel"],
-                      "op_types": result["op_types"]}
+                      "op_types": result["op_types"], "kept_float": result["kept_float"]}
         fused = fuse(backbone, head)
         for f, m in (("backbone.onnx", backbone), ("head.onnx", head), ("model.onnx", fused)):
             _save_with_meta(m, tmp / f, {**metas[f], "precision": precision, "quantization": quant_meta})
@@ -331,7 +453,7 @@ def quantize(export_dir, mode, output, *, calibration=None, text_column="text", 
             if (export_dir / f).exists():
                 shutil.copy2(export_dir / f, tmp / f)
 
-        fp32_model, quant_model = OnnxModel(export_dir / "model.onnx"), OnnxModel(tmp / "model.onnx")
+        fp32_model, quant_model = ref_model, OnnxModel(tmp / "model.onnx")
         ref, got, gap, kept = _parity(fp32_model, quant_model, OnnxModel(tmp / "backbone.onnx"),
                                       OnnxModel(tmp / "head.onnx"), pre, items)
         report = compare(ref, got, y, labels, items)
@@ -345,6 +467,15 @@ def quantize(export_dir, mode, output, *, calibration=None, text_column="text", 
                 f"{parity_ds.source}: " + "; ".join(c["message"] for c in failed)
                 + f". Nothing was written.{hint} --min-agreement and --max-drop loosen the gate knowingly.")
         latency = _latency(fp32_model, quant_model, kept)
+        if result.get("search"):  # what keeping nodes in float cost against the all-int8 attempt
+            plain_model = OnnxModel(Path(work) / f"backbone.{mode}.onnx")
+            split = OnnxModel(tmp / "backbone.onnx")
+            cost = _latency(split, plain_model, kept)
+            result["plain"]["latency_ms"] = cost["quantized_ms"]
+            result["search"]["cost"] = {
+                "extra_bytes": result["bytes"] - result["plain"]["bytes"],
+                "extra_ms": round(cost["fp32_ms"] - cost["quantized_ms"], 3),
+                "note": "backbone only, batch 1: this variant against the all-int8 attempt"}
 
         written = [f for f in (*FILES, *COPIED) if (tmp / f).exists()]
         files = {f: {"sha256": sha256(tmp / f), "bytes": (tmp / f).stat().st_size,
@@ -352,8 +483,9 @@ def quantize(export_dir, mode, output, *, calibration=None, text_column="text", 
         summary = {
             "edgeft_version": __version__, "mode": mode, "precision": precision, "source": str(export_dir),
             "per_channel": result["per_channel"], "op_types": result["op_types"], "head": "fp32",
+            "kept_float": result["kept_float"], "search": result.get("search"), "all_int8": result.get("plain"),
             "calibration": ({"data": calib_ds.source, "rows": min(len(calib_ds), CALIBRATION_ROWS)}
-                            if mode == "static" else None),
+                            if mode == "static" or result.get("search") else None),
             "files": files, "parity": report, "latency": latency,
             "seconds": round(time.perf_counter() - t0, 3),
         }

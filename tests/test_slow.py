@@ -71,7 +71,7 @@ def test_minilm_cpu_bundle_keeps_its_answers(runs, tmp_path):
 
     m = build(runs["lora"], "x86-64-server", tmp_path / "bundle", data=EXAMPLE / "test.csv")
     assert m["precision"] == "int8" and m["parity"]["rows"] == 120
-    assert m["parity"]["agreement"] >= 0.99 and m["parity"]["accuracy_drop"] <= 0.01
+    assert m["parity"]["agreement"] >= 0.99 and m["parity"]["accuracy_drop"] <= 0.005
     assert m["files"]["backbone.onnx"]["bytes"] < m["quantization"]["fp32_bytes"] / 3
     # which int8 variant won, and what the faster ones scored, is on record
     assert m["quantization"]["tried"][-1]["passed"]
