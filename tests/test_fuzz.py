@@ -88,12 +88,6 @@ class Bug:
 
 
 KNOWN = {  # open bugs; a fixed one leaves (with its xfail marker), a new find comes with a test_bug_* test
-    # runtime/retrain.py history()/rollback(): 'heads' entries and head.version are used unchecked
-    "manifest-heads": Bug("manifest-heads", "exception", (TypeError, AttributeError, KeyError, ValueError,
-                                                          IndexError), r""),
-    # runtime/retrain.py rollback(): commits a manifest the device then refuses (head file not
-    # hashed, labels that do not fit the head); explains a BundleError after a successful rollback
-    "rollback-unchecked": Bug("rollback-unchecked", "after-rollback", (BundleError,), r""),
 }
 
 
@@ -1386,8 +1380,6 @@ def _refused(r) -> None:
     assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
 
 
-@xfail("manifest-heads", "runtime/bundle.py read_manifest checks neither the 'heads' entries nor head.version; "
-                         "runtime/retrain.py history()/rollback() then raise TypeError, AttributeError, KeyError")
 @pytest.mark.parametrize("change, cmd", [
     (lambda m, b: m["head"].update(version=None), "rollback"),
     (lambda m, b: m.update(heads=[5]), "history"),
@@ -1404,15 +1396,13 @@ def test_bug_history_rollback_bad_heads(tmp_path, tiny_bundle, change, cmd):
     assert snapshot(b) == before
 
 
-@xfail("rollback-unchecked", "runtime/retrain.py rollback() writes the manifest for whatever the 'heads' entry "
-                             "says: a head file outside 'files' or labels that do not fit the head; it exits 0 and "
-                             "the device then refuses the bundle it just rolled back")
-@pytest.mark.parametrize("entry", [{"version": 0, "file": "../../etc/passwd"}, {"version": 0, "file": HEAD, "labels": ["a"]}],
-                         ids=["file-outside", "labels-do-not-fit"])
+@pytest.mark.parametrize("entry", [{"version": 0, "file": "../../etc/passwd"}, {"version": 0, "file": HEAD, "labels": ["a"]},
+                                   {"version": 2, "file": "../../etc/passwd"}, {"version": 2, "file": HEAD, "labels": ["a"]}],
+                         ids=["file-outside", "labels-do-not-fit", "file-outside-v2", "labels-do-not-fit-v2"])
 def test_bug_rollback_keeps_the_bundle_loadable(tmp_path, tiny_bundle, entry):
     b = _bundle_with(tmp_path, tiny_bundle, lambda m, b: m["heads"].append(entry))
     before = snapshot(b)
-    r = CliRunner().invoke(main, ["device", "rollback", str(b), "--to", "0"])
+    r = CliRunner().invoke(main, ["device", "rollback", str(b), "--to", str(entry["version"])])
     if r.exit_code == 0:
         Bundle(b)  # the version it rolled back to loads
     else:

@@ -49,6 +49,15 @@ def read_manifest(bundle: str | Path) -> dict:
         raise BundleError(f"{path}: not valid JSON ({e}).") from None
     except (ValueError, RecursionError) as e:
         raise BundleError(f"{path}: JSON beyond what edgeft reads ({type(e).__name__}).") from None
+    check_manifest(m, path)
+    return m
+
+
+def check_manifest(m, path: str | Path) -> None:
+    """What read_manifest checks, for a manifest in memory (`path` names it in messages): BundleError or None.
+
+    Whoever writes a manifest (retrain, rollback) runs this first, so it never commits one
+    the device then refuses to read."""
     if not isinstance(m, dict):
         raise BundleError(f"{path}: expected a JSON object.")
     schema = m.get("schema")
@@ -68,7 +77,49 @@ def read_manifest(bundle: str | Path) -> dict:
             raise BundleError(f"{path}: '{key}' must name a file listed (and hashed) in 'files'.")
     if not all(isinstance(x, str) for x in m["labels"]) or not m["labels"]:
         raise BundleError(f"{path}: 'labels' must be a non-empty list of strings.")
-    return m
+    _check_heads(m, path)
+
+
+def _is_version(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _check_heads(m: dict, path) -> None:
+    """'heads': one object per head version (unique integer above 0, a hashed file unless pruned,
+    string labels); 'head' names one of them."""
+    files = m["files"]
+    versions = set()
+    for i, h in enumerate(m["heads"]):
+        key = f"heads[{i}]"
+        if not isinstance(h, dict):
+            raise BundleError(f"{path}: '{key}' must be an object with 'version' and 'file', got {type(h).__name__}.")
+        v = h.get("version")
+        if not _is_version(v):
+            raise BundleError(f"{path}: '{key}.version' must be an integer above 0, got {v!r}.")
+        if v in versions:
+            raise BundleError(f"{path}: head version {v} is listed twice in 'heads'.")
+        versions.add(v)
+        pruned = h.get("pruned", False)
+        if not isinstance(pruned, bool):
+            raise BundleError(f"{path}: '{key}.pruned' must be true or false, got {pruned!r}.")
+        for name in ("file", "replay"):
+            rel = h.get(name)
+            if rel is None and name == "replay":
+                continue
+            if not isinstance(rel, str) or (not pruned and rel not in files):
+                raise BundleError(f"{path}: '{key}.{name}' must name a file listed (and hashed) in 'files'.")
+        for name in ("labels", "added_classes"):
+            if name in h and (not isinstance(h[name], list) or not all(isinstance(x, str) for x in h[name])):
+                raise BundleError(f"{path}: '{key}.{name}' must be a list of strings.")
+        if "metrics" in h and not isinstance(h["metrics"], dict):
+            raise BundleError(f"{path}: '{key}.metrics' must be an object, got {type(h['metrics']).__name__}.")
+    v = m["head"]["version"]
+    if not _is_version(v) or v not in versions:
+        raise BundleError(f"{path}: 'head.version' must be the version of one entry of 'heads' "
+                          f"({', '.join(map(str, sorted(versions))) or 'none listed'}), got {v!r}.")
+    rel = m["head"].get("replay")
+    if rel is not None and (not isinstance(rel, str) or rel not in files):
+        raise BundleError(f"{path}: 'head.replay' must name a file listed (and hashed) in 'files'.")
 
 
 def check_files(bundle: str | Path, manifest: dict, only: list[str] | None = None) -> None:
@@ -121,7 +172,18 @@ class Bundle:
             self.fixed_batch = batch if runtime.get("static_shapes") else None
         except (KeyError, TypeError, ValueError, OSError) as e:
             raise BundleError(f"{self.path / MANIFEST}: unusable preprocessing or runtime settings ({type(e).__name__}: {e}).") from None
-        self.backbone = OnnxModel(self.path / m["backbone"], providers, threads)
+        if runtime.get("engine", "onnxruntime") == "openvino":
+            from .openvino import OpenVinoModel
+
+            settings = runtime.get("openvino")
+            if not isinstance(settings, dict):
+                raise BundleError(f"{self.path / MANIFEST}: runtime.openvino must be an object of OpenVINO settings.")
+            self.backbone = OpenVinoModel(self.path / m["backbone"], {**settings, **({"threads": threads} if threads else {})})
+        elif runtime.get("engine", "onnxruntime") != "onnxruntime":
+            raise BundleError(f"{self.path / MANIFEST}: runtime.engine {runtime.get('engine')!r} is not one this edgeft "
+                              "runs (onnxruntime, openvino).")
+        else:
+            self.backbone = OnnxModel(self.path / m["backbone"], providers, threads)
         self.head_version = m["head"]["version"]
         self.head = OnnxModel(self.path / m["head"]["file"], providers, threads)
         dims = self.head.session.get_outputs()[0].shape
@@ -179,7 +241,8 @@ class Bundle:
         t = thresholds or Thresholds.for_precision(self.manifest["precision"])
         report["checks"] = checks(report, t)
         report["passed"] = all(c["passed"] for c in report["checks"])
-        report["providers"] = self.backbone.session.get_providers()
+        report["providers"] = (self.backbone.describe() if hasattr(self.backbone, "describe")
+                               else self.backbone.session.get_providers())
         report["precision"] = self.manifest["precision"]
         report["head_version"] = self.head_version
         if "features" in expected.files:

@@ -26,7 +26,7 @@ from .. import __version__
 from ..data import Dataset, load_dataset
 from ..errors import BundleError, DataError, EdgeftError, UsageError
 from . import atomic
-from .bundle import MANIFEST, Bundle, read_manifest, sha256
+from .bundle import MANIFEST, Bundle, check_manifest, read_manifest, sha256
 from .head import fit_softmax, head_logits, read_head_onnx, write_head_onnx
 
 HOLDOUT = 0.25  # of the new samples, per class, held out for early stopping and the guard
@@ -199,6 +199,12 @@ def retrain(path: str | Path, data: str | Path, *, add_classes: bool = False, ma
         files[rel] = {"sha256": sha256(path / rel), "bytes": (path / rel).stat().st_size}
     new_manifest["files"] = files
     pruned = _prune(new_manifest, keep)
+    try:
+        check_manifest(new_manifest, path / MANIFEST)  # never commit a manifest the device would refuse
+    except BundleError:
+        for rel in (head_rel, replay_rel):
+            (path / rel).unlink(missing_ok=True)
+        raise
     atomic.write_json(path / MANIFEST, new_manifest)  # the commit point
     for rel in pruned:
         (path / rel).unlink(missing_ok=True)
@@ -255,25 +261,61 @@ def rollback(path: str | Path, version: int | None = None, public_key=None) -> d
         raise UsageError(f"{path}: no head version {version} (kept: {known}).")
     h = live[version]
     labels = h.get("labels") or m["heads"][0].get("labels") or m["labels"]
+    past = m.get("rollbacks", [])
+    if not isinstance(past, list):
+        raise BundleError(f"{path / MANIFEST}: 'rollbacks' must be a list, got {type(past).__name__}.")
     new = dict(m)
     new["head"] = {"version": version, "file": h["file"], **({"replay": h["replay"]} if h.get("replay") else {})}
     new["labels"] = labels
-    new["rollbacks"] = [*m.get("rollbacks", []), {"from": active, "to": version, "at": _now()}]
+    new["rollbacks"] = [*past, {"from": active, "to": version, "at": _now()}]
+    _check_rollback(path, new, version)
     atomic.write_json(path / MANIFEST, new)
     return {"from": active, "to": version, "labels": labels}
+
+
+def _check_rollback(path: Path, new: dict, version: int) -> None:
+    """Refuse a rollback whose manifest the device would then refuse: the same checks as loading it."""
+    from .session import OnnxModel
+
+    where = f"{path / MANIFEST}: "
+    try:
+        check_manifest(new, path / MANIFEST)
+        # the head file is hashed in 'files' (checked above) and Bundle(path) just matched every hash
+        outputs = OnnxModel(path / new["head"]["file"], ["CPUExecutionProvider"], 1).session.get_outputs()
+        dims = outputs[0].shape if outputs else []
+        if dims and isinstance(dims[-1], int) and dims[-1] != len(new["labels"]):
+            raise BundleError(f"{where}{len(new['labels'])} labels, but the head {new['head']['file']} "
+                              f"has {dims[-1]} outputs.")
+    except BundleError as e:
+        reason = str(e)[len(where):] if str(e).startswith(where) else str(e)
+        raise BundleError(f"{path}: rollback to head v{version} refused, the bundle would not load: "
+                          f"{reason.rstrip('.')}. The bundle is unchanged.") from None
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _after(metrics: dict, key: str) -> float | None:
+    """metrics[key]['after'] when it is a finite number (history shows it), else None."""
+    entry = metrics.get(key)
+    v = entry.get("after") if isinstance(entry, dict) else None
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+    return float(v) if ok else None
 
 
 def history(path: str | Path) -> list[dict]:
     m = read_manifest(path)
     active = m["head"]["version"]
     out = []
-    for h in m["heads"]:
+    for h in m["heads"]:  # read_manifest checked the entries; the descriptive fields are shown when they fit
         metrics = h.get("metrics", {})
         out.append({
             "version": h["version"], "active": h["version"] == active, "pruned": bool(h.get("pruned")),
-            "created": h.get("created"), "source": h.get("source"), "classes": len(h.get("labels") or m["labels"]),
+            "created": _text(h.get("created")), "source": _text(h.get("source")),
+            "classes": len(h.get("labels") or m["labels"]),
             "added_classes": h.get("added_classes", []), "data": h.get("data"),
-            "new_accuracy": metrics.get("new_holdout_accuracy", {}).get("after"),
-            "replay_accuracy": metrics.get("replay_holdout_accuracy", {}).get("after"),
+            "new_accuracy": _after(metrics, "new_holdout_accuracy"),
+            "replay_accuracy": _after(metrics, "replay_holdout_accuracy"),
         })
     return out
