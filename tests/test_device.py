@@ -293,3 +293,92 @@ def test_bundle_refuses_a_half_written_head(bundle):
 
 def test_manifest_json_is_strict_json(bundle):
     json.loads((bundle / "manifest.json").read_text())
+
+
+# ---------------------------------------------------------------- sequence-length buckets
+
+BUCKET_TEXTS = ["pump", "pump leak at the seal", "motor fuse relay " * 3, "belt roller noise " * 8,
+                "a much longer report about the conveyor belt and its rollers and the motor " * 4]
+
+
+def _text_pre(bundle, **kw):
+    from edgeft.runtime.preprocess import TextPreprocessor
+
+    return TextPreprocessor(bundle / "tokenizer.json", 64, **kw)
+
+
+def test_buckets_pad_each_batch_to_the_smallest_bucket_that_holds_it(bundle):
+    plain, bucketed = _text_pre(bundle), _text_pre(bundle, buckets=[8, 16, 32, 64])
+    model = OnnxModel(bundle / read_manifest(bundle)["backbone"])
+    seen = set()
+    for i in range(len(BUCKET_TEXTS)):
+        for batch in (BUCKET_TEXTS[i : i + 1], BUCKET_TEXTS[: i + 1]):
+            a, b = plain(batch), bucketed(batch)
+            longest = a["input_ids"].shape[1]
+            width = b["input_ids"].shape[1]
+            assert width == min(w for w in bucketed.buckets if w >= longest)  # the smallest bucket that fits
+            seen.add(width)
+            for k in a:  # the tokens are the same; only the padding grows (pad id, mask 0, type 0)
+                assert np.array_equal(b[k][:, :longest], a[k])
+            assert (b["input_ids"][:, longest:] == bucketed.pad_id).all()
+            assert not b["attention_mask"][:, longest:].any() and not b["token_type_ids"][:, longest:].any()
+            # and the model computes the same features from either, up to this int8 backbone's
+            # dynamic quantization, whose activation scales also see the padded positions (seen: <= 7e-4)
+            fa, fb = model(a)["features"], model({k: b[k] for k in a})["features"]
+            np.testing.assert_allclose(fb, fa, atol=5e-3)
+    assert len(seen) >= 3  # the texts reach several buckets, the longest truncated to max_length
+    assert bucketed(BUCKET_TEXTS[-1:])["input_ids"].shape[1] == 64
+
+
+def test_buckets_round_trip_through_the_spec_and_the_bundle(bundle):
+    from edgeft.runtime.preprocess import load_preprocessor
+
+    pre = _text_pre(bundle, buckets=[16, 64])
+    assert pre.spec()["buckets"] == [16, 64] and "buckets" not in _text_pre(bundle).spec()
+    assert load_preprocessor(bundle, pre.spec()).buckets == [16, 64]
+    m = read_manifest(bundle)
+    m["preprocessing"] = pre.spec()
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    b = Bundle(bundle)
+    assert b.pre.buckets == [16, 64] and b.pre(["pump leak"])["input_ids"].shape[1] == 16
+    assert b.predict(["pump leak"])[0]["label"] in b.labels
+
+
+@pytest.mark.parametrize("buckets", [[], [16, 8, 64], [8, 8, 64], [0, 64], [-8, 64], [8, 32], [8, 64, 128], "64",
+                                     64, [8.0, 64], [True, 64], [None, 64]])
+def test_invalid_buckets_are_refused(bundle, buckets):
+    with pytest.raises(ValueError, match=r"^text buckets .*: expected strictly ascending") as info:
+        _text_pre(bundle, buckets=buckets)
+    assert len(str(info.value).splitlines()) == 1
+    m = read_manifest(bundle)
+    m["preprocessing"]["buckets"] = buckets
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    r = CliRunner().invoke(main, ["device", "predict", str(bundle), "pump leak"])
+    assert r.exit_code == 1 and r.stderr.startswith("error: ") and "text buckets" in r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "Traceback" not in r.output
+
+
+def test_buckets_and_pad_to_together_are_refused(bundle):
+    with pytest.raises(ValueError, match="pad_to 64 and buckets .*: expected one of them, not both"):
+        _text_pre(bundle, pad_to=64, buckets=[16, 64])
+    assert _text_pre(bundle, pad_to=64)(["pump"])["input_ids"].shape[1] == 64  # pad_to alone as before
+
+
+def test_choose_buckets():
+    from edgeft.runtime.preprocess import choose_buckets
+
+    lengths = [5, 7, 9, 12, 30, 31, 60, 100]
+    assert choose_buckets(lengths, 128) == [32, 104, 128]  # 50th (30) and 90th (100) percentiles, up to a multiple of 8
+    assert choose_buckets(lengths, 128, n=1) == [128]
+    assert choose_buckets(lengths, 128, n=2) == [32, 128]
+    assert choose_buckets([], 64) == [64]
+    assert choose_buckets([3] * 10, 64) == [8, 64]  # both percentiles in one bucket: deduplicated
+    assert choose_buckets([500, 900], 256) == [256]  # lengths over max_length are truncated to it
+    assert choose_buckets([10], 5) == [5]
+    for n in range(1, 6):
+        rng = np.random.default_rng(n)
+        got = choose_buckets(rng.integers(1, 300, 50).tolist(), 256, n)
+        assert 1 <= len(got) <= n and got == sorted(set(got)) and got[-1] == 256
+        assert all(w % 8 == 0 for w in got[:-1])
+    with pytest.raises(ValueError):
+        choose_buckets(lengths, 128, n=0)

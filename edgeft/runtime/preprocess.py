@@ -6,6 +6,7 @@ tokenizer.json); images through Pillow and numpy. Both return plain numpy arrays
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from pathlib import Path
@@ -16,16 +17,25 @@ from ..errors import DataError
 
 
 class TextPreprocessor:
-    """Texts -> {input_ids, attention_mask, token_type_ids} as int64, padded to the batch's longest."""
+    """Texts -> {input_ids, attention_mask, token_type_ids} as int64, padded to the batch's longest.
 
-    def __init__(self, tokenizer, max_length: int = 128, pad_to: int | None = None):
+    pad_to: every batch this wide (fixed-shape runtimes). buckets: ascending widths, the last
+    max_length; each batch is padded to the smallest one that holds its longest sequence, so a
+    runtime that compiles per shape (OpenVINO) sees only these few widths. Not both.
+    """
+
+    def __init__(self, tokenizer, max_length: int = 128, pad_to: int | None = None,
+                 buckets: list[int] | None = None):
         from tokenizers import Tokenizer
 
+        self.max_length = int(max_length)
+        self.pad_to = int(pad_to) if pad_to else None  # fixed-shape runtimes: always this width
+        self.buckets = _check_buckets(buckets, self.max_length) if buckets is not None else None
+        if self.pad_to and self.buckets:
+            raise ValueError(f"text pad_to {self.pad_to} and buckets {self.buckets}: expected one of them, not both")
         if isinstance(tokenizer, (str, Path)):
             tokenizer = Tokenizer.from_file(str(tokenizer))
         self.tokenizer = tokenizer
-        self.max_length = int(max_length)
-        self.pad_to = int(pad_to) if pad_to else None  # fixed-shape runtimes: always this width
         # Some shipped tokenizer.json files pad every input to a fixed length (MiniLM's pads
         # to 128): that wastes compute and changes nothing, so pad per batch instead.
         self.tokenizer.no_padding()
@@ -39,7 +49,19 @@ class TextPreprocessor:
         spec = {"kind": "text", "max_length": self.max_length, "tokenizer": "tokenizer.json"}
         if self.pad_to:
             spec["pad_to"] = self.pad_to
+        if self.buckets:
+            spec["buckets"] = list(self.buckets)
         return spec
+
+    def width(self, longest: int) -> int:
+        """The padded width of a batch whose longest sequence has `longest` tokens."""
+        if self.pad_to:
+            return self.pad_to
+        longest = max(1, longest)
+        if self.buckets:
+            i = bisect.bisect_left(self.buckets, longest)
+            return self.buckets[i] if i < len(self.buckets) else longest
+        return longest
 
     def encode_ids(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
         """Token ids and type ids per text, unpadded (for caching and bucketing)."""
@@ -48,7 +70,7 @@ class TextPreprocessor:
 
     def collate(self, encoded: list[tuple[list[int], list[int]]]) -> dict[str, np.ndarray]:
         n = len(encoded)
-        width = self.pad_to or max(1, max(len(ids) for ids, _ in encoded))
+        width = self.width(max((len(ids) for ids, _ in encoded), default=0))
         ids = np.full((n, width), self.pad_id, dtype=np.int64)
         mask = np.zeros((n, width), dtype=np.int64)
         types = np.zeros((n, width), dtype=np.int64)
@@ -60,6 +82,37 @@ class TextPreprocessor:
 
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
         return self.collate(self.encode_ids(texts))
+
+
+def _check_buckets(buckets, max_length: int) -> list[int]:
+    """Strictly ascending whole numbers above 0, the last one max_length; or ValueError."""
+    ok = (isinstance(buckets, (list, tuple)) and len(buckets) > 0
+          and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in buckets)
+          and all(a < b for a, b in zip(buckets[:-1], buckets[1:], strict=True))
+          and buckets[-1] == max_length)
+    if not ok:
+        raise ValueError(f"text buckets {buckets!r}: expected strictly ascending whole numbers above 0, "
+                         f"the last one max_length ({max_length})")
+    return list(buckets)
+
+
+def choose_buckets(lengths: list[int], max_length: int, n: int = 3) -> list[int]:
+    """Up to `n` bucket widths for TextPreprocessor(buckets=...) from observed token lengths.
+
+    The n-1 widths below max_length are percentiles of the lengths (the 50th and 90th for n=3,
+    spread from the 50th to the 90th otherwise), rounded up to a multiple of 8; the last is
+    max_length. Ascending, without duplicates: fewer than n when the percentiles coincide.
+    """
+    max_length = int(max_length)
+    if max_length < 1 or n < 1:
+        raise ValueError(f"choose_buckets: expected max_length >= 1 and n >= 1, got {max_length} and {n}")
+    clipped = [min(max(int(v), 1), max_length) for v in lengths]
+    widths = {max_length}
+    if clipped and n > 1:
+        for q in np.linspace(50, 90, n - 1):
+            v = int(np.percentile(clipped, q, method="higher"))  # an observed length: that share fits
+            widths.add(min(-(-v // 8) * 8, max_length))
+    return sorted(widths)
 
 
 MAX_SIDE = 8192  # pixels: an image side a spec may ask for
@@ -184,7 +237,7 @@ def load_preprocessor(directory: str | Path, spec: dict):
         if not isinstance(spec.get("tokenizer", "tokenizer.json"), str) or not tok.is_file():
             raise ValueError(f"no tokenizer file {tok}")
         return TextPreprocessor(Path(directory) / spec.get("tokenizer", "tokenizer.json"), spec["max_length"],
-                                spec.get("pad_to"))
+                                spec.get("pad_to"), spec.get("buckets"))
     return ImagePreprocessor(spec)
 
 
