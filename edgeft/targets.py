@@ -8,7 +8,9 @@ from pathlib import Path
 
 from .errors import ProfileError, did_you_mean
 
-PRECISIONS = ("fp32", "int8", "int8-static", "fp16")
+PRECISIONS = ("fp32", "int8", "int8-static", "fp16", "bf16")
+ENGINES = ("onnxruntime", "openvino")
+HINTS = ("latency", "throughput", "cumulative_throughput")
 
 
 @dataclass(frozen=True)
@@ -45,10 +47,17 @@ class Target:
     retrain_memory_mb: int = 512
     retrain_max_samples: int = 5000
     package: Callable[[BuildContext], None] | None = None
+    # what runs the backbone on the device: onnxruntime (backbone.onnx) or openvino (IR)
+    engine: str = "onnxruntime"
+    # quantization variants tried per precision (each gated, the fastest passing one kept);
+    # None: edgeft's defaults (edgeft.bundle.QUANT_MODES)
+    variants: dict[str, tuple[str, ...]] | None = None
 
     def __post_init__(self):
         if self.precision not in self.precisions:
             raise ProfileError(f"target {self.name}: default precision {self.precision!r} is not among {self.precisions}.")
+        if self.engine not in ENGINES:
+            raise ProfileError(f"target {self.name}: engine {self.engine!r} is not one of {', '.join(ENGINES)}.")
 
 
 @dataclass(frozen=True)
@@ -67,13 +76,20 @@ class Profile:
     static_shapes: bool | None = None  # None: the target's choice
     batch_size: int = 1
     retrain_max_samples: int | None = None
+    # OpenVINO: the device plugin (CPU, GPU, NPU, AUTO:GPU,CPU), streams and performance hint
+    accelerator: str | None = None
+    streams: int | None = None
+    performance_hint: str | None = None
     path: str = ""
 
     def __post_init__(self):
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ProfileError(f"{self.path or self.name}: precision: {self.precision!r} is not one of "
                                f"{', '.join(PRECISIONS)}.{did_you_mean(self.precision, PRECISIONS)}")
-        for key in ("threads", "memory_mb", "max_length", "image_size", "batch_size", "retrain_max_samples"):
+        if self.performance_hint is not None and self.performance_hint not in HINTS:
+            raise ProfileError(f"{self.path or self.name}: performance_hint: {self.performance_hint!r} is not one of "
+                               f"{', '.join(HINTS)}.{did_you_mean(str(self.performance_hint), HINTS)}")
+        for key in ("threads", "memory_mb", "max_length", "image_size", "batch_size", "retrain_max_samples", "streams"):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ProfileError(f"{self.path or self.name}: {key}: expected a positive integer, got {v!r}.")
@@ -93,6 +109,10 @@ class Profile:
             "max_length": self.max_length,
             "image_size": self.image_size,
             "opset": target.opset,
+            "engine": target.engine,
+            "accelerator": self.accelerator or "CPU",
+            "streams": self.streams,
+            "performance_hint": self.performance_hint or "latency",
             "retrain": {
                 "memory_mb": self.memory_mb or target.retrain_memory_mb,
                 "max_samples": self.retrain_max_samples or target.retrain_max_samples,
@@ -128,7 +148,7 @@ def read_profile(path: str | Path) -> Profile:
         if not isinstance(p, list) or not p or not all(isinstance(x, str) for x in p):
             raise ProfileError(f"{path}: providers: expected a list of execution provider names, got {p!r}.")
         flat["providers"] = tuple(p)
-    for key in ("name", "target", "description"):
+    for key in ("name", "target", "description", "accelerator", "performance_hint"):
         if key in flat and not isinstance(flat[key], str):
             raise ProfileError(f"{path}: {key}: expected a string, got {flat[key]!r}.")
     if "static_shapes" in flat and not isinstance(flat["static_shapes"], bool):

@@ -64,22 +64,31 @@ def test_minilm_merge_export_verify(runs, tmp_path):
     assert ET.parse(tmp_path / "r.xml").getroot().get("failures") == "0"
 
 
-def test_minilm_cpu_bundle_keeps_its_answers(runs, tmp_path):
-    """The cpu bundle (int8) of the real LoRA run: at least 99% of PyTorch's answers on held-out rows."""
+@pytest.mark.parametrize("device", ["x86-64-server", "intel-n100"])
+def test_minilm_int8_bundle_keeps_its_answers(device, runs, tmp_path):
+    """The int8 bundles of the real LoRA run, cpu (ONNX Runtime) and openvino (NNCF), on the 120
+    held-out rows: at least 99% of PyTorch's answers and at most 0.5 point lost, or refused
+    with the numbers. Nothing in between: a bundle on disk has met the budget."""
     from edgeft.bundle import build
+    from edgeft.errors import ParityError
     from edgeft.runtime.bundle import Bundle
 
-    m = build(runs["lora"], "x86-64-server", tmp_path / "bundle", data=EXAMPLE / "test.csv")
+    out = tmp_path / "bundle"
+    try:
+        m = build(runs["lora"], device, out, data=EXAMPLE / "test.csv")
+    except ParityError as e:
+        assert "top-1 agreement" in str(e) and "accuracy" in str(e) and not out.exists()
+        pytest.xfail(f"refused with the numbers: {e}")
     assert m["precision"] == "int8" and m["parity"]["rows"] == 120
     assert m["parity"]["agreement"] >= 0.99 and m["parity"]["accuracy_drop"] <= 0.005
-    assert m["files"]["backbone.onnx"]["bytes"] < m["quantization"]["fp32_bytes"] / 3
-    # which int8 variant won, and what the faster ones scored, is on record
-    assert m["quantization"]["tried"][-1]["passed"]
-    r = CliRunner().invoke(main, ["verify", str(tmp_path / "bundle"), "--reference", str(runs["lora"]),
+    q = m["quantization"]
+    assert q["bytes"] < q["fp32_bytes"] / 2.5
+    # which int8 variant won, at what measured speed, and what the others scored, is on record
+    assert q["latency_ms"] > 0 and any(t["passed"] for t in q["tried"])
+    r = CliRunner().invoke(main, ["verify", str(out), "--reference", str(runs["lora"]),
                                   "--data", str(EXAMPLE / "test.csv")])
     assert r.exit_code == 0, r.output
-    report = Bundle(tmp_path / "bundle").check()
-    assert report["passed"]
+    assert Bundle(out).check()["passed"]
 
 
 def test_minilm_lora_on_two_processes(tmp_path):
