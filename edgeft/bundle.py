@@ -212,7 +212,7 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
 
             # the finished bundle, loaded as a device loads it, against PyTorch on validation rows
             bundle = Bundle(tmp, providers=["CPUExecutionProvider"])
-            got = bundle.logits(items)
+            got = bundle.logits(items, batch_size=1 if modality == "text" else 32)
             parity = compare(ref, got, y, loaded.labels, items)
             parity["checks"] = checks(parity, t)
             parity["passed"] = all(c["passed"] for c in parity["checks"])
@@ -271,9 +271,11 @@ def _choose_variant(variants, backbone_src: Path, work: Path, *, precision, moda
     from .quantize import Gate, describe_miss, quantize_to_budget
     from .runtime.session import OnnxModel
 
-    if modality == "text":  # token rows are small: keep them for every candidate
-        arrays = [pre(items[i : i + 16]) for i in range(0, len(items), 16)]
-        batches = arrays
+    if modality == "text":
+        # one text per call, as a device answers them: dynamic int8 takes its activation scales
+        # from the whole batch, padding included, so batch-mates would move the answers judged.
+        # Token rows are small: keep them for every candidate.
+        batches = [pre(items[i : i + 1]) for i in range(len(items))]
     else:
         batches = lambda: (pre(items[i : i + 16]) for i in range(0, len(items), 16))  # noqa: E731
     head = OnnxModel(backbone_src.parent / "head.onnx")
