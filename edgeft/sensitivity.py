@@ -7,9 +7,13 @@ per-tensor activation scale cannot hold). To find them:
 1. run the fp32 backbone once over real calibration rows, keeping the inputs every
    quantizable node sees;
 2. cut each node out as a one-node model, quantize it exactly as the whole model would be
-   (same quantizer, same options), and run both on those inputs: the node's relative error
-   ||y_int8 - y_fp32|| / ||y_fp32|| is its sensitivity;
-3. `search` quantizes the whole model with the k most sensitive nodes left in float, k
+   (same quantizer, same options), and run both on those inputs: y_int8 - y_fp32 is what
+   int8 changes at that node;
+3. run the fp32 model with that difference added to the node's output: how far the
+   model's output moves (relative L2) is the node's sensitivity, the error it causes
+   downstream, not only where it arises (on MiniLM the FFN output projections rank first
+   this way, as the hand measurements in STACK.md found);
+4. `search` quantizes the whole model with the k most sensitive nodes left in float, k
    doubling until the budget holds, then bisects down to the fewest that pass.
 
 Each step runs the real onnxruntime quantizer, so what is measured is what ships.
@@ -27,7 +31,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SENSITIVITY_ROWS = 32  # calibration rows whose node inputs are kept (batch 1 each)
+SENSITIVITY_ROWS = 16  # calibration rows whose node inputs are kept (batch 1 each); 32 ranked MiniLM alike
 MAX_FLOAT_SHARE = 0.5  # beyond half the nodes in float it is no longer an int8 model
 
 
@@ -35,10 +39,12 @@ MAX_FLOAT_SHARE = 0.5  # beyond half the nodes in float it is no longer an int8 
 class NodeError:
     name: str
     op_type: str
-    error: float  # mean relative L2 error of the node's output over the rows
+    error: float  # mean relative L2 change of the model's output when this node alone is int8
+    local: float = 0.0  # mean relative L2 error of the node's own output
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "op_type": self.op_type, "error": round(self.error, 6)}
+        return {"name": self.name, "op_type": self.op_type, "error": round(self.error, 6),
+                "local": round(self.local, 6)}
 
 
 def name_nodes(model) -> bool:
@@ -105,10 +111,14 @@ def _one_node_model(model, node, captured: dict[str, list[np.ndarray]]):
 
 def node_errors(src: Path, quantize_one: Callable[[Path, Path, list[dict]], None], op_types: list[str],
                 rows: list[dict[str, np.ndarray]]) -> list[NodeError]:
-    """Every node of `op_types` in `src`, with its error when quantized alone, worst first.
+    """Every node of `op_types` in `src`, with its error when it alone is quantized, worst first.
 
     `quantize_one(src, dst, calibration_rows)` quantizes a one-node file the way the whole
-    model is quantized (calibration rows are that node's own inputs).
+    model is quantized (calibration rows are that node's own inputs). A node's error is how
+    far the model's output moves (relative L2) when that node alone runs in int8: its own
+    int8 error, carried through everything downstream. That is measured exactly, and
+    cheaply, by running the fp32 model with the node's int8-minus-fp32 difference added to
+    its output (see _perturbable); `local` keeps the node's own relative error.
     """
     import onnx
     import onnxruntime as ort
@@ -116,8 +126,10 @@ def node_errors(src: Path, quantize_one: Callable[[Path, Path, list[dict]], None
     model = onnx.load(str(src))
     inits = {i.name for i in model.graph.initializer}
     nodes = [n for n in model.graph.node if n.op_type in op_types]
-    # a node whose inputs are all weights has nothing to calibrate or measure
-    nodes = [n for n in nodes if any(i and i not in inits for i in n.input)]
+    # a node whose inputs are all weights has nothing to calibrate or measure; one whose output
+    # is not float (a Gather on a shape) is nothing int8 touches
+    floats = _float_values(model)
+    nodes = [n for n in nodes if any(i and i not in inits for i in n.input) and n.output[0] in floats]
     names = list(dict.fromkeys(i for n in nodes for i in n.input if i and i not in inits))
     rows = rows[:SENSITIVITY_ROWS]
     captured = _capture(model, names, rows)
@@ -125,6 +137,7 @@ def node_errors(src: Path, quantize_one: Callable[[Path, Path, list[dict]], None
     opts.log_severity_level = 3
     out = []
     with tempfile.TemporaryDirectory(prefix="edgeft-sens-") as tmp:
+        whole = _Perturbable(model, nodes, rows, Path(tmp))
         for k, node in enumerate(nodes):
             one = _one_node_model(model, node, captured)
             fp32_path, q_path = Path(tmp) / f"{k}.onnx", Path(tmp) / f"{k}.q.onnx"
@@ -138,13 +151,79 @@ def node_errors(src: Path, quantize_one: Callable[[Path, Path, list[dict]], None
             except Exception as e:  # noqa: BLE001 - a node the quantizer cannot take alone: measured as harmless
                 log.debug("sensitivity: %s skipped (%s)", node.name, str(e).splitlines()[0] if str(e) else type(e).__name__)
                 continue
-            errs = []
-            for feed in feeds:
-                y, yq = ref.run(None, feed)[0].astype(np.float64), got.run(None, feed)[0].astype(np.float64)
-                errs.append(float(np.linalg.norm(yq - y) / max(np.linalg.norm(y), 1e-12)))
-            out.append(NodeError(node.name, node.op_type, float(np.mean(errs))))
+            local, downstream = [], []
+            for r, feed in enumerate(feeds):  # one row at a time: conv outputs are large
+                y, yq = ref.run(None, feed)[0], got.run(None, feed)[0]
+                delta = yq.astype(np.float32) - y.astype(np.float32)
+                local.append(float(np.linalg.norm(delta) / max(float(np.linalg.norm(y)), 1e-12)))
+                downstream.append(whole.error(node.name, r, delta))
+            out.append(NodeError(node.name, node.op_type, float(np.mean(downstream)), float(np.mean(local))))
             fp32_path.unlink(), q_path.unlink(missing_ok=True)
     return sorted(out, key=lambda e: -e.error)
+
+
+def _float_values(model) -> set[str]:
+    """Names of the float32 values in the graph, by onnx shape inference."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    values = list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
+    return {v.name for v in values if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+
+
+class _Perturbable:
+    """The fp32 model where each node's first output gets `+ delta`, a new graph input that
+    broadcasts: [0] leaves the node exact, its int8-minus-fp32 difference makes it the one node
+    in int8. `error(node, row, delta)`: how far the model's first output moves (relative L2)."""
+
+    def __init__(self, model, nodes, rows, tmp: Path):
+        import onnx
+        import onnxruntime as ort
+
+        m, self.inputs = _perturbable(model, nodes)
+        path = tmp / "perturbable.onnx"
+        onnx.save(m, str(path))
+        del m
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        names = [i.name for i in self.sess.get_inputs() if not i.name.startswith("edgeft_delta_")]
+        zero = np.zeros(1, np.float32)
+        self.base = [{**{k: row[k] for k in names}, **{d: zero for d in self.inputs.values()}} for row in rows]
+        self.refs = [self.sess.run(None, feed)[0] for feed in self.base]
+
+    def error(self, node: str, row: int, delta: np.ndarray) -> float:
+        y = self.sess.run(None, {**self.base[row], self.inputs[node]: delta})[0]
+        ref = self.refs[row]
+        return float(np.linalg.norm(y - ref) / max(float(np.linalg.norm(ref)), 1e-12))
+
+
+def _perturbable(model, nodes):
+    """A copy of `model` where each node's first output gets `+ delta` (a new graph input that
+    broadcasts: feed [0] to leave the node exact, its int8 difference to quantize it alone)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    by_name = {n.name: n for n in m.graph.node}
+    adds, names = [], {}
+    for k, node in enumerate(nodes):
+        target = by_name[node.name]
+        out = target.output[0]
+        raw, delta = f"{out}__edgeft_exact", f"edgeft_delta_{k}"
+        target.output[0] = raw
+        adds.append((target, helper.make_node("Add", [raw, delta], [out], name=f"edgeft_add_{k}")))
+        m.graph.input.append(helper.make_tensor_value_info(delta, TensorProto.FLOAT, None))
+        names[node.name] = delta
+    order = list(m.graph.node)
+    del m.graph.node[:]
+    pending = {id(t): a for t, a in adds}
+    for n in order:  # each Add right after its node keeps the graph topologically sorted
+        m.graph.node.append(n)
+        if id(n) in pending:
+            m.graph.node.append(pending[id(n)])
+    return m, names
 
 
 def max_float(ranking: list[NodeError], share: float | None = None) -> int:
