@@ -274,6 +274,13 @@ def build(source, device, output, calibration, data, replay, min_agreement, max_
     click.echo(f"build  ok  {m['build_seconds']:.1f} s  {m['device']['profile']} ({m['target']['name']}, {m['precision']})  "
                f"{size:.1f} MB  agreement {p['agreement']:.2%}  accuracy {p['accuracy']:.4f} "
                f"(PyTorch {p['reference_accuracy']:.4f})  -> {output}")
+    q = m.get("quantization")
+    if q:
+        missed = [f"{t['mode']} (agreement {t['agreement']:.1%})" for t in q["tried"]
+                  if not t.get("passed") and t.get("agreement") is not None]
+        kept = f", {len(q['kept_float'])} node(s) kept in float" if q.get("kept_float") else ""
+        click.echo(f"  {q['mode']}{kept}: {q['latency_ms']:.2f} ms per row (backbone, batch 1; fp32 "
+                   f"{q['fp32_latency_ms']:.2f} ms)" + (f"; missed the budget: {', '.join(missed)}" if missed else ""))
 
 
 @main.command()

@@ -70,8 +70,12 @@ def test_text_bundle_holds_an_ir_with_buckets_and_matches_pytorch(precision, ov_
     b = Bundle(path)
     texts = ["pump seal leak", "belt roller worn and the motor fuse blew while the line was running"] * 3
     b.predict(texts, batch_size=1)
+    feats = b.features(texts[:5])  # a batch of 5 runs as 8: batch sizes stay powers of two
+    assert feats.shape[0] == 5
+    assert np.allclose(feats, b.features(texts[:5], batch_size=1), atol=1e-4 if precision == "fp32" else 5e-2)
     widths = {shape[0][1] for shape in b.backbone._compiled}
-    assert widths <= set(buckets)
+    batches = {shape[0][0] for shape in b.backbone._compiled}
+    assert widths <= set(buckets) and batches == {1, 8}
     # the benchmark script uses the bundle's own settings
     assert "-infer_precision f32" in (path / "openvino" / "benchmark.sh").read_text()
 

@@ -170,6 +170,7 @@ class Bundle:
             if not isinstance(batch, int) or isinstance(batch, bool) or not 0 < batch <= 4096:
                 raise TypeError("runtime.batch_size must be a positive integer up to 4096")
             self.fixed_batch = batch if runtime.get("static_shapes") else None
+            self.pow2_batches = runtime.get("engine") == "openvino"
         except (KeyError, TypeError, ValueError, OSError) as e:
             raise BundleError(f"{self.path / MANIFEST}: unusable preprocessing or runtime settings ({type(e).__name__}: {e}).") from None
         if runtime.get("engine", "onnxruntime") == "openvino":
@@ -197,6 +198,10 @@ class Bundle:
             chunk = items[i : i + step]
             if self.fixed_batch and len(chunk) < self.fixed_batch:
                 chunk = chunk + [chunk[-1]] * (self.fixed_batch - len(chunk))  # pad the last batch
+            elif self.pow2_batches and len(chunk) & (len(chunk) - 1):
+                # OpenVINO compiles each input shape once: a last batch of 13 runs as 16, so the
+                # batch sizes seen stay 1, 2, 4, ... and nothing compiles twice for a new count
+                chunk = chunk + [chunk[-1]] * ((1 << (len(chunk) - 1).bit_length()) - len(chunk))
             yield chunk, min(step, len(items) - i)
 
     def features(self, items: list, batch_size: int = 32) -> np.ndarray:

@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import BundleError, MissingDependencyError
 
 INSTALL = 'pip install -c constraints.txt "edgeft[openvino]" (on a device, pip install openvino is enough)'
-MAX_SHAPES = 16  # compiled shapes kept; beyond that the least recently used one is dropped
+MAX_SHAPES = 24  # compiled shapes kept (batches 1..32 in powers of two x 3 widths = 18); then LRU
 PRECISION_HINTS = {"fp32": "f32", "int8": "f32", "bf16": "bf16", "fp16": "f16"}
 
 
