@@ -190,3 +190,20 @@ def test_quantize_mode_nncf_on_onnx(text_run, tmp_path):
         quantize(tmp_path / "export", "nncf", tmp_path / "q2",
                  thresholds=Thresholds(max_abs_diff=1e-7, min_agreement=0.99, max_accuracy_drop=0.005))
     assert "nncf.quantize_with_accuracy_control reverted" in str(e.value) and not (tmp_path / "q2").exists()
+
+
+def test_openvino_bundle_runs_without_torch(ov_bundles):
+    """The device side of an openvino bundle is openvino + onnxruntime + numpy: torch and
+    transformers (and nncf, which imports torch) are never imported."""
+    _, path = ov_bundles["int8"]
+    script = textwrap.dedent("""
+        import sys
+        for m in ("torch", "transformers", "nncf"):
+            sys.modules[m] = None  # any import of them fails
+        from edgeft.cli import main
+        main()
+    """)
+    r = subprocess.run([sys.executable, "-c", script, "device", "predict", str(path), "pump seal leak", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[0])["label"] in ("belt", "motor", "pump")
