@@ -86,3 +86,18 @@ def text_data(tmp_path_factory) -> dict:
 def image_data(tmp_path_factory) -> Path:
     """A folder per class; each class has its own colour and stripe pattern, 40x40 px."""
     return make_images(tmp_path_factory.mktemp("image-data"), IMAGE_STYLES)
+
+
+@pytest.fixture(scope="session")
+def full_text_run(tiny_bert, text_data, tmp_path_factory) -> Path:
+    """The tiny BERT fully fine-tuned for a few epochs: clear margins between classes, so a
+    correct int8 model keeps every answer and a broken one visibly does not. Shared by the
+    quantization and OpenVINO tests (read-only: copy it before changing it)."""
+    from edgeft.config import TrainConfig
+    from edgeft.train import train
+
+    out = tmp_path_factory.mktemp("full-text-run") / "run"
+    train(TrainConfig(model=str(tiny_bert), data=str(text_data["train"]), val=str(text_data["val"]),
+                      output=str(out), method="full", pooling="mean", epochs=4, batch_size=8, lr=5e-3,
+                      progress=False))
+    return out

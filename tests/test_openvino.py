@@ -36,12 +36,8 @@ def _profile(d: Path, precision: str, **extra) -> Path:
 
 
 @pytest.fixture(scope="module")
-def text_run(tiny_bert, text_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ov-runs") / "full"
-    train(TrainConfig(model=str(tiny_bert), data=str(text_data["train"]), val=str(text_data["val"]),
-                      output=str(out), method="full", pooling="mean", epochs=4, batch_size=8, lr=5e-3,
-                      progress=False))
-    return out
+def text_run(full_text_run):
+    return full_text_run
 
 
 @pytest.fixture(scope="module")
