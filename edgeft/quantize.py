@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("dynamic", "static", "nncf", "fp16", "weight-only")
 PRECISION = {"dynamic": "int8", "static": "int8", "nncf": "int8", "fp16": "fp16", "weight-only": "int8"}
-CALIBRATED = ("dynamic", "static", "nncf")  # modes that read real rows (dynamic: for the search only)
+CALIBRATED = ("dynamic", "static", "nncf", "weight-only")  # modes that read real rows (dynamic, weight-only: for the search only)
 WEIGHT_ONLY_BLOCK = 32  # int8 scales per 32 weights: block 128 flipped 2.5% of MiniLM's answers, 32 none
 FILES = ("backbone.onnx", "head.onnx", "model.onnx")
 COPIED = ("tokenizer.json", "preprocessor.json", "labels.json")
@@ -90,7 +90,7 @@ def quantize_model(src: Path, dst: Path, mode: str, *, modality: str,
     mode: "dynamic" (int8 weights, activation scales per call), "static" (int8 QDQ; needs
     `calibration`, input dicts of real preprocessed samples) or "fp16" (float16 inside,
     float32 inputs and outputs). `modality` ("text" or "image") picks the op types static
-    quantizes; `exclude` names nodes to keep in float (dynamic and static). Returns
+    quantizes; `exclude` names nodes to keep in float (dynamic, static, weight-only). Returns
     {"mode", "op_types", "per_channel", "bytes"}.
     """
     import onnx
@@ -146,7 +146,7 @@ def quantize_model(src: Path, dst: Path, mode: str, *, modality: str,
         logging.getLogger().addFilter(nag)
         try:
             if mode == "weight-only":
-                op_types = _weight_only(src, dst, present, extra)
+                op_types = _weight_only(src, dst, present, extra, exclude)
             elif mode == "dynamic":
                 op_types = sorted(present & set(IntegerOpsRegistry))
                 quantize_dynamic(str(src), str(dst), op_types_to_quantize=op_types, per_channel=per_channel,
@@ -178,7 +178,7 @@ def quantize_model(src: Path, dst: Path, mode: str, *, modality: str,
     return {"mode": mode, "op_types": op_types, "per_channel": bool(per_channel), "bytes": dst.stat().st_size}
 
 
-SEARCHABLE = ("dynamic", "static")  # modes whose nodes can be kept in float one by one
+SEARCHABLE = ("dynamic", "static", "weight-only")  # modes whose nodes can be kept in float one by one
 
 
 def _file_bytes(path: Path) -> int:
@@ -309,7 +309,7 @@ def describe_miss(result: dict) -> str:
     return text
 
 
-def _weight_only(src: Path, dst: Path, present: set[str], extra: dict) -> list[str]:
+def _weight_only(src: Path, dst: Path, present: set[str], extra: dict, exclude: list[str] | None = None) -> list[str]:
     """MatMul weights to 8-bit blocks (MatMulNBits, int8 compute where the CPU has it), then the
     embedding tables (Gather) to int8 with dynamic quantization."""
     import onnx
@@ -322,14 +322,14 @@ def _weight_only(src: Path, dst: Path, present: set[str], extra: dict) -> list[s
     config = nbits.DefaultWeightOnlyQuantConfig(block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True,
                                                 accuracy_level=4, bits=8)
     q = nbits.MatMulNBitsQuantizer(onnx.load(str(src)), bits=8, block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True,
-                                   accuracy_level=4, algo_config=config)
+                                   accuracy_level=4, algo_config=config, nodes_to_exclude=list(exclude or []))
     q.process()
     mid = dst.with_name(f".{dst.name}.matmul.onnx")
     try:
         q.model.save_model_to_file(str(mid), use_external_data_format=False)
         if "Gather" in present:
             quantize_dynamic(str(mid), str(dst), op_types_to_quantize=["Gather"], per_channel=False,
-                             weight_type=QuantType.QInt8, extra_options=extra)
+                             weight_type=QuantType.QInt8, nodes_to_exclude=exclude or None, extra_options=extra)
         else:
             mid.replace(dst)
     finally:

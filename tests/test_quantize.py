@@ -286,3 +286,22 @@ def test_cli_happy_path_and_bad_input(text_export, tmp_path):
     r = CliRunner().invoke(main, ["quantize", str(tmp_path), "--mode", "fp16", "-o", str(tmp_path / "q3")])
     assert r.exit_code == 2 and "not a folder from edgeft export" in r.stderr
 
+
+
+def test_weight_only_keeps_excluded_nodes_in_float(text_export, tmp_path):
+    """The search keeps nodes in float by name in weight-only mode too (MatMulNBits and the int8
+    embedding tables alike)."""
+    from edgeft.quantize import quantize_model
+
+    node, _ = _weight_nodes(text_export / "backbone.onnx")[2]
+    m = onnx.load(str(text_export / "backbone.onnx"))
+    gather = next(n.name for n in m.graph.node if n.op_type == "Gather" and "word_embeddings" in n.name)
+    quantize_model(text_export / "backbone.onnx", tmp_path / "w.onnx", "weight-only", modality="text",
+                   exclude=[node, gather])
+    q = onnx.load(str(tmp_path / "w.onnx"))
+    ops = {n.name: n.op_type for n in q.graph.node}
+    assert ops[node] == "MatMul" and ops[gather] == "Gather"
+    assert "MatMulNBits" in ops.values()
+    # the excluded embedding table stays float; another one is int8
+    inits = {i.name: i.data_type for i in q.graph.initializer}
+    assert any(t == onnx.TensorProto.INT8 or t == onnx.TensorProto.UINT8 for t in inits.values())
