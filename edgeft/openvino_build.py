@@ -3,6 +3,10 @@
 openvino-fp32 / -bf16  the converted graph, f32 weights; the runtime hint picks f32 or bf16
 openvino-fp16          weights stored as fp16 (half the size); computed in f16 on GPU/NPU,
                        in f32 on CPUs
+openvino-int8-weights  NNCF weight compression: int8 weights (asymmetric, per output channel),
+                       activations in float. On MiniLM (LoRA, maintenance) it kept all 120 test
+                       answers at 0.83 ms against 1.8 ms for the f32 IR and 2.2 ms for ONNX
+                       Runtime fp32, where full int8 changed 1-2% of them.
 openvino-int8          NNCF post-training quantization with the recipe for the model type
                        (ModelType.TRANSFORMER for text, the CNN default for images),
                        calibrated on real rows. When it misses the budget, NNCF's accuracy
@@ -31,7 +35,7 @@ from .runtime.openvino import PRECISION_HINTS
 
 log = logging.getLogger(__name__)
 
-MODES = ("openvino-fp32", "openvino-fp16", "openvino-bf16", "openvino-int8")
+MODES = ("openvino-fp32", "openvino-fp16", "openvino-bf16", "openvino-int8", "openvino-int8-weights")
 AC_MAX_ITERATIONS = 8  # NNCF's accuracy control: at most this many rounds of reverting quantizers
 # (uncapped, a forced restore on MiniLM ran for minutes without converging)
 
@@ -98,13 +102,21 @@ def ir_variant(src: Path, work: Path, mode: str, *, modality: str, gate, calibra
     xml = work / "backbone.xml"
     model = ov.convert_model(str(src))
     out = {"mode": mode, "op_types": [], "per_channel": False, "kept_float": []}
-    if mode != "openvino-int8":
+    if mode not in ("openvino-int8", "openvino-int8-weights"):
         ov.save_model(model, str(xml), compress_to_fp16=(mode == "openvino-fp16"))
         out.update(op_types=["(all)"], **gate(xml), path=xml)
         out["bytes"] = ir_bytes(xml)
         return out
 
     nncf = _nncf()
+    if mode == "openvino-int8-weights":
+        with _progress_to_stderr():
+            compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        ov.save_model(compressed, str(xml), compress_to_fp16=False)
+        out.update(op_types=["MatMul", "Gather"] if modality == "text" else ["MatMul", "Convolution"],
+                   per_channel=True, **gate(xml), path=xml)
+        out["bytes"] = ir_bytes(xml)
+        return out
     if not calibration:
         raise UsageError("openvino-int8 needs calibration rows; none were given.")
     model_type = nncf.ModelType.TRANSFORMER if modality == "text" else None
@@ -122,7 +134,7 @@ def ir_variant(src: Path, work: Path, mode: str, *, modality: str, gate, calibra
     if out["passed"] or not search:
         return out
 
-    controlled, info = accuracy_control(model, calibration, gate, modality)
+    controlled, info = accuracy_control(model, calibration, gate, modality, src)
     xml_ac = work / "backbone.ac.xml"
     ov.save_model(controlled, str(xml_ac), compress_to_fp16=False)
     verdict = gate(xml_ac)
@@ -134,20 +146,22 @@ def ir_variant(src: Path, work: Path, mode: str, *, modality: str, gate, calibra
     return out
 
 
-def accuracy_control(model, calibration: list[dict[str, np.ndarray]], gate, modality: str):
+def accuracy_control(model, calibration: list[dict[str, np.ndarray]], gate, modality: str, fp32: Path):
     """NNCF's accuracy control on an OpenVINO or ONNX model -> (quantized model, what it did).
 
-    The metric is top-1 agreement with the gate's reference answers: it needs no labels and is
-    the stricter half of the budget (the gate judges the accuracy drop afterwards). NNCF
+    The metric is top-1 agreement with the fp32 model (`fp32`, the exported backbone, with the
+    gate's head) on the calibration rows: it needs no labels, it is the stricter half of the
+    budget, and it leaves the gate's rows out of the search, so the gate that judges the result
+    afterwards (agreement and accuracy drop against PyTorch) is still a fair test. Fitting the
+    search to the gate's own 66 rows gave 100% there and 95% on held-out rows (MiniLM). NNCF
     quantizes, then reverts the quantizers that cost most, in at most AC_MAX_ITERATIONS rounds.
     """
+    from .runtime.session import OnnxModel
+
     nncf = _nncf()
-    reference_top = gate.reference.argmax(1)
-    val_items, start = [], 0
-    for arrays in (gate.batches() if callable(gate.batches) else gate.batches):
-        n = len(next(iter(arrays.values())))
-        val_items.append((arrays, reference_top[start : start + n]))
-        start += n
+    reference = OnnxModel(fp32)
+    val_items = [(row, gate.head({"features": reference(row)["features"]})["logits"].argmax(1))
+                 for row in calibration]
     sessions: dict[int, object] = {}
 
     def features(candidate, arrays):
@@ -183,5 +197,6 @@ def accuracy_control(model, calibration: list[dict[str, np.ndarray]], gate, moda
             drop_type=nncf.DropType.ABSOLUTE, model_type=model_type, subset_size=len(calibration),
             advanced_accuracy_restorer_parameters=nncf.AdvancedAccuracyRestorerParameters(
                 max_num_iterations=AC_MAX_ITERATIONS))
-    return controlled, {"method": "nncf.quantize_with_accuracy_control", "metric": "top-1 agreement with the reference",
+    return controlled, {"method": "nncf.quantize_with_accuracy_control",
+                        "metric": f"top-1 agreement with fp32 on {len(val_items)} calibration rows",
                         "max_iterations": AC_MAX_ITERATIONS, "seconds": round(time.perf_counter() - t0, 2)}

@@ -246,7 +246,7 @@ def quantize_to_budget(src: Path, work: Path, mode: str, *, modality: str, gate:
         from .openvino_build import accuracy_control
 
         plain_verdict = {k: out[k] for k in ("agreement", "accuracy_drop", "bytes", "failed")}
-        controlled, info_ac = accuracy_control(onnx.load(str(src)), calibration, gate, modality)
+        controlled, info_ac = accuracy_control(onnx.load(str(src)), calibration, gate, modality, src)
         path = work / "backbone.nncf.ac.onnx"
         onnx.save(controlled, str(path))
         out.update(gate(path), path=path, plain=plain_verdict, search=info_ac, plain_path=plain)

@@ -2,7 +2,8 @@
 
 The bundle's backbone is an OpenVINO IR (backbone.xml + backbone.bin): int8 by NNCF's
 post-training recipe for the model type (with NNCF's accuracy control when it misses the
-budget), or fp16/bf16/fp32. Texts are padded to a few bucket widths chosen from the
+budget) or NNCF's int8 weight compression, whichever is faster of those within the budget;
+or fp16/bf16/fp32. Texts are padded to a few bucket widths chosen from the
 calibration rows, so the runtime compiles each shape once and never again. Threads,
 streams, the performance hint and the OpenVINO device (CPU, GPU, NPU, AUTO) come from the
 device profile; "fp32" runs as f32 even on CPUs where OpenVINO would pick bf16. The head
@@ -61,5 +62,5 @@ def register_targets(register):
         package=package,
         engine="openvino",
         variants={"fp32": ("openvino-fp32",), "fp16": ("openvino-fp16",), "bf16": ("openvino-bf16",),
-                  "int8": ("openvino-int8",)},
+                  "int8": ("openvino-int8", "openvino-int8-weights")},
     ))
