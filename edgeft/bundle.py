@@ -180,7 +180,10 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
                 "target": {"name": target.name, "plugin": target.plugin},
                 "runtime": {**{k: settings[k] for k in ("providers", "threads", "static_shapes", "batch_size",
                                                         "max_length", "engine")},
-                            **({"openvino": ov_settings} if ov_settings else {})},
+                            **({"openvino": ov_settings} if ov_settings else {}),
+                            # dynamic int8: activation scales per call over the whole batch, so
+                            # the device answers one row per call (the build judged it so)
+                            **({"max_batch": 1} if quant and quant.get("mode") == "dynamic" else {})},
                 "retrain": settings["retrain"],
                 "backbone": backbone_file,
                 "head": {"version": 1, "file": head_file},

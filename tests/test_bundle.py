@@ -281,3 +281,21 @@ def test_third_party_plugin_appears_and_builds(tmp_path, text_run):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("acme-npu") and "acme/README.txt" in out.stdout
+
+
+@pytest.mark.parametrize("name", ["x86-64-server", "raspberry-pi-5"])
+def test_answers_do_not_depend_on_batch_mates(name, bundles):
+    """Dynamic int8 takes its activation scales from the whole batch (padding included); a
+    bundle that kept it answers one row per call, so a text's answer is the same alone or
+    beside a long one. The build judged it that way too."""
+    manifest, path = bundles[name]
+    q = manifest["quantization"]
+    assert (manifest["runtime"].get("max_batch") == 1) == (q["mode"] == "dynamic")
+    b = Bundle(path)
+    alone = b.logits(["pump seal leak"])
+    crowded = b.logits(["pump seal leak", "belt roller " * 30, "motor"], batch_size=32)[:1]
+    if q["mode"] == "dynamic":
+        assert np.array_equal(alone, crowded)
+    else:
+        assert np.allclose(alone, crowded, atol=1e-4)
+    assert b.check()["passed"]

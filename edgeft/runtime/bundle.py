@@ -171,6 +171,12 @@ class Bundle:
                 raise TypeError("runtime.batch_size must be a positive integer up to 4096")
             self.fixed_batch = batch if runtime.get("static_shapes") else None
             self.pow2_batches = runtime.get("engine") == "openvino"
+            # dynamic int8 takes its activation scales from the whole batch, padding included:
+            # such a bundle answers one row per call, or batch-mates would change its answers
+            self.max_batch = runtime.get("max_batch")
+            if self.max_batch is not None and (not isinstance(self.max_batch, int) or isinstance(self.max_batch, bool)
+                                               or not 0 < self.max_batch <= 4096):
+                raise TypeError("runtime.max_batch must be a positive integer up to 4096")
         except (KeyError, TypeError, ValueError, OSError) as e:
             raise BundleError(f"{self.path / MANIFEST}: unusable preprocessing or runtime settings ({type(e).__name__}: {e}).") from None
         if runtime.get("engine", "onnxruntime") == "openvino":
@@ -193,7 +199,7 @@ class Bundle:
                               f"{m['head']['file']} has {dims[-1]} outputs.")
 
     def _chunks(self, items, batch_size):
-        step = self.fixed_batch or batch_size
+        step = self.fixed_batch or min(batch_size, self.max_batch or batch_size)
         for i in range(0, len(items), step):
             chunk = items[i : i + step]
             if self.fixed_batch and len(chunk) < self.fixed_batch:
@@ -233,9 +239,17 @@ class Bundle:
         expected = np.load(ref_dir / "outputs.npz")
         arrays = {k: inputs[k] for k in inputs.files}
         n = len(next(iter(arrays.values())))
-        step = self.fixed_batch or n
-        feats = np.concatenate([self.features_from_arrays({k: v[i : i + step] for k, v in arrays.items()})
-                                for i in range(0, n, step)])
+        if self.max_batch == 1 and "attention_mask" in arrays and not self.fixed_batch:
+            # one text per call, without the padding its batch-mates gave it, as predict runs it
+            rows = []
+            for i in range(n):
+                width = max(1, int(arrays["attention_mask"][i].sum()))
+                rows.append(self.features_from_arrays({k: v[i : i + 1, :width] for k, v in arrays.items()}))
+            feats = np.concatenate(rows)
+        else:
+            step = self.fixed_batch or min(n, self.max_batch or n)
+            feats = np.concatenate([self.features_from_arrays({k: v[i : i + step] for k, v in arrays.items()})
+                                    for i in range(0, n, step)])
         got = self.head_outputs(feats)["logits"]
         ref = expected["logits"]
         if self.head_version != self.manifest["heads"][0]["version"]:
