@@ -25,7 +25,7 @@ from .errors import ParityError, UsageError
 from .parity import Thresholds, checks, compare
 from .plugins import find_profile
 from .runtime import atomic
-from .runtime.bundle import MANIFEST, SCHEMA, Bundle, sha256
+from .runtime.bundle import MANIFEST, Bundle, sha256
 from .targets import BuildContext
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ PARITY_ROWS = 512
 # the size, ~1.5x faster than fp32.
 # Each is gated (with the sensitivity search where it misses); the fastest passing one wins.
 QUANT_MODES = {"int8": ("dynamic", "weight-only"), "int8-static": ("static",), "fp16": ("fp16",)}
+# variants that read real rows (calibration, or ranking nodes for the search)
+CALIBRATED_VARIANTS = {"dynamic", "static", "weight-only", "nncf", "openvino-int8"}
 
 
 def now() -> str:
@@ -84,9 +86,12 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
     modality = loaded.spec.modality
 
     engine = settings["engine"]
+    variants = (target.variants or QUANT_MODES).get(precision, ())
+    calibrated = [v for v in variants if v in CALIBRATED_VARIANTS]
     source_info = loaded.info.get("training") or (
         training_source(loaded.info["config"]) if "config" in loaded.info else None)
-    train_ds = training_data(source_info)
+    # the training rows: the replay memory, and calibration unless --calibration is given
+    train_ds = training_data(source_info) if replay or (calibrated and not calibration) else None
 
     with tempfile.TemporaryDirectory(prefix="edgeft-build-") as work:
         work = Path(work)
@@ -94,9 +99,11 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
         spec = dict(exported["preprocessing"])
         # real rows that calibrate int8 and rank nodes for the search: the user's, else the
         # training rows (the parity rows judge; they should not also calibrate)
-        calib_items = (load_dataset(calibration, require_labels=False).items if calibration
-                       else (train_ds.items if train_ds is not None else ds.items))
-        calib_items = _spread(calib_items, CALIBRATION_ROWS)
+        calib_items = []
+        if calibrated or engine == "openvino":  # openvino: the bucket widths come from these rows too
+            calib_items = (load_dataset(calibration, require_labels=False).items if calibration
+                           else (train_ds.items if train_ds is not None else ds.items))
+            calib_items = _spread(calib_items, CALIBRATION_ROWS)
         if modality == "text":
             if settings["max_length"]:
                 spec["max_length"] = min(spec["max_length"], settings["max_length"])
@@ -123,7 +130,6 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
             from .openvino_build import runtime_settings
 
             ov_settings = runtime_settings(settings, precision)
-        variants = (target.variants or QUANT_MODES).get(precision, ())
         quant = None
         if variants:
             quant = _choose_variant(variants, backbone_src, work, precision=precision, modality=modality, pre=pre,
@@ -162,7 +168,7 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
             (tmp / "reference" / "items.json").write_text(json.dumps([str(x) for x in ref_items], indent=1))
 
             manifest = {
-                "schema": SCHEMA,
+                "schema": 2 if (engine != "onnxruntime" or (quant and quant.get("mode") == "dynamic")) else 1,
                 "edgeft_version": __version__,
                 "created": now(),
                 "task": "classification",
@@ -223,6 +229,11 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
             if not parity["passed"]:
                 raise ParityError(f"{output}: the {precision} bundle for {profile.name} fails parity with PyTorch: "
                                   + "; ".join(c["message"] for c in parity["checks"] if not c["passed"]))
+            if precision != "fp32":  # what `edgeft device check` compares a device with (see Bundle.check)
+                np.savez(tmp / "reference" / "outputs.npz", logits=logits.numpy(), features=feats.numpy(),
+                         bundle_features=bundle.reference_features())
+                manifest["files"]["reference/outputs.npz"] = {"sha256": sha256(tmp / "reference" / "outputs.npz"),
+                                                              "bytes": (tmp / "reference" / "outputs.npz").stat().st_size}
             parity["export_fp32"] = {k: exported["parity"][k] for k in ("max_abs_diff", "agreement")} if exported["parity"] else None
             (tmp / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
             manifest["parity"] = {k: parity.get(k) for k in ("rows", "max_abs_diff", "mean_abs_diff", "agreement",
@@ -289,7 +300,7 @@ def _choose_variant(variants, backbone_src: Path, work: Path, *, precision, moda
     else:
         opener = OnnxModel
     gate = Gate(ref, y, labels, batches, head, thresholds, open_model=opener)
-    calib = [pre(calib_items[i : i + 1]) for i in range(len(calib_items))]
+    calib = [pre(calib_items[i : i + 1]) for i in range(len(calib_items))] if calib_items else None
     timing = [pre(items[i : i + 1]) for i in range(min(LATENCY_ROWS, len(items)))]
     tried, passing = [], []
     for mode in variants:

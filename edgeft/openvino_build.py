@@ -162,20 +162,18 @@ def accuracy_control(model, calibration: list[dict[str, np.ndarray]], gate, moda
     reference = OnnxModel(fp32)
     val_items = [(row, gate.head({"features": reference(row)["features"]})["logits"].argmax(1))
                  for row in calibration]
-    sessions: dict[int, object] = {}
+    cached: list = [None, None]  # (the candidate ModelProto itself, its session): compared with `is`
 
     def features(candidate, arrays):
         if hasattr(candidate, "SerializeToString"):  # the ONNX backend hands over a ModelProto
             import onnxruntime as ort
 
-            key = id(candidate)
-            if key not in sessions:
-                sessions.clear()
+            if cached[0] is not candidate:  # holding the object keeps its id from being reused
                 opts = ort.SessionOptions()
                 opts.log_severity_level = 3
-                sessions[key] = ort.InferenceSession(candidate.SerializeToString(), opts,
-                                                     providers=["CPUExecutionProvider"])
-            sess = sessions[key]
+                cached[:] = [candidate, ort.InferenceSession(candidate.SerializeToString(), opts,
+                                                             providers=["CPUExecutionProvider"])]
+            sess = cached[1]
             names = [i.name for i in sess.get_inputs()]
             return sess.run(None, {k: arrays[k] for k in names})[0]
         return np.asarray(candidate(arrays)[0])  # the OpenVINO backend: a CompiledModel

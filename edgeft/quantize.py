@@ -178,6 +178,7 @@ def quantize_model(src: Path, dst: Path, mode: str, *, modality: str,
     return {"mode": mode, "op_types": op_types, "per_channel": bool(per_channel), "bytes": dst.stat().st_size}
 
 
+IMAGE_SENSITIVITY_ROWS = 4  # a CNN's activations are large: 4 images x every node's inputs, held at once
 SEARCHABLE = ("dynamic", "static", "weight-only")  # modes whose nodes can be kept in float one by one
 
 
@@ -226,7 +227,7 @@ def quantize_to_budget(src: Path, work: Path, mode: str, *, modality: str, gate:
     """
     import onnx
 
-    from .sensitivity import max_float, name_nodes, node_errors
+    from .sensitivity import SENSITIVITY_ROWS, max_float, name_nodes, node_errors
     from .sensitivity import search as search_nodes
 
     work.mkdir(parents=True, exist_ok=True)
@@ -260,7 +261,8 @@ def quantize_to_budget(src: Path, work: Path, mode: str, *, modality: str, gate:
         quantize_model(a, b, mode, modality=modality, calibration=rows, per_channel=per_channel)
 
     t0 = time.perf_counter()
-    ranking = node_errors(src, quantize_one, info["op_types"], calibration)
+    ranking = node_errors(src, quantize_one, info["op_types"], calibration,
+                          max_rows=IMAGE_SENSITIVITY_ROWS if modality == "image" else SENSITIVITY_ROWS)
 
     def attempt(names: list[str]) -> dict:
         path = work / f"backbone.{mode}.float{len(names)}.onnx"
@@ -369,6 +371,24 @@ def _save_with_meta(model, path: Path, meta: dict) -> None:
     onnx.save(model, str(path))
 
 
+def _training_rows(info: dict):
+    """The training rows of the run (or merged model) an export came from, or None."""
+    from .runs import read_run, training_data, training_source
+
+    src = Path(info.get("source") or "")
+    try:
+        if (src / "run.json").exists():
+            run = read_run(src)
+            where = run.get("training") or training_source(run["config"])
+        elif (src / "edgeft.json").exists():
+            where = json.loads((src / "edgeft.json").read_text()).get("training")
+        else:
+            return None
+        return training_data(where)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def _read_export(export_dir: Path) -> dict:
     missing = [f for f in (*FILES, "export.json") if not (export_dir / f).exists()]
     if not export_dir.is_dir() or missing:
@@ -457,7 +477,13 @@ def quantize(export_dir, mode, output, *, calibration=None, text_column="text", 
         raise UsageError(f"{export_dir}: its validation data is gone and no --calibration was given. "
                          "Pass --calibration DATA (labelled rows) so the quantized model can be checked.")
     if calib_ds is None and mode in CALIBRATED:
-        calib_ds = val_ds
+        # the rows the model trained on: calibration and the search's ranking then never see
+        # the rows that judge the result
+        calib_ds = _training_rows(info)
+        if calib_ds is None:
+            log.warning("%s: its training rows are gone; calibrating on the validation rows that also judge "
+                        "the result (pass --calibration to keep them apart).", export_dir)
+            calib_ds = val_ds
     items = parity_ds.items[:PARITY_ROWS]
     y = None
     if all(v is not None for v in parity_ds.labels[: len(items)]):

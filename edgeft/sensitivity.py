@@ -110,7 +110,7 @@ def _one_node_model(model, node, captured: dict[str, list[np.ndarray]]):
 
 
 def node_errors(src: Path, quantize_one: Callable[[Path, Path, list[dict]], None], op_types: list[str],
-                rows: list[dict[str, np.ndarray]]) -> list[NodeError]:
+                rows: list[dict[str, np.ndarray]], max_rows: int = SENSITIVITY_ROWS) -> list[NodeError]:
     """Every node of `op_types` in `src`, with its error when it alone is quantized, worst first.
 
     `quantize_one(src, dst, calibration_rows)` quantizes a one-node file the way the whole
@@ -131,7 +131,7 @@ def node_errors(src: Path, quantize_one: Callable[[Path, Path, list[dict]], None
     floats = _float_values(model)
     nodes = [n for n in nodes if any(i and i not in inits for i in n.input) and n.output[0] in floats]
     names = list(dict.fromkeys(i for n in nodes for i in n.input if i and i not in inits))
-    rows = rows[:SENSITIVITY_ROWS]
+    rows = rows[:max_rows]  # every node's inputs on every row are kept at once: few rows for images
     captured = _capture(model, names, rows)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3

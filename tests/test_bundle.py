@@ -299,3 +299,18 @@ def test_answers_do_not_depend_on_batch_mates(name, bundles):
     else:
         assert np.allclose(alone, crowded, atol=1e-4)
     assert b.check()["passed"]
+
+
+def test_device_check_of_a_quantized_bundle_compares_with_the_build(bundles):
+    """int8: the device must reproduce the answers the build recorded for the finished bundle
+    (PyTorch agreement on the 16 rows is reported beside it); a device that computes other
+    features fails the check."""
+    _, path = bundles["raspberry-pi-5"]
+    b = Bundle(path)
+    report = b.check()
+    assert report["passed"] and report["against"] == "the bundle's outputs at build time"
+    assert 0 <= report["pytorch_agreement"] <= 1 and report["agreement"] == 1.0
+    real = b.features_from_arrays
+    b.features_from_arrays = lambda arrays: real(arrays)[:, ::-1].copy()  # a device that gets it wrong
+    report = b.check()
+    assert not report["passed"] and report["agreement"] < 1.0

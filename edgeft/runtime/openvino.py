@@ -36,16 +36,36 @@ def load_openvino():
     return openvino
 
 
+HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
+
+
 def compile_config(settings: dict) -> dict:
-    """OpenVINO properties from a bundle's runtime.openvino settings (all optional)."""
-    config = {"PERFORMANCE_HINT": str(settings.get("performance_hint", "LATENCY")).upper()}
-    if settings.get("threads"):
-        config["INFERENCE_NUM_THREADS"] = int(settings["threads"])
-    if settings.get("streams"):
+    """OpenVINO properties from a bundle's runtime.openvino settings (all optional); BundleError
+    naming the key for a value OpenVINO would not take."""
+    def count(key):
+        v = settings.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= 1024):
+            raise BundleError(f"runtime.openvino.{key}: expected a positive integer up to 1024, got {v!r}.")
+        return v
+
+    hint = str(settings.get("performance_hint") or "LATENCY").upper()
+    if hint not in HINTS:
+        raise BundleError(f"runtime.openvino.performance_hint: {settings.get('performance_hint')!r} is not one of "
+                          f"{', '.join(HINTS)}.")
+    config = {"PERFORMANCE_HINT": hint}
+    if count("threads"):
+        config["INFERENCE_NUM_THREADS"] = settings["threads"]
+    if count("streams"):
         config["NUM_STREAMS"] = str(settings["streams"])
-    hint = settings.get("inference_precision")
-    if hint:
-        config["INFERENCE_PRECISION_HINT"] = str(hint)
+    precision = settings.get("inference_precision")
+    if precision is not None:
+        if precision not in set(PRECISION_HINTS.values()):
+            raise BundleError(f"runtime.openvino.inference_precision: {precision!r} is not one of "
+                              f"{', '.join(sorted(set(PRECISION_HINTS.values())))}.")
+        config["INFERENCE_PRECISION_HINT"] = precision
+    device = settings.get("device", "CPU")
+    if not isinstance(device, str) or not device or len(device) > 100:
+        raise BundleError(f"runtime.openvino.device: expected an OpenVINO device name such as CPU, got {device!r}.")
     return config
 
 
@@ -56,8 +76,11 @@ class OpenVinoModel:
         ov = load_openvino()
         self.path = Path(path)
         self.settings = dict(settings or {})
+        try:
+            self.config = compile_config(self.settings)
+        except BundleError as e:
+            raise BundleError(f"{self.path.parent / 'manifest.json'}: {e}") from None
         self.device = str(self.settings.get("device", "CPU"))
-        self.config = compile_config(self.settings)
         self.core = ov.Core()
         plain = self.device.split(":")[0].split(".")[0].upper()
         if plain not in ("AUTO", "MULTI", "HETERO", "BATCH") and plain not in {
@@ -78,9 +101,9 @@ class OpenVinoModel:
         key = tuple(feed[n].shape for n in self.inputs)
         compiled = self._compiled.pop(key, None)
         if compiled is None:
-            model = self.model.clone()
-            model.reshape({n: self._ov.PartialShape(list(feed[n].shape)) for n in self.inputs})
             try:
+                model = self.model.clone()
+                model.reshape({n: self._ov.PartialShape(list(feed[n].shape)) for n in self.inputs})
                 compiled = self.core.compile_model(model, self.device, self.config)
             except Exception as e:  # noqa: BLE001
                 raise BundleError(f"{self.path}: OpenVINO cannot compile it for {self.device} "

@@ -63,8 +63,11 @@ def _accuracy(logits: np.ndarray, y: np.ndarray) -> float | None:
 def cached_features(bundle: Bundle, ds: Dataset, batch_size: int = 32) -> tuple[np.ndarray, bool]:
     """Features from the bundle's backbone; cached under the bundle by (backbone, preprocessing, data) hash."""
     m = bundle.manifest
-    key = hashlib.sha256(json.dumps([m["files"][m["backbone"]]["sha256"], m["preprocessing"],
-                                     ds.fingerprint()], sort_keys=True).encode()).hexdigest()[:24]
+    weights = [m["files"][m["backbone"]]["sha256"]]
+    if m["backbone"].endswith(".xml"):  # an OpenVINO IR keeps its weights in the .bin beside it
+        weights.append(m["files"].get(m["backbone"][:-4] + ".bin", {}).get("sha256"))
+    key = hashlib.sha256(json.dumps([weights, m["preprocessing"], ds.fingerprint()],
+                                    sort_keys=True).encode()).hexdigest()[:24]
     path = bundle.path / "cache" / f"features-{key}.npy"
     if path.exists():
         try:
