@@ -57,6 +57,12 @@ def plots(results: dict) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def save(fig, name: str) -> Path:
+        fig.tight_layout()
+        fig.savefig(RESULTS / name, dpi=110)
+        plt.close(fig)
+        return RESULTS / name
+
     made = []
     lat = results.get("latency", {}).get("variants", [])
     if lat:
@@ -72,10 +78,7 @@ def plots(results: dict) -> list[Path]:
         b.set_xlim(0, 105)
         b.invert_yaxis()
         fig.suptitle("all-MiniLM-L6-v2 maintenance router: latency and accuracy per variant")
-        fig.tight_layout()
-        made.append(RESULTS / "latency.png")
-        fig.savefig(made[-1], dpi=110)
-        plt.close(fig)
+        made.append(save(fig, "latency.png"))
     dr = results.get("device_retrain", {})
     if dr.get("before") and dr.get("after"):
         fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -90,10 +93,7 @@ def plots(results: dict) -> list[Path]:
         ax.set_ylim(0, 100)
         ax.legend()
         ax.set_title("on-device head retrain (numpy + onnxruntime)")
-        fig.tight_layout()
-        made.append(RESULTS / "retrain.png")
-        fig.savefig(made[-1], dpi=110)
-        plt.close(fig)
+        made.append(save(fig, "retrain.png"))
     return made
 
 

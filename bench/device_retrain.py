@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import latency  # noqa: E402  (bench/latency.py: the cached run and bundles)
-from _table import print_cells  # noqa: E402  (bench/ is the script's own folder)
+from _common import machine_busy_seconds, print_cells, write_results  # noqa: E402  (bench/ is the script's own folder)
 
 ROOT = latency.ROOT
 DATA = latency.DATA
@@ -159,7 +159,7 @@ def run_child(bundle: Path, data: Path, margin: float | None = None) -> dict:
             time.sleep(0.02)
 
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        busy, mine = latency.machine_busy_seconds(), sum(os.times()[:2])
+        busy, mine = machine_busy_seconds(), sum(os.times()[:2])
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
         poller = threading.Thread(target=poll, args=(p.pid,), daemon=True)
@@ -169,7 +169,7 @@ def run_child(bundle: Path, data: Path, margin: float | None = None) -> dict:
         p.returncode = os.waitstatus_to_exitcode(status)
         poller.join()
         child_cpu = ru.ru_utime + ru.ru_stime
-        others = (latency.machine_busy_seconds() - busy) - child_cpu - (sum(os.times()[:2]) - mine)
+        others = (machine_busy_seconds() - busy) - child_cpu - (sum(os.times()[:2]) - mine)
         out.seek(0), err.seek(0)
         stdout, stderr = out.read().decode(), err.read().decode()
     marks = [json.loads(line[len(MARK):]) for line in stderr.splitlines() if line.startswith(MARK)]
@@ -416,10 +416,7 @@ def main() -> None:
           f"{max(x['ru_maxrss_mb_inflated'] for x in every):.0f} MB: Linux folds the spawning process's peak into it at exec.)")
     print(f"Other processes used up to {others:.0%} of the CPUs during the retrains"
           + (": timings are unreliable, rerun on a quiet machine." if others > 0.15 else "."))
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    print(f"wrote {out} ({results['bench_seconds']:.0f} s)")
+    write_results(results, args.output)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import others_share, print_cells, write_results  # noqa: E402  (bench/ is the script's own folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "maintenance"
@@ -219,15 +222,6 @@ def dir_bytes(path: Path, skip: tuple[str, ...] = ("cache",)) -> int:
 # ---------------------------------------------------------------- measuring
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds every process on the machine has used so far (Linux /proc/stat), else nan."""
-    try:
-        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
-    except (OSError, ValueError):
-        return float("nan")
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
-
-
 def timed_block(fn, texts: list[str]) -> list[float]:
     """Warm up on a few texts, then time each text: milliseconds, one per text."""
     for t in texts[:WARMUP]:
@@ -330,28 +324,19 @@ def accuracy_pass(vs: list[dict], texts: list[str], y: list[int]) -> None:
         v["max_abs_diff"] = float(np.abs(z - ref).max())
 
 
-def others_share(fn) -> float:
-    """Run fn(); the share of the machine's CPUs other processes used meanwhile."""
-    busy, mine, t0 = machine_busy_seconds(), sum(os.times()[:2]), time.perf_counter()
-    fn()
-    others = (machine_busy_seconds() - busy) - (sum(os.times()[:2]) - mine)
-    return max(0.0, others) / ((time.perf_counter() - t0) * os.cpu_count())
-
-
 def wait_for_quiet(limit: float) -> float:
     """Wait (at most `limit` seconds) for half a second in which other processes leave the CPUs alone."""
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < limit:
-        if others_share(lambda: time.sleep(0.5)) < QUIET:
+        if others_share(time.sleep, 0.5)[1] < QUIET:
             break
     return time.perf_counter() - t0
 
 
 def time_block(v: dict, texts: list[str], extra: bool = False) -> None:
-    box = {}
-    share = others_share(lambda: box.setdefault("ms", timed_block(v["fn"], texts)))
-    v["ms"] += box["ms"]
-    v["rounds"].append({"median_ms": statistics.median(box["ms"]), "others_cpu_share": share, "extra": extra})
+    ms, share = others_share(timed_block, v["fn"], texts)
+    v["ms"] += ms
+    v["rounds"].append({"median_ms": statistics.median(ms), "others_cpu_share": share, "extra": extra})
 
 
 def latency_pass(vs: list[dict], texts: list[str], rounds: int, extra_rounds: int) -> float:
@@ -383,7 +368,7 @@ def latency_pass(vs: list[dict], texts: list[str], rounds: int, extra_rounds: in
                 f"{v['key']} {v['rounds'][-1]['median_ms']:.2f} ms ({v['rounds'][-1]['others_cpu_share']:.0%} busy)"
                 for v in disturbed), flush=True)
 
-    return others_share(run)
+    return others_share(run)[1]
 
 
 # ---------------------------------------------------------------- report
@@ -419,12 +404,7 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
     head = ("variant", "size MB", "ms/text", "speed-up vs PyTorch eager", "agreement vs PyTorch", "test accuracy",
             "budget", f">= {TARGET_SPEEDUP:g}x + budget", "gate")
     left = (0, 6, 7, 8)
-    cells = [head, *rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
-    for i, c in enumerate(cells):
-        print(" | ".join(s.ljust(w) if j in left else s.rjust(w) for j, (s, w) in enumerate(zip(c, widths, strict=True))))
-        if i == 0:
-            print("-+-".join("-" * w for w in widths))
+    print_cells([head, *rows], left)
 
 
 def main() -> None:
@@ -539,10 +519,7 @@ def main() -> None:
     print(f"Other processes used {others:.0%} of the CPUs while timing, up to {worst:.0%} in a round the table uses"
           + (": timings are unreliable, rerun on a quiet machine." if worst >= QUIET else "."))
     results["machine"]["others_cpu_share_in_best_rounds"] = worst
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    print(f"wrote {out} ({results['bench_seconds']:.0f} s)")
+    write_results(results, args.output)
 
 
 if __name__ == "__main__":

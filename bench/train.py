@@ -23,7 +23,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from _table import print_cells  # noqa: E402  (bench/ is the script's own folder)
+from _common import others_share, print_cells, write_results  # noqa: E402  (bench/ is the script's own folder)
 from torch import nn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,21 +201,9 @@ def edgeft_nproc(data: dict, out: Path, nproc: int, epochs: int) -> dict:
     return {"seconds": time.perf_counter() - t0, "samples_per_second": timing["samples_per_second"], "timing": timing}
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds every process on the machine has used so far (Linux /proc/stat), else nan."""
-    try:
-        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
-    except (OSError, ValueError):
-        return float("nan")
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
-
-
 def measure(fn, *args, **kw) -> dict:
     """fn's result, plus the share of the machine's CPUs other processes used meanwhile."""
-    busy, mine, t0 = machine_busy_seconds(), sum(os.times()[:2]), time.perf_counter()
-    result = fn(*args, **kw)
-    others = (machine_busy_seconds() - busy) - (sum(os.times()[:2]) - mine)
-    result["others_cpu_share"] = max(0.0, others) / ((time.perf_counter() - t0) * os.cpu_count())
+    result, result["others_cpu_share"] = others_share(fn, *args, **kw)
     return result
 
 
@@ -323,10 +311,7 @@ def main() -> None:
     print("ratio: higher is better (for seconds: plain / edgeft). Timing noise is about ±15% between runs.")
     print(f"Other processes used up to {others:.0%} of the CPUs during the best rounds"
           + (": timings are unreliable, rerun on a quiet machine." if others > 0.15 else "."))
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {out} ({results['bench_seconds']:.0f} s)")
+    write_results(results, args.output)
 
 
 if __name__ == "__main__":

@@ -138,6 +138,9 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
                                     profile=profile.name)
             backbone_src = Path(quant.pop("path"))
 
+        # dynamic int8: activation scales per call over the whole batch, so the device answers one
+        # row per call (the build judged it so); runtime.max_batch says so, in a schema-2 manifest
+        one_row = quant is not None and quant.get("mode") == "dynamic"
         with atomic.directory(output, replace=overwrite) as tmp:
             if backbone_src.suffix == ".xml":  # an OpenVINO IR: the graph and its weights
                 shutil.copy2(backbone_src, tmp / "backbone.xml")
@@ -168,7 +171,7 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
             (tmp / "reference" / "items.json").write_text(json.dumps([str(x) for x in ref_items], indent=1))
 
             manifest = {
-                "schema": 2 if (engine != "onnxruntime" or (quant and quant.get("mode") == "dynamic")) else 1,
+                "schema": 2 if (engine != "onnxruntime" or one_row) else 1,
                 "edgeft_version": __version__,
                 "created": now(),
                 "task": "classification",
@@ -187,9 +190,7 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
                 "runtime": {**{k: settings[k] for k in ("providers", "threads", "static_shapes", "batch_size",
                                                         "max_length", "engine")},
                             **({"openvino": ov_settings} if ov_settings else {}),
-                            # dynamic int8: activation scales per call over the whole batch, so
-                            # the device answers one row per call (the build judged it so)
-                            **({"max_batch": 1} if quant and quant.get("mode") == "dynamic" else {})},
+                            **({"max_batch": 1} if one_row else {})},
                 "retrain": settings["retrain"],
                 "backbone": backbone_file,
                 "head": {"version": 1, "file": head_file},
@@ -202,10 +203,7 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
                                    modality, spec)
                 target.package(ctx)
 
-            manifest["files"] = {
-                str(p.relative_to(tmp)): {"sha256": sha256(p), "bytes": p.stat().st_size}
-                for p in sorted(tmp.rglob("*")) if p.is_file()
-            }
+            manifest["files"] = {str(p.relative_to(tmp)): _file_entry(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             # replay memory: training features from the bundle's own backbone (what the device computes)
             if replay:
@@ -216,7 +214,7 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
                 manifest["replay"] = {"per_class": replay, "holdout": REPLAY_HOLDOUT}
                 manifest["head"]["replay"] = rel
                 manifest["heads"][0]["replay"] = rel
-                manifest["files"][rel] = {"sha256": sha256(tmp / rel), "bytes": (tmp / rel).stat().st_size}
+                manifest["files"][rel] = _file_entry(tmp / rel)
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
             # the finished bundle, loaded as a device loads it, against PyTorch on validation rows
@@ -232,16 +230,14 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
             if precision != "fp32":  # what `edgeft device check` compares a device with (see Bundle.check)
                 np.savez(tmp / "reference" / "outputs.npz", logits=logits.numpy(), features=feats.numpy(),
                          bundle_features=bundle.reference_features())
-                manifest["files"]["reference/outputs.npz"] = {"sha256": sha256(tmp / "reference" / "outputs.npz"),
-                                                              "bytes": (tmp / "reference" / "outputs.npz").stat().st_size}
+                manifest["files"]["reference/outputs.npz"] = _file_entry(tmp / "reference" / "outputs.npz")
             parity["export_fp32"] = {k: exported["parity"][k] for k in ("max_abs_diff", "agreement")} if exported["parity"] else None
             (tmp / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
             manifest["parity"] = {k: parity.get(k) for k in ("rows", "max_abs_diff", "mean_abs_diff", "agreement",
                                                             "accuracy", "reference_accuracy", "accuracy_drop")}
             manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
             # parity.json is written after the hashes: hash it too, then the manifest is final
-            manifest["files"]["parity.json"] = {"sha256": sha256(tmp / "parity.json"),
-                                                "bytes": (tmp / "parity.json").stat().st_size}
+            manifest["files"]["parity.json"] = _file_entry(tmp / "parity.json")
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     if sign_key:
         from .runtime.trust import sign
@@ -256,6 +252,10 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
     log.info("built %s for %s (%s, %s) in %.1f s", output, profile.name, target.name, precision,
              time.perf_counter() - t0)
     return manifest
+
+
+def _file_entry(path: Path) -> dict:
+    return {"sha256": sha256(path), "bytes": path.stat().st_size}
 
 
 def _spread(items: list, n: int) -> list:

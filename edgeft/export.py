@@ -12,7 +12,6 @@ and parity against PyTorch on validation rows runs right away.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -29,6 +28,7 @@ from .errors import ModelError, ParityError, UsageError
 from .parity import Thresholds, checks, compare
 from .runs import Loaded, load_model, validation_data
 from .runtime import atomic
+from .runtime.bundle import sha256
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +54,6 @@ class _Head(nn.Module):
     def forward(self, features):
         logits = self.head(features)
         return logits, torch.softmax(logits, dim=-1)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _example_inputs(loaded: Loaded) -> dict[str, np.ndarray]:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError, require
+from .quantize import VERDICT
 from .runtime.openvino import PRECISION_HINTS
 
 log = logging.getLogger(__name__)
@@ -82,11 +83,6 @@ def open_ir(path: Path, settings: dict, build: bool = False):
     return OpenVinoModel(path, s)
 
 
-def ir_bytes(xml: Path) -> int:
-    xml = Path(xml)
-    return xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
-
-
 def _quantizers(model) -> set[str]:
     return {op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "FakeQuantize"}
 
@@ -105,7 +101,6 @@ def ir_variant(src: Path, work: Path, mode: str, *, modality: str, gate, calibra
     if mode not in ("openvino-int8", "openvino-int8-weights"):
         ov.save_model(model, str(xml), compress_to_fp16=(mode == "openvino-fp16"))
         out.update(op_types=["(all)"], **gate(xml), path=xml)
-        out["bytes"] = ir_bytes(xml)
         return out
 
     nncf = _nncf()
@@ -115,7 +110,6 @@ def ir_variant(src: Path, work: Path, mode: str, *, modality: str, gate, calibra
         ov.save_model(compressed, str(xml), compress_to_fp16=False)
         out.update(op_types=["MatMul", "Gather"] if modality == "text" else ["MatMul", "Convolution"],
                    per_channel=True, **gate(xml), path=xml)
-        out["bytes"] = ir_bytes(xml)
         return out
     if not calibration:
         raise UsageError("openvino-int8 needs calibration rows; none were given.")
@@ -126,11 +120,8 @@ def ir_variant(src: Path, work: Path, mode: str, *, modality: str, gate, calibra
                                   subset_size=len(calibration))
     ov.save_model(quantized, str(xml), compress_to_fp16=False)
     plain_fq = _quantizers(quantized)
-    out.update(op_types=sorted({"FakeQuantize"}), per_channel=True, **gate(xml), path=xml,
+    out.update(op_types=["FakeQuantize"], per_channel=True, **gate(xml, mode), path=xml,
                calibration_rows=len(calibration), seconds=round(time.perf_counter() - t0, 2))
-    out["bytes"] = ir_bytes(xml)
-    log.info("%s: agreement %.2f%%, accuracy drop %.2f points%s", mode, 100 * out["agreement"],
-             100 * (out["accuracy_drop"] or 0.0), "" if out["passed"] else " (misses the budget)")
     if out["passed"] or not search:
         return out
 
@@ -139,10 +130,9 @@ def ir_variant(src: Path, work: Path, mode: str, *, modality: str, gate, calibra
     ov.save_model(controlled, str(xml_ac), compress_to_fp16=False)
     verdict = gate(xml_ac)
     kept = sorted(plain_fq - _quantizers(controlled))
-    out["plain"] = {k: out[k] for k in ("agreement", "accuracy_drop", "bytes", "failed")}
+    out["plain"] = {k: out[k] for k in VERDICT}
     out["search"] = {**info, "quantizers": len(plain_fq), "reverted": len(kept)}
     out.update(verdict, path=xml_ac, kept_float=kept, plain_path=xml)
-    out["bytes"] = ir_bytes(xml_ac)
     return out
 
 
@@ -156,7 +146,7 @@ def accuracy_control(model, calibration: list[dict[str, np.ndarray]], gate, moda
     search to the gate's own 66 rows gave 100% there and 95% on held-out rows (MiniLM). NNCF
     quantizes, then reverts the quantizers that cost most, in at most AC_MAX_ITERATIONS rounds.
     """
-    from .runtime.session import OnnxModel
+    from .runtime.session import OnnxModel, make_session
 
     nncf = _nncf()
     reference = OnnxModel(fp32)
@@ -166,13 +156,8 @@ def accuracy_control(model, calibration: list[dict[str, np.ndarray]], gate, moda
 
     def features(candidate, arrays):
         if hasattr(candidate, "SerializeToString"):  # the ONNX backend hands over a ModelProto
-            import onnxruntime as ort
-
             if cached[0] is not candidate:  # holding the object keeps its id from being reused
-                opts = ort.SessionOptions()
-                opts.log_severity_level = 3
-                cached[:] = [candidate, ort.InferenceSession(candidate.SerializeToString(), opts,
-                                                             providers=["CPUExecutionProvider"])]
+                cached[:] = [candidate, make_session(candidate.SerializeToString())]
             sess = cached[1]
             names = [i.name for i in sess.get_inputs()]
             return sess.run(None, {k: arrays[k] for k in names})[0]

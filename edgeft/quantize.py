@@ -203,15 +203,23 @@ class Gate:
         batches = self.batches() if callable(self.batches) else self.batches
         return np.concatenate([self.head({"features": model(a)["features"]})["logits"] for a in batches])
 
-    def __call__(self, path: Path) -> dict:
+    def __call__(self, path: Path, label: str | None = None) -> dict:
+        """The verdict on the model at `path`; logged as `label` when given."""
         from .runtime.session import OnnxModel
 
         model = (self.open_model or OnnxModel)(path)
         rep = compare(self.reference, self.logits(model), self.y, self.labels)
         found = checks(rep, self.thresholds)
-        return {"passed": all(c["passed"] for c in found), "agreement": rep["agreement"],
-                "accuracy_drop": rep.get("accuracy_drop"), "bytes": _file_bytes(path),
-                "failed": [c["message"] for c in found if not c["passed"]]}
+        verdict = {"passed": all(c["passed"] for c in found), "agreement": rep["agreement"],
+                   "accuracy_drop": rep.get("accuracy_drop"), "bytes": _file_bytes(path),
+                   "failed": [c["message"] for c in found if not c["passed"]]}
+        if label:
+            log.info("%s: agreement %.2f%%, accuracy drop %.2f points%s", label, 100 * verdict["agreement"],
+                     100 * (verdict["accuracy_drop"] or 0.0), "" if verdict["passed"] else " (misses the budget)")
+        return verdict
+
+
+VERDICT = ("agreement", "accuracy_drop", "bytes", "failed")  # what a result keeps of an attempt it replaced
 
 
 def quantize_to_budget(src: Path, work: Path, mode: str, *, modality: str, gate: Gate,
@@ -240,13 +248,11 @@ def quantize_to_budget(src: Path, work: Path, mode: str, *, modality: str, gate:
     info = quantize_model(src, plain, mode, modality=modality, calibration=calibration, per_channel=per_channel)
     if not info["op_types"]:  # e.g. weight-only on a CNN: nothing it can quantize
         return {**info, "path": None, "passed": False, "failed": ["no operator of this model to quantize"]}
-    out = {**info, **gate(plain), "path": plain, "kept_float": []}
-    log.info("%s: agreement %.2f%%, accuracy drop %.2f points%s", mode, 100 * out["agreement"],
-             100 * (out["accuracy_drop"] or 0.0), "" if out["passed"] else " (misses the budget)")
+    out = {**info, **gate(plain, mode), "path": plain, "kept_float": []}
     if mode == "nncf" and not out["passed"] and search and calibration:
         from .openvino_build import accuracy_control
 
-        plain_verdict = {k: out[k] for k in ("agreement", "accuracy_drop", "bytes", "failed")}
+        plain_verdict = {k: out[k] for k in VERDICT}
         controlled, info_ac = accuracy_control(onnx.load(str(src)), calibration, gate, modality, src)
         path = work / "backbone.nncf.ac.onnx"
         onnx.save(controlled, str(path))
@@ -268,14 +274,10 @@ def quantize_to_budget(src: Path, work: Path, mode: str, *, modality: str, gate:
         path = work / f"backbone.{mode}.float{len(names)}.onnx"
         quantize_model(src, path, mode, modality=modality, calibration=calibration, per_channel=per_channel,
                        exclude=names)
-        result = {**gate(path), "path": path}
-        log.info("%s with %d node(s) in float: agreement %.2f%%, accuracy drop %.2f points%s", mode, len(names),
-                 100 * result["agreement"], 100 * (result["accuracy_drop"] or 0.0),
-                 "" if result["passed"] else " (misses the budget)")
-        return result
+        return {**gate(path, f"{mode} with {len(names)} node(s) in float"), "path": path}
 
     best, tried = search_nodes(ranking, attempt)
-    plain_verdict = {k: out[k] for k in ("agreement", "accuracy_drop", "bytes", "failed")}
+    plain_verdict = {k: out[k] for k in VERDICT}
     out["search"] = {
         "nodes": len(ranking), "max_float": max_float(ranking),
         "ranking": [e.as_dict() for e in ranking[:20]],
@@ -422,18 +424,18 @@ def _latency(fp32, quant, inputs) -> dict:
     return out
 
 
-def _parity(fp32, quant, backbone, head, pre, items) -> tuple[np.ndarray, np.ndarray, float, list]:
-    """fp32 and quantized logits, batch 1 per row; fused-vs-split gap; the first rows for timing."""
-    ref, got, gap, kept = [], [], 0.0, []
+def _parity(quant, backbone, head, pre, items) -> tuple[np.ndarray, float, list]:
+    """Quantized logits, batch 1 per row; fused-vs-split gap; the first rows for timing. (The fp32
+    logits of the same rows are the gate's reference, computed once.)"""
+    got, gap, kept = [], 0.0, []
     for k, x in enumerate(items):
         arrays = pre([x])  # one row at a time: 1,000 preprocessed images would not fit in memory
-        ref.append(fp32(arrays)["logits"])
         got.append(quant(arrays)["logits"])
         if k < LATENCY_INPUTS:
             kept.append(arrays)
             split = head({"features": backbone(arrays)["features"]})["logits"]
             gap = max(gap, float(np.abs(split - got[-1]).max()))
-    return np.concatenate(ref), np.concatenate(got), gap, kept
+    return np.concatenate(got), gap, kept
 
 
 def quantize(export_dir, mode, output, *, calibration=None, text_column="text", label_column="label",
@@ -449,8 +451,8 @@ def quantize(export_dir, mode, output, *, calibration=None, text_column="text", 
     import onnx
 
     from .data import check_labels, load_dataset
-    from .export import sha256
     from .runs import validation_data
+    from .runtime.bundle import sha256
     from .runtime.session import OnnxModel
 
     t0 = time.perf_counter()
@@ -530,8 +532,8 @@ def quantize(export_dir, mode, output, *, calibration=None, text_column="text", 
                 shutil.copy2(export_dir / f, tmp / f)
 
         fp32_model, quant_model = ref_model, OnnxModel(tmp / "model.onnx")
-        ref, got, gap, kept = _parity(fp32_model, quant_model, OnnxModel(tmp / "backbone.onnx"),
-                                      OnnxModel(tmp / "head.onnx"), pre, items)
+        got, gap, kept = _parity(quant_model, OnnxModel(tmp / "backbone.onnx"), OnnxModel(tmp / "head.onnx"),
+                                 pre, items)
         report = compare(ref, got, y, labels, items)
         report.update(fused_vs_split_max_abs_diff=gap, batch=1, reference=str(export_dir / "model.onnx"),
                       data=parity_ds.source, thresholds=t.__dict__, checks=checks(report, t))

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .runtime.session import make_session
+
 log = logging.getLogger(__name__)
 
 SENSITIVITY_ROWS = 16  # calibration rows whose node inputs are kept (batch 1 each); 32 ranked MiniLM alike
@@ -68,7 +70,6 @@ def _elem_type(a: np.ndarray) -> int:
 def _capture(model, names: list[str], rows: list[dict[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
     """The values `names` take on each row, read from an fp32 run of `model`."""
     import onnx
-    import onnxruntime as ort
     from onnx import helper
 
     graph_inputs = {i.name for i in model.graph.input}
@@ -79,11 +80,8 @@ def _capture(model, names: list[str], rows: list[dict[str, np.ndarray]]) -> dict
     for n in wanted:
         if n not in have:
             probe.graph.output.append(helper.make_empty_tensor_value_info(n))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     # unoptimised: fused nodes would swallow the intermediate values asked for
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = make_session(probe.SerializeToString(), optimize=False)
     feeds = [i.name for i in sess.get_inputs()]
     out: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for row in rows:
@@ -121,7 +119,6 @@ def node_errors(src: Path, quantize_one: Callable[[Path, Path, list[dict]], None
     its output (see _perturbable); `local` keeps the node's own relative error.
     """
     import onnx
-    import onnxruntime as ort
 
     model = onnx.load(str(src))
     inits = {i.name for i in model.graph.initializer}
@@ -133,8 +130,6 @@ def node_errors(src: Path, quantize_one: Callable[[Path, Path, list[dict]], None
     names = list(dict.fromkeys(i for n in nodes for i in n.input if i and i not in inits))
     rows = rows[:max_rows]  # every node's inputs on every row are kept at once: few rows for images
     captured = _capture(model, names, rows)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     out = []
     with tempfile.TemporaryDirectory(prefix="edgeft-sens-") as tmp:
         whole = _Perturbable(model, nodes, rows, Path(tmp))
@@ -146,8 +141,7 @@ def node_errors(src: Path, quantize_one: Callable[[Path, Path, list[dict]], None
                      for r in range(len(rows))]
             try:
                 quantize_one(fp32_path, q_path, feeds)
-                ref = ort.InferenceSession(str(fp32_path), opts, providers=["CPUExecutionProvider"])
-                got = ort.InferenceSession(str(q_path), opts, providers=["CPUExecutionProvider"])
+                ref, got = make_session(fp32_path), make_session(q_path)
             except Exception as e:  # noqa: BLE001 - a node the quantizer cannot take alone: measured as harmless
                 log.debug("sensitivity: %s skipped (%s)", node.name, str(e).splitlines()[0] if str(e) else type(e).__name__)
                 continue
@@ -178,15 +172,12 @@ class _Perturbable:
 
     def __init__(self, model, nodes, rows, tmp: Path):
         import onnx
-        import onnxruntime as ort
 
         m, self.inputs = _perturbable(model, nodes)
         path = tmp / "perturbable.onnx"
         onnx.save(m, str(path))
         del m
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.sess = make_session(path)
         names = [i.name for i in self.sess.get_inputs() if not i.name.startswith("edgeft_delta_")]
         zero = np.zeros(1, np.float32)
         self.base = [{**{k: row[k] for k in names}, **{d: zero for d in self.inputs.values()}} for row in rows]

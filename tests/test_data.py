@@ -6,26 +6,17 @@ with the file, names the line where there is one, and says what is wrong.
 
 from __future__ import annotations
 
-import csv
 import json
 import shlex
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from tiny import write_csv
 
 from edgeft.cli import main
 from edgeft.data import check_labels, label_names, load_dataset, stratified_split
 from edgeft.errors import DataError, EdgeftError
-
-
-def write_csv(path: Path, rows, header=("text", "label")) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
 
 
 def write(path: Path, content: str | bytes, encoding: str = "utf-8") -> Path:

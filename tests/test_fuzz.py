@@ -1189,35 +1189,24 @@ def test_bug_config_long_path(tmp_path, text):
         load_recipe(f) if "[build]" in text else load_train_config(f, {})
 
 
+MULTILINE = {  # what: (file name, its text with a line break inside a name, the reader)
+    "csv header": ("d.csv", '"te\nxt",label\na,b\n', load_dataset),
+    "image path": ("d.csv", 'path,label\n"a\nb.png",x\n', load_dataset),
+    "jsonl key": ("d.jsonl", '{"te\\nxt": "a", "label": "b"}\n', load_dataset),
+    "profile key": ("p.toml", 'target = "cpu"\n"a\\nb" = 1\n', read_profile),
+    "train key": ("t.toml", '[train]\n"a\\nb" = 1\n', lambda f: load_train_config(f, {})),
+    "recipe table": ("r.toml", '"a\\nb" = 1\n[train]\n', load_recipe),
+    "method": ("t.toml", '[train]\nmodel = "m"\ndata = "d"\noutput = "o"\nmethod = "lo\\nra"\n',
+               lambda f: load_train_config(f, {})),
+}
+
+
 def _multiline(tmp_path, what: str):
-    if what == "csv header":
-        f = tmp_path / "d.csv"
-        f.write_text('"te\nxt",label\na,b\n')
-        return f, lambda: load_dataset(f)
-    if what == "image path":
-        f = tmp_path / "d.csv"
-        f.write_text('path,label\n"a\nb.png",x\n')
-        return f, lambda: load_dataset(f)
-    if what == "jsonl key":
-        f = tmp_path / "d.jsonl"
-        f.write_text('{"te\\nxt": "a", "label": "b"}\n')
-        return f, lambda: load_dataset(f)
-    if what == "profile key":
-        f = tmp_path / "p.toml"
-        f.write_text('target = "cpu"\n"a\\nb" = 1\n')
-        return f, lambda: read_profile(f)
-    if what == "train key":
-        f = tmp_path / "t.toml"
-        f.write_text('[train]\n"a\\nb" = 1\n')
-        return f, lambda: load_train_config(f, {})
-    if what == "recipe table":
-        f = tmp_path / "r.toml"
-        f.write_text('"a\\nb" = 1\n[train]\n')
-        return f, lambda: load_recipe(f)
-    if what == "method":
-        f = tmp_path / "t.toml"
-        f.write_text('[train]\nmodel = "m"\ndata = "d"\noutput = "o"\nmethod = "lo\\nra"\n')
-        return f, lambda: load_train_config(f, {})
+    if what in MULTILINE:
+        name, text, read = MULTILINE[what]
+        f = tmp_path / name
+        f.write_text(text)
+        return f, lambda: read(f)
     b = tmp_path / "bundle"
     b.mkdir()
     (b / MANIFEST).write_text(json.dumps({**{k: t() for k, t in REQUIRED.items()}, "schema": 1,

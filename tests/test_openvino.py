@@ -36,14 +36,9 @@ def _profile(d: Path, precision: str, **extra) -> Path:
 
 
 @pytest.fixture(scope="module")
-def text_run(full_text_run):
-    return full_text_run
-
-
-@pytest.fixture(scope="module")
-def ov_bundles(text_run, tmp_path_factory):
+def ov_bundles(full_text_run, tmp_path_factory):
     d = tmp_path_factory.mktemp("ov-bundles")
-    return {p: (build(text_run, str(_profile(d, p)), d / p), d / p) for p in ("fp32", "int8")}
+    return {p: (build(full_text_run, str(_profile(d, p)), d / p), d / p) for p in ("fp32", "int8")}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
@@ -133,21 +128,21 @@ def test_image_bundles_fp16_and_int8(tiny_resnet, image_data, tmp_path):
             assert m["runtime"]["openvino"]["inference_precision"] == "f32"
 
 
-def test_accuracy_control_runs_and_an_unmeetable_budget_fails_with_numbers(text_run, tmp_path):
+def test_accuracy_control_runs_and_an_unmeetable_budget_fails_with_numbers(full_text_run, tmp_path):
     """A budget int8 cannot meet: logits within 1e-7 of PyTorch's. The plain NNCF model misses
     it, NNCF's accuracy control runs, and the build fails with every number and writes nothing."""
     from edgeft.parity import Thresholds
 
     budget = Thresholds(max_abs_diff=1e-7, min_agreement=0.99, max_accuracy_drop=0.005)
     with pytest.raises(ParityError) as e:
-        build(text_run, str(_profile(tmp_path, "int8")), tmp_path / "b", replay=0, thresholds=budget)
+        build(full_text_run, str(_profile(tmp_path, "int8")), tmp_path / "b", replay=0, thresholds=budget)
     msg = str(e.value)
     assert "openvino-int8" in msg and "max |Δ logits|" in msg
     assert "nncf.quantize_with_accuracy_control reverted" in msg and "quantizers to float" in msg
     assert "\n" not in msg and not (tmp_path / "b").exists()
 
 
-def test_without_openvino_the_plugin_says_what_to_install(ov_bundles, text_run, tmp_path):
+def test_without_openvino_the_plugin_says_what_to_install(ov_bundles, full_text_run, tmp_path):
     """A process where `import openvino` fails: listing devices still works, and building for
     or running an openvino bundle is one line naming the install command."""
     _, path = ov_bundles["fp32"]
@@ -166,12 +161,12 @@ def test_without_openvino_the_plugin_says_what_to_install(ov_bundles, text_run, 
     r = run("device", "predict", str(path), "pump seal leak")
     assert r.returncode == 2 and r.stderr.startswith("error: openvino is not installed"), r.stderr
     assert 'edgeft[openvino]' in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = run("-q", "build", str(text_run), "--device", "intel-n100", "-o", str(tmp_path / "b"), "--replay", "0")
+    r = run("-q", "build", str(full_text_run), "--device", "intel-n100", "-o", str(tmp_path / "b"), "--replay", "0")
     assert r.returncode == 2 and "is not installed" in r.stderr and 'edgeft[openvino]' in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
 
 
-def test_quantize_mode_nncf_on_onnx(text_run, tmp_path):
+def test_quantize_mode_nncf_on_onnx(full_text_run, tmp_path):
     """`edgeft quantize --mode nncf`: NNCF's transformer recipe on the ONNX backbone (QDQ), gated
     against the fp32 export; an unmeetable budget runs NNCF's accuracy control and fails with it."""
     import onnx
@@ -180,7 +175,7 @@ def test_quantize_mode_nncf_on_onnx(text_run, tmp_path):
     from edgeft.parity import Thresholds
     from edgeft.quantize import quantize
 
-    export(text_run, tmp_path / "export")
+    export(full_text_run, tmp_path / "export")
     r = CliRunner().invoke(main, ["quantize", str(tmp_path / "export"), "--mode", "nncf", "-o", str(tmp_path / "q")])
     assert r.exit_code == 0, r.output
     info = json.loads((tmp_path / "q" / "quantize.json").read_text())

@@ -38,14 +38,9 @@ def _meta(path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def text_run(full_text_run):
-    return full_text_run
-
-
-@pytest.fixture(scope="module")
-def text_export(text_run, tmp_path_factory):
+def text_export(full_text_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("qexports") / "text"
-    export(text_run, out)
+    export(full_text_run, out)
     return out
 
 
@@ -112,9 +107,9 @@ def test_quantized_model_has_dynamic_axes_and_probs(text_quantized, text_export)
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static", "fp16"])
-def test_verify_passes_with_quantized_thresholds(mode, text_quantized, text_run, text_data, tmp_path):
+def test_verify_passes_with_quantized_thresholds(mode, text_quantized, full_text_run, text_data, tmp_path):
     out, _ = text_quantized[mode]
-    r = CliRunner().invoke(main, ["verify", str(out), "--reference", str(text_run), "--data",
+    r = CliRunner().invoke(main, ["verify", str(out), "--reference", str(full_text_run), "--data",
                                   str(text_data["val"]), "--json", str(tmp_path / "r.json")])
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "r.json").read_text())
@@ -246,7 +241,7 @@ def test_calibration_file_and_fallback_parity_rows(text_export, text_data, tmp_p
     assert "accuracy_drop" not in info["parity"] and info["parity"]["rows"] == 48
 
 
-def test_quantize_model_api_and_bad_requests(text_run, text_export, text_quantized, tmp_path):
+def test_quantize_model_api_and_bad_requests(full_text_run, text_export, text_quantized, tmp_path):
     r = quantize_model(text_export / "backbone.onnx", tmp_path / "b.onnx", "dynamic", modality="text")
     assert r["mode"] == "dynamic" and r["per_channel"] and r["bytes"] == (tmp_path / "b.onnx").stat().st_size
     assert "MatMul" in r["op_types"] and _meta(tmp_path / "b.onnx")["precision"] == "int8"
@@ -255,7 +250,7 @@ def test_quantize_model_api_and_bad_requests(text_run, text_export, text_quantiz
     with pytest.raises(UsageError, match="needs calibration"):
         quantize_model(text_export / "backbone.onnx", tmp_path / "c.onnx", "static", modality="text")
     old = tmp_path / "opset11"
-    export(text_run, old, opset=11)
+    export(full_text_run, old, opset=11)
     with pytest.raises(UsageError, match="opset 13 or newer"):
         quantize_model(old / "backbone.onnx", tmp_path / "c.onnx", "static", modality="text", calibration=[{}])
     info = quantize(old, "static", tmp_path / "q11", per_channel=False)

@@ -126,21 +126,20 @@ class OpenVinoModel:
         return {name: np.asarray(result[compiled.output(name)]) for name in self.outputs}
 
     def inference_precision(self) -> str:
-        """The precision OpenVINO computes in ("f32", "bf16", ...) once a shape has been compiled."""
-        return self.describe()[0].rsplit("(", 1)[1].split(",")[0].rstrip(")")
+        """The precision OpenVINO computes in ("f32", "bf16", ...) once a shape has been compiled, else "?"."""
+        compiled = next(iter(self._compiled.values()), None)
+        if compiled is None:
+            return "?"
+        try:
+            value = compiled.get_property("INFERENCE_PRECISION_HINT")
+        except Exception:  # noqa: BLE001 - not every device reports it
+            return "?"
+        return value.to_string() if hasattr(value, "to_string") else str(value)
 
     def describe(self) -> list[str]:
         """What runs it, for reports: the device and the precision OpenVINO actually uses."""
-        precision = "?"
-        for compiled in self._compiled.values():
-            try:
-                value = compiled.get_property("INFERENCE_PRECISION_HINT")
-                precision = value.to_string() if hasattr(value, "to_string") else str(value)
-            except Exception:  # noqa: BLE001 - not every device reports it
-                pass
-            break
         fallback = f", {self.requested} not present" if self.requested != self.device else ""
-        return [f"OpenVINO {self._ov.get_version().split('-')[0]} {self.device} ({precision}{fallback})"]
+        return [f"OpenVINO {self._ov.get_version().split('-')[0]} {self.device} ({self.inference_precision()}{fallback})"]
 
 
 def _first_line(e: BaseException) -> str:

@@ -10,19 +10,25 @@ import numpy as np
 from ..errors import BundleError
 
 
-def make_session(path: str | Path, providers: list[str] | None = None, threads: int | None = None):
+def make_session(path: str | Path | bytes, providers: list[str] | None = None, threads: int | None = None,
+                 optimize: bool = True):
+    """An onnxruntime session for a model file (or a serialized model); `optimize=False` keeps
+    every node as it is, so intermediate values stay visible."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: ORT's warnings are about its own internals
     if threads:
         opts.intra_op_num_threads = int(threads)
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     available = ort.get_available_providers()
     chosen = [p for p in (providers or ["CPUExecutionProvider"]) if p in available] or ["CPUExecutionProvider"]
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
+        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), sess_options=opts, providers=chosen)
     except Exception as e:  # onnxruntime raises its own exception types
-        raise BundleError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]}).") from None
+        where = "the model" if isinstance(path, bytes) else path
+        raise BundleError(f"{where}: onnxruntime cannot load it ({str(e).splitlines()[0]}).") from None
 
 
 class OnnxModel:
