@@ -18,6 +18,7 @@ from tiny import (  # noqa: E402
     _save_hf_image,
     make_images,
     make_tiny_bert,
+    make_tiny_bundle,
     make_tiny_resnet,
     text_rows,
     write_csv,
@@ -71,6 +72,13 @@ def tiny_effnet(tmp_path_factory) -> Path:
     (d / EFFNET_META).write_text(json.dumps({"variant": "efficientnet-lite0", "image_size": 32,
                                              "weights": "model.safetensors"}))
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> tuple[Path, dict, Path]:
+    """(bundle, its manifest, an input image): a torch-free image bundle of a few hundred bytes
+    (tests/tiny.py). Read-only: copy the bundle before changing it."""
+    return make_tiny_bundle(tmp_path_factory.mktemp("tiny-bundle"))
 
 
 @pytest.fixture(scope="session")

@@ -314,3 +314,26 @@ def test_device_check_of_a_quantized_bundle_compares_with_the_build(bundles):
     b.features_from_arrays = lambda arrays: real(arrays)[:, ::-1].copy()  # a device that gets it wrong
     report = b.check()
     assert not report["passed"] and report["agreement"] < 1.0
+
+
+# ---------------------------------------------------------------- inputs the fuzzing found (tests/test_fuzz.py)
+
+
+def test_profile_that_is_a_folder(tmp_path):
+    from edgeft.errors import ConfigError
+    from edgeft.targets import read_profile
+
+    d = tmp_path / "my-device.toml"
+    d.mkdir()
+    with pytest.raises(ConfigError, match=r"my-device.toml: cannot read it"):
+        read_profile(d)
+
+
+@pytest.mark.parametrize("value", ['"CPUExecutionProvider"', "[1]", "5"])
+def test_profile_providers_must_be_a_list_of_names(tmp_path, value):
+    from edgeft.targets import read_profile
+
+    f = tmp_path / "p.toml"
+    f.write_text(f'target = "cpu"\nproviders = {value}\n')
+    with pytest.raises(ProfileError, match=r"p.toml: providers: expected a list of execution provider names"):
+        read_profile(f)

@@ -637,3 +637,27 @@ def test_cli_good_run_jsonl_renamed_columns_held_out_split(run_train, tiny_bert,
     assert r.exit_code == 0, (r.output, r.exception)
     assert r.stdout.startswith("train  ok  ") and r.stdout.count("\n") == 1
     assert json.loads((out / "labels.json").read_text()) == {"labels": ["belt", "motor", "pump"]}
+
+
+# ---------------------------------------------------------------- inputs the fuzzing found (tests/test_fuzz.py)
+
+
+@pytest.mark.parametrize("line", ['{"text": "a", "label": ' + "9" * 5000 + "}", "[" * 100_000],
+                         ids=["integer-of-5000-digits", "nested-100000-deep"])
+def test_jsonl_beyond_json_limits_is_one_data_error(tmp_path, line):
+    f = write(tmp_path / "d.jsonl", line + "\n")
+    msg = data_error(load_dataset, f)
+    assert msg.startswith(f"{f}: line 1: JSON beyond what edgeft reads") and "\n" not in msg, msg
+
+
+def test_image_path_too_long_for_the_file_system(tmp_path):
+    f = write(tmp_path / "d.csv", "path,label\n" + "a" * 300 + ".png,x\n")
+    msg = data_error(load_dataset, f)
+    assert msg.startswith(f"{f}: line 2: unusable image path") and "\n" not in msg, msg
+
+
+def test_cli_jsonl_integer_of_5000_digits(run_train, tmp_path):
+    f = write(tmp_path / "d.jsonl", '{"text": "a", "label": ' + "9" * 5000 + "}\n")
+    r = run_train(f"--model m --data {f} --output {tmp_path / 'run'}")
+    assert_one_error_line(r, f"error: {f}: line 1: JSON beyond what edgeft reads")
+    assert not (tmp_path / "run").exists()

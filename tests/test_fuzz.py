@@ -7,12 +7,9 @@ read, or one clean `EdgeftError` whose message is one line starting with the fil
 or 1 for a refused bundle, and `error: ...` on stderr); never a traceback, and never a file
 changed or left half-written.
 
-Known bugs: every bug this found has a `test_bug_*` test at the end with its minimal input,
-marked xfail(strict=True). A fuzz test tolerates a failure only when an entry of KNOWN that
-applies to that reader (and, for manifests, to the part of the manifest that was mutated)
-explains it; anything else fails with hypothesis's minimal example. When a bug is fixed, its
-`test_bug_*` passes, strict xfail reports that as a failure: delete the marker and the
-bug's entry in KNOWN (where it has one), so the fuzz tests hold the fix.
+Every input these tests once found a bug with is kept as an `@example` here, or as a
+regression test beside the stage it broke (tests/test_data.py, test_device.py, test_recipe.py,
+test_train.py, test_bundle.py); a new find belongs there too, with a name saying what it checks.
 
 EDGEFT_FUZZ_SCALE=10 runs ten times more examples (the default keeps the file near 30 s).
 """
@@ -28,11 +25,9 @@ import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 import tomllib
-import zlib
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from datetime import UTC
 from pathlib import Path
 
@@ -41,8 +36,8 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
+from tiny import TINY_HEAD, TINY_LABELS, png_header
 
-import edgeft
 from edgeft.cli import main
 from edgeft.config import METRICS, TrainConfig, load_train_config
 from edgeft.data import IMAGE_SUFFIXES, Dataset, load_dataset
@@ -50,7 +45,6 @@ from edgeft.errors import BundleError, ConfigError, DataError, EdgeftError
 from edgeft.methods import METHODS
 from edgeft.recipe import TABLES, load_recipe
 from edgeft.runtime.bundle import MANIFEST, REQUIRED, Bundle
-from edgeft.runtime.head import write_head_onnx
 from edgeft.runtime.preprocess import ImagePreprocessor
 from edgeft.targets import PRECISIONS, PROFILE_KEYS, Profile, read_profile
 
@@ -67,60 +61,27 @@ def fuzz(n: int):
     )
 
 
-# ---------------------------------------------------------------- known bugs
-
-
-@dataclass(frozen=True)
-class Bug:
-    """A known bug and the failures it explains.
-
-    kind "exception": a non-EdgeftError exception escapes; "lines": an EdgeftError message
-    of more than one line; "where": an EdgeftError message that does not start with the file.
-    """
-
-    name: str
-    kind: str
-    types: tuple
-    pattern: str = ""
-
-    def explains(self, e: BaseException) -> bool:
-        return isinstance(e, self.types) and re.search(self.pattern, str(e), re.S) is not None
-
-
-KNOWN = {  # open bugs; a fixed one leaves (with its xfail marker), a new find comes with a test_bug_* test
-}
-
-
-def bugs(*names: str) -> list[Bug]:
-    return [KNOWN[n] for n in names if n in KNOWN]
-
-
-def check_message(e: EdgeftError, where, known=()) -> None:
+def check_message(e: EdgeftError, where) -> None:
     msg = str(e)
     assert msg.strip(), f"empty message from {type(e).__name__}"
-    if len(msg.splitlines()) != 1 and not any(b.kind == "lines" and b.explains(e) for b in known):
+    if len(msg.splitlines()) != 1:
         pytest.fail(f"{type(e).__name__} message is not one line: {msg!r}")
-    if not msg.startswith(str(where)) and not any(b.kind == "where" and b.explains(e) for b in known):
+    if not msg.startswith(str(where)):
         pytest.fail(f"{type(e).__name__} message does not start with {str(where)!r}: {msg!r}")
 
 
-def read(fn, where, expected=EdgeftError, known=()):
-    """(value, None), (None, clean error) or (None, known bug); anything else fails the test."""
+def read(fn, where, expected=EdgeftError):
+    """(value, None) or (None, a clean error of the expected kind); anything else fails the test."""
     try:
         value = fn()
         event("read")
         return value, None
     except expected as e:
-        check_message(e, where, known)
+        check_message(e, where)
         event(f"{type(e).__name__}: {_gist(str(e), where)}")
         return None, e
     except EdgeftError as e:
         pytest.fail(f"{type(e).__name__} where a {expected.__name__} was expected: {e}")
-    except Exception as e:
-        if not any(b.kind == "exception" and b.explains(e) for b in known):
-            raise
-        event(f"known bug: {type(e).__name__}")
-        return None, e
 
 
 def _gist(msg: str, where) -> str:
@@ -201,7 +162,6 @@ chunks = st.one_of(
 )
 raw_data = st.lists(chunks, max_size=30).map(b"".join)
 DATA_SUFFIXES = [".csv", ".tsv", ".jsonl", ".json", ".CSV", ".txt"]
-DATA_BUGS = bugs("data-json-limits", "image-path-too-long", "raw-names")
 
 
 @fuzz(250)
@@ -215,7 +175,7 @@ def test_random_bytes_data_files(scratch, raw, suffix):
     with workdir(scratch) as d:
         f = d / f"data{suffix}"
         f.write_bytes(raw)
-        ds, err = read(lambda: load_dataset(f), f, DataError, DATA_BUGS)
+        ds, err = read(lambda: load_dataset(f), f, DataError)
         if ds is not None:
             check_dataset(ds)
         assert f.read_bytes() == raw
@@ -285,7 +245,7 @@ def test_generated_tables(scratch, table, tsv, bom):
         w.writerow(header)
         w.writerows(rows)
         f.write_bytes((b"\xef\xbb\xbf" if bom else b"") + buf.getvalue().encode("utf-8"))
-        ds, err = read(lambda: load_dataset(f), f, DataError, DATA_BUGS)
+        ds, err = read(lambda: load_dataset(f), f, DataError)
         want = expected_table(header, rows)
         if want == ERROR:
             assert err is not None, f"read {ds} from a table that must be refused"
@@ -369,7 +329,7 @@ def test_jsonl_values(scratch, rows, ascii_only, crlf, blank):
     with workdir(scratch) as d:
         f = d / "data.jsonl"
         f.write_bytes(nl.join(lines).encode("utf-8"))
-        ds, err = read(lambda: load_dataset(f), f, DataError, DATA_BUGS)
+        ds, err = read(lambda: load_dataset(f), f, DataError)
         want = expected_jsonl(rows)
         if want == ERROR:
             assert err is not None, f"read {ds} from rows that must be refused"
@@ -408,15 +368,6 @@ def _real_images() -> dict[str, tuple[bytes, str]]:
 
 
 REAL = _real_images()
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that only declares its size: enough for PIL to see a decompression bomb."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 BOMB = png_header(30000, 30000)
@@ -501,11 +452,10 @@ def test_image_preprocessor(scratch, image, spec):
     with workdir(scratch) as d:
         f = d / f"x{suffix}"
         f.write_bytes(data)
-        known = bugs("preprocess-bomb")
-        im, err = read(lambda: pre.load(str(f)), f, DataError, known)
+        im, err = read(lambda: pre.load(str(f)), f, DataError)
         if im is not None:
             assert im.mode == "RGB"
-        out, err2 = read(lambda: pre([str(f)]), f, DataError, known)
+        out, err2 = read(lambda: pre([str(f)]), f, DataError)
         if real:
             assert err is None and err2 is None, f"refused a real image: {err or err2}"
         if out is not None:
@@ -541,7 +491,7 @@ def test_image_csv(scratch, case):
         w.writerow([column, "label"])
         w.writerows(rows)
         f.write_text(buf.getvalue(), encoding="utf-8")
-        ds, err = read(lambda: load_dataset(f), f, DataError, DATA_BUGS)
+        ds, err = read(lambda: load_dataset(f), f, DataError)
         good = rows and all(v.strip() in files and files[v.strip()][1] and y.strip() for v, y in rows)
         if good and (column != "text" or image_like(rows[0][0])):
             assert err is None, f"refused an image CSV of real images: {err}"
@@ -659,7 +609,7 @@ def profile_docs(draw):
 def test_profiles(scratch, doc):
     with workdir(scratch) as d:
         f = write_toml(d, doc, "my-device.toml")
-        p, err = read(lambda: read_profile(f), f, ConfigError, bugs("raw-names"))
+        p, err = read(lambda: read_profile(f), f, ConfigError)
         if p is None:
             return
         assert isinstance(p, Profile) and p.path == str(f)
@@ -754,9 +704,6 @@ def check_train_config(cfg, f: Path, table: dict, overrides: dict) -> None:
             assert getattr(cfg, k) == v
 
 
-TRAIN_BUGS = bugs("raw-names", "config-path-too-long", "train-messages")
-
-
 @fuzz(250)
 @given(doc=st.one_of(train_docs(), train_docs(), toml_garbage),
        overrides=st.sampled_from([{}, {"output": "o"}, {"model": "m", "data": "d.csv", "output": "o", "epochs": None}]))
@@ -766,7 +713,7 @@ TRAIN_BUGS = bugs("raw-names", "config-path-too-long", "train-messages")
 def test_train_configs(scratch, doc, overrides):
     with workdir(scratch) as d:
         f = write_toml(d, doc, "train.toml")
-        cfg, err = read(lambda: load_train_config(f, dict(overrides)), f, ConfigError, TRAIN_BUGS)
+        cfg, err = read(lambda: load_train_config(f, dict(overrides)), f, ConfigError)
         if cfg is not None:
             parsed = tomllib.loads(f.read_text(encoding="utf-8"))  # it was read: it is TOML
             table = parsed["train"] if "train" in parsed else parsed
@@ -806,9 +753,6 @@ def recipe_docs(draw):
     return doc
 
 
-RECIPE_BUGS = bugs("raw-names", "config-path-too-long", "train-messages", "recipe-output-type", "recipe-devices-type")
-
-
 @fuzz(250)
 @given(doc=st.one_of(recipe_docs(), recipe_docs(), recipe_docs(), toml_garbage))
 @example(doc={"output": "out", "train": {"model": "m", "data": "recipe.toml", "output": "x"},
@@ -816,14 +760,13 @@ RECIPE_BUGS = bugs("raw-names", "config-path-too-long", "train-messages", "recip
 def test_recipes(scratch, doc):
     with workdir(scratch) as d:
         f = write_toml(d, doc, "recipe.toml")
-        r, err = read(lambda: load_recipe(f), f, ConfigError, RECIPE_BUGS)
+        r, err = read(lambda: load_recipe(f), f, ConfigError)
         if r is None:
             return
         assert r["path"] == str(f)
         assert set(r) >= {"output", "export", "build", "verify", "retrain", "train_config"}
         assert isinstance(r["output"], str)
-        if not all(isinstance(x, str) for x in r["build"]["devices"]):
-            return  # KNOWN["recipe-devices-type"]: devices that are not names are accepted silently
+        assert all(isinstance(x, str) for x in r["build"]["devices"]), r["build"]["devices"]
         assert r["train_config"].output == str(Path(r["output"]) / "run")
         parsed = tomllib.loads(f.read_text(encoding="utf-8"))
         check_train_config(r["train_config"], f, parsed["train"], {"output": str(Path(r["output"]) / "run")})
@@ -831,63 +774,12 @@ def test_recipes(scratch, doc):
 
 # ---------------------------------------------------------------- manifests
 
-LABELS = ["crack", "clean", "stain"]
-HEAD = "heads/head-0001.onnx"
+LABELS, HEAD = TINY_LABELS, TINY_HEAD  # the tiny bundle's (tests/tiny.py; the fixture is in conftest.py)
 
 
-def _backbone_onnx(path: Path) -> None:
-    """pixel_values (batch, 3, 4, 4) -> features (batch, 48): a Flatten."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("Flatten", ["pixel_values"], ["features"], axis=1)], "backbone",
-        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, 4, 4])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 48])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="test")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.write_bytes(model.SerializeToString())
-
-
-def _file_entry(p: Path) -> dict:
-    return {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "bytes": p.stat().st_size}
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory) -> tuple[Path, dict, Path]:
-    """(bundle, its manifest, an input image): a real bundle of a few hundred bytes."""
-    d = tmp_path_factory.mktemp("tiny-bundle")
-    b = d / "bundle"
-    (b / "heads").mkdir(parents=True)
-    _backbone_onnx(b / "backbone.onnx")
-    rng = np.random.default_rng(0)
-    write_head_onnx(b / HEAD, rng.normal(size=(3, 48)).astype(np.float32), rng.normal(size=3).astype(np.float32))
-    spec = ImagePreprocessor({"size": [4, 4]}).spec()
-    (b / "preprocessor.json").write_text(json.dumps(spec))
-    m = {
-        "schema": 1, "edgeft_version": edgeft.__version__, "created": "2024-01-01T00:00:00Z",
-        "task": "classification", "modality": "image", "labels": LABELS, "preprocessing": spec,
-        "inputs": ["pixel_values"], "outputs": {"backbone": ["features"], "head": ["logits", "probs"]},
-        "feature_dim": 48, "precision": "fp32",
-        "runtime": {"providers": ["CPUExecutionProvider"], "threads": 1, "static_shapes": False, "batch_size": 1,
-                    "max_length": None},
-        "backbone": "backbone.onnx", "head": {"version": 1, "file": HEAD},
-        "heads": [{"version": 1, "file": HEAD, "labels": LABELS, "source": "build"}],
-        "files": {rel: _file_entry(b / rel) for rel in ("backbone.onnx", HEAD, "preprocessor.json")},
-    }
-    (b / MANIFEST).write_text(json.dumps(m, indent=2))
-    img = d / "input.png"
-    img.write_bytes(REAL["png"][0])
-    loaded = Bundle(b)  # the unmutated bundle loads and predicts
-    assert loaded.labels == LABELS and len(loaded.predict([str(img)])) == 1
-    assert {"missing": set(REQUIRED) - set(m)} == {"missing": set()}
-    return b, m, img
-
-
-# Small numbers only: a manifest may ask for a 10**9-row padded batch, 10**5 threads or a
-# 10**6-pixel resize, and the device obliges (KNOWN["manifest-spec"]), which would exhaust this
-# machine's memory; the unbounded cases are in test_bug_manifest_spec.
+# Small numbers only: a manifest that asks for a 10**9-row padded batch or a 10**10-pixel resize is
+# refused at load now, but a regression would exhaust this machine's memory here; those cases have
+# their own tests in tests/test_device.py (test_manifest_runtime_and_preprocessing_are_checked_at_load).
 small_json = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-3, 64), st.floats(-100, 100),
               st.sampled_from([float("inf"), float("nan"), 10**30]), st.text(max_size=10)),
@@ -913,9 +805,8 @@ NESTED = {
 
 @st.composite
 def manifests(draw, base: dict):
-    """(areas, manifest dict or raw bytes): the tiny bundle's manifest, mutated one to three times."""
+    """The tiny bundle's manifest (a dict, or raw bytes), mutated one to three times."""
     m = copy.deepcopy(base)
-    areas: set[str] = set()
     for _ in range(draw(st.integers(1, 3))):
         op = draw(st.sampled_from(["drop", "set", "schema", "nested", "nested", "nested", "files", "files",
                                    "labels", "heads", "whole", "bytes"]))
@@ -924,14 +815,11 @@ def manifests(draw, base: dict):
         if op == "drop" and m:
             key = draw(st.sampled_from(sorted(m)))
             del m[key]
-            areas.add(key)
         elif op == "set":
             key = draw(st.sampled_from(sorted(REQUIRED)) | st.text(max_size=6))
             m[key] = draw(small_json)
-            areas.add(key)
         elif op == "schema":
             m["schema"] = draw(st.one_of(st.integers(-3, 5), st.sampled_from([True, 10**30, 1.0, "1", None])))
-            areas.add("schema")
         elif op == "nested":
             area = draw(st.sampled_from(sorted(NESTED)))
             if isinstance(m.get(area), dict):
@@ -940,7 +828,6 @@ def manifests(draw, base: dict):
                     m[area].pop(key, None)
                 else:
                     m[area][key] = draw(NESTED[area][key] if mostly(draw, 4) else small_json)
-                areas.add(area)
         elif op == "files" and isinstance(m.get("files"), dict):
             files = m["files"]
             if files and draw(st.booleans()):
@@ -949,11 +836,9 @@ def manifests(draw, base: dict):
                 rel = draw(st.sampled_from(PATHS))
                 files[rel] = draw(st.one_of(st.sampled_from(list(base["files"].values())),
                                             st.just({"sha256": "0" * 64}), st.just({}), small_json))
-            areas.add("files")
         elif op == "labels":
             m["labels"] = draw(st.lists(st.one_of(st.sampled_from(LABELS), st.text(max_size=4), st.integers(),
                                                   st.none(), st.lists(st.integers(), max_size=1)), max_size=5))
-            areas.add("labels")
         elif op == "heads" and isinstance(m.get("heads"), list):
             entry = {"version": draw(st.sampled_from([0, 1, 2, None, "1", 1.5])),
                      "file": draw(st.sampled_from(PATHS)), "source": "device retrain"}
@@ -966,43 +851,28 @@ def manifests(draw, base: dict):
             else:
                 first = m["heads"][0]
                 m["heads"][0] = draw(small_json) if rarely(draw, 2) else {**(first if isinstance(first, dict) else {}), **entry}
-            areas.add("heads")
         elif op == "whole":
             m = draw(small_json)
-            areas.add("whole")
         elif op == "bytes":
-            return {"whole"}, draw(raw_data)
-    return areas, m
+            return draw(raw_data)
+    return m
 
 
 def write_manifest(bundle: Path, m) -> None:
     (bundle / MANIFEST).write_bytes(m if isinstance(m, bytes) else json.dumps(m).encode("utf-8"))
 
 
-def manifest_bugs(areas: set[str], cli: bool = False) -> list[Bug]:
-    names = ["manifest-json-limits", "manifest-files-nul", "raw-names"]
-    if areas & {"head", "backbone"}:
-        names += ["manifest-model-paths", "manifest-model-paths-where"]
-    if areas & {"preprocessing", "runtime"}:
-        names += ["manifest-spec"]
-    if cli and areas & {"labels"}:
-        names += ["manifest-labels"]
-    if cli and areas & {"preprocessing"}:
-        names += ["image-spec", "ort-run-errors"]
-    return bugs(*names)
-
-
 @fuzz(120)
 @given(data=st.data())
 def test_manifests(scratch, tiny_bundle, data):
     base, base_manifest, _ = tiny_bundle
-    areas, m = data.draw(manifests(base_manifest), label="manifest")
+    m = data.draw(manifests(base_manifest), label="manifest")
     with workdir(scratch) as d:
         b = d / "bundle"
         shutil.copytree(base, b)
         write_manifest(b, m)
         before = snapshot(b)
-        loaded, err = read(lambda: Bundle(b), b, BundleError, manifest_bugs(areas))
+        loaded, err = read(lambda: Bundle(b), b, BundleError)
         if loaded is not None:
             assert json.dumps(loaded.labels) == json.dumps(list(m["labels"]))
             assert json.dumps(loaded.head_version) == json.dumps(m["head"]["version"])  # NaN too
@@ -1039,34 +909,29 @@ def test_manifest_examples(scratch, tiny_bundle):
 # ---------------------------------------------------------------- the command line
 
 
-def check_cli(r, known=()) -> None:
+def check_cli(r) -> None:
     """Exit 0, 1 or 2; on failure exactly one stderr line `error: ...`; never a traceback."""
     if r.exception is not None and not isinstance(r.exception, SystemExit):
-        if any(b.kind == "exception" and b.explains(r.exception) for b in known):
-            return
         raise r.exception
     assert r.exit_code in (0, 1, 2), (r.exit_code, r.output)
     assert "Traceback" not in r.output and "Traceback" not in r.stderr
     if r.exit_code:
         lines = r.stderr.splitlines()
-        assert lines and lines[0].startswith("error: "), r.stderr
-        if len(lines) != 1:
-            e = EdgeftError(r.stderr[len("error: "):])
-            assert any(b.kind == "lines" and b.explains(e) for b in known), f"not one line: {r.stderr!r}"
+        assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
 
 
 @fuzz(30)
 @given(data=st.data())
 def test_cli_device_predict(scratch, tiny_bundle, data):
     base, base_manifest, img = tiny_bundle
-    areas, m = data.draw(manifests(base_manifest), label="manifest")
+    m = data.draw(manifests(base_manifest), label="manifest")
     with workdir(scratch) as d:
         b = d / "bundle"
         shutil.copytree(base, b)
         write_manifest(b, m)
         before = snapshot(b)
         r = CliRunner().invoke(main, ["device", "predict", str(b), str(img)])
-        check_cli(r, manifest_bugs(areas, cli=True))
+        check_cli(r)
         event(f"exit {r.exit_code}: {type(r.exception).__name__}")
         assert snapshot(b) == before
 
@@ -1096,7 +961,7 @@ def test_cli_train_fuzzed_data(scratch, tiny_bert, raw):
         out = d / "run"
         r = CliRunner().invoke(main, ["train", "--model", str(tiny_bert), "--data", str(f), "--output", str(out),
                                       "--method", "head", "--epochs", "1", "--no-progress"])
-        check_cli(r, DATA_BUGS)
+        check_cli(r)
         event(f"exit {r.exit_code}: {type(r.exception).__name__}")
         if r.exit_code:
             assert not out.exists(), "a failed train left its --output behind"
@@ -1117,7 +982,7 @@ def test_cli_device_retrain_fuzzed_data(scratch, tiny_bundle, raw, suffix):
         (d / "a.png").write_bytes(REAL["png"][0])
         before = snapshot(b)
         r = CliRunner().invoke(main, ["device", "retrain", str(b), "--data", str(f), "--add-classes"])
-        check_cli(r, DATA_BUGS)
+        check_cli(r)
         event(f"exit {r.exit_code}: {type(r.exception).__name__}")
         assert r.exit_code != 0
         after = {k: v for k, v in snapshot(b).items() if not k.startswith("cache")}  # the feature cache may grow
@@ -1131,8 +996,7 @@ def test_cli_device_history_rollback(scratch, tiny_bundle, data, cmd):
     """The other manifest readers on the device: history reads it, rollback rewrites it. Either
     one clean error and the bundle untouched, or (rollback) a bundle that still loads."""
     base, base_manifest, _ = tiny_bundle
-    areas, m = data.draw(manifests(base_manifest), label="manifest")
-    known = manifest_bugs(areas) + (bugs("manifest-heads") if areas & {"heads", "head"} else [])
+    m = data.draw(manifests(base_manifest), label="manifest")
     with workdir(scratch) as d:
         b = d / "bundle"
         shutil.copytree(base, b)
@@ -1140,53 +1004,14 @@ def test_cli_device_history_rollback(scratch, tiny_bundle, data, cmd):
         before = snapshot(b)
         r = CliRunner().invoke(main, ["device", cmd[0], str(b), *cmd[1:]])
         event(f"{cmd[0]} exit {r.exit_code}: {type(r.exception).__name__}")
-        check_cli(r, known)
-        if r.exit_code or cmd[0] == "history" or (r.exception is not None and not isinstance(r.exception, SystemExit)):
+        check_cli(r)
+        if r.exit_code or cmd[0] == "history":
             assert snapshot(b) == before, f"a failed {cmd[0]} changed the bundle"
             return
-        try:
-            Bundle(b)  # what it rolled back to loads
-        except BundleError:
-            if not ("heads" in areas and KNOWN.get("rollback-unchecked")):
-                raise
+        Bundle(b)  # what it rolled back to loads
 
 
-# ---------------------------------------------------------------- the bugs found, one minimal input each
-
-
-
-
-
-@pytest.mark.parametrize("line", ['{"text": "a", "label": ' + "9" * 5000 + "}", "[" * 100_000])
-def test_bug_jsonl_json_limits(tmp_path, line):
-    f = tmp_path / "d.jsonl"
-    f.write_text(line + "\n")
-    with pytest.raises(DataError):
-        load_dataset(f)
-
-
-@pytest.mark.parametrize("text", ['{"schema": ' + "1" * 5000 + "}", "[" * 100_000])
-def test_bug_manifest_json_limits(tmp_path, text):
-    (tmp_path / MANIFEST).write_text(text)
-    with pytest.raises(BundleError):
-        Bundle(tmp_path)
-
-
-def test_bug_image_csv_long_path(tmp_path):
-    f = tmp_path / "d.csv"
-    f.write_text("path,label\n" + "a" * 300 + ".png,x\n")
-    with pytest.raises(DataError):
-        load_dataset(f)
-
-
-@pytest.mark.parametrize("text", ['[train]\nmodel = "' + "m" * 300 + '"\ndata = "d.csv"\noutput = "o"\n',
-                                  '[train]\nmodel = "m"\ndata = "d.csv"\n[build]\ndata = "' + "d" * 300 + '"\n'])
-def test_bug_config_long_path(tmp_path, text):
-    """A name too long for the file system is not a path: no OSError, a read or a ConfigError."""
-    f = tmp_path / "recipe.toml"
-    f.write_text(text)
-    with contextlib.suppress(ConfigError):
-        load_recipe(f) if "[build]" in text else load_train_config(f, {})
+# ---------------------------------------------------------------- hand-picked: a line break inside a name
 
 
 MULTILINE = {  # what: (file name, its text with a line break inside a name, the reader)
@@ -1216,225 +1041,9 @@ def _multiline(tmp_path, what: str):
 
 @pytest.mark.parametrize("what", ["csv header", "image path", "jsonl key", "profile key", "train key", "recipe table", "method",
                                   "manifest file"])
-def test_bug_multiline_messages(tmp_path, what):
+def test_a_line_break_in_a_name_keeps_the_message_one_line(tmp_path, what):
+    """Every reader quotes names with a line break escaped (fuzzing found the raw ones)."""
     where, fn = _multiline(tmp_path, what)
     with pytest.raises(EdgeftError) as info:
         fn()
-    assert len(str(info.value).splitlines()) == 1, str(info.value)
-
-
-def test_bug_recipe_output_not_a_string(tmp_path):
-    f = tmp_path / "r.toml"
-    f.write_text('output = 1\n[train]\nmodel = "m"\ndata = "d"\n')
-    with pytest.raises(ConfigError):
-        load_recipe(f)
-
-
-@pytest.mark.parametrize("text", ["[build]\ndevices = 5\n", "[build]\ndevices = [1]\n",
-                                  '[build]\ndevices = [1]\n[retrain]\ndevice = "x"\n'])
-def test_bug_recipe_devices_type(tmp_path, text):
-    f = tmp_path / "r.toml"
-    f.write_text('[train]\nmodel = "m"\ndata = "d"\n' + text)
-    with pytest.raises(ConfigError):
-        load_recipe(f)
-
-
-@pytest.mark.parametrize("line", ["data = 5", "model = [1]", "output = true", 'lr = "fast"', 'val_fraction = "x"',
-                                  "epochs = true", "keep_checkpoints = nan"])
-def test_bug_train_config_types(tmp_path, line):
-    values = {"model": '"m"', "data": '"d.csv"', "output": '"o"'}
-    key = line.split(" =")[0]
-    values[key] = line.split("= ", 1)[1]
-    f = tmp_path / "t.toml"
-    f.write_text("[train]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
-    with pytest.raises(ConfigError) as info:
-        load_train_config(f, {})
-    assert key in str(info.value)
-
-
-def test_bug_train_config_message_names_the_file(tmp_path):
-    f = tmp_path / "t.toml"
-    f.write_text('[train]\nmodel = "m"\ndata = "d"\noutput = "o"\nmethod = "lorax"\n')
-    with pytest.raises(ConfigError) as info:
-        load_train_config(f, {})
-    assert str(info.value).startswith(str(f))
-
-
-def test_bug_profile_is_a_folder(tmp_path):
-    d = tmp_path / "my-device.toml"
-    d.mkdir()
-    with pytest.raises(ConfigError):
-        read_profile(d)
-
-
-@pytest.mark.parametrize("value", ['"CPUExecutionProvider"', "[1]", "5"])
-def test_bug_profile_providers_type(tmp_path, value):
-    f = tmp_path / "p.toml"
-    f.write_text(f'target = "cpu"\nproviders = {value}\n')
-    with pytest.raises(ConfigError):
-        read_profile(f)
-
-
-def test_bug_preprocessor_decompression_bomb(tmp_path):
-    f = tmp_path / "bomb.png"
-    f.write_bytes(BOMB)
-    with pytest.raises(DataError):
-        ImagePreprocessor({"size": [4, 4]}).load(str(f))
-
-
-def _bundle_with(tmp_path, tiny_bundle, change) -> Path:
-    base, m, _ = tiny_bundle
-    b = tmp_path / "bundle"
-    shutil.copytree(base, b)
-    m = copy.deepcopy(m)
-    change(m, b)
-    write_manifest(b, m)
-    return b
-
-
-def _outside_backbone(m, b):
-    shutil.copy(b / "backbone.onnx", b.parent / "other.onnx")
-    m["backbone"] = "../other.onnx"
-
-
-@pytest.mark.parametrize("change", [
-    lambda m, b: m["head"].update(file=5),
-    _outside_backbone,  # a model outside the bundle, loaded with no hash check
-    lambda m, b: m["files"].pop("backbone.onnx"),  # the backbone is loaded unhashed
-], ids=["head-file-int", "backbone-outside", "backbone-not-hashed"])
-def test_bug_manifest_model_paths(tmp_path, tiny_bundle, change):
-    b = _bundle_with(tmp_path, tiny_bundle, change)
-    with pytest.raises(BundleError):
-        Bundle(b)
-
-
-@pytest.mark.parametrize("change", [
-    lambda m, b: m.update(preprocessing={}),
-    lambda m, b: m["preprocessing"].update(size="ab"),
-    lambda m, b: m["preprocessing"].update(kind="text"),  # no tokenizer.json: tokenizers' own Exception
-    lambda m, b: m["runtime"].update(providers=5),
-    lambda m, b: m["runtime"].update(threads="x"),
-    # accepted at load, then predict pads every batch to 10**9 rows / resizes to 10**10 pixels
-    lambda m, b: m["runtime"].update(static_shapes=True, batch_size=10**9),
-    lambda m, b: m["preprocessing"].update(size=[100_000, 100_000], resize_to=[100_000, 100_000]),
-], ids=["preprocessing-empty", "size-str", "text-no-tokenizer", "providers-int", "threads-str", "batch-huge",
-        "size-huge"])
-def test_bug_manifest_spec(tmp_path, tiny_bundle, change):
-    b = _bundle_with(tmp_path, tiny_bundle, change)
-    with pytest.raises(BundleError):
-        Bundle(b)
-
-
-def test_bug_manifest_file_name_with_nul(tmp_path, tiny_bundle):
-    b = _bundle_with(tmp_path, tiny_bundle, lambda m, b: m["files"].update({"a\x00b": {"sha256": "0" * 64}}))
-    with pytest.raises(BundleError):
-        Bundle(b)
-
-
-@pytest.mark.parametrize("labels", [["crack"], [*LABELS, "extra"], [[1], [2], [3]]], ids=["fewer", "more", "lists"])
-def test_bug_manifest_labels_match_the_head(tmp_path, tiny_bundle, labels):
-    b = _bundle_with(tmp_path, tiny_bundle, lambda m, b: m.update(labels=labels))
-    with pytest.raises(BundleError):
-        Bundle(b).predict([str(tiny_bundle[2])])
-
-
-def xfail(bug: str, why: str):
-    return pytest.mark.xfail(strict=True, reason=f"{bug}: {why}")
-
-
-@pytest.mark.parametrize("change", [{"resize_to": "x"}, {"resize_to": [4]}, {"resize_to": 0}, {"resize_to": None},
-                                    {"mean": []}, {"std": [0, 0, 0]}, {"scale": float("nan")},
-                                    {"resize_to": [100_000, 100_000]}],
-                         ids=["resize-str", "resize-one", "resize-zero", "resize-null", "mean-empty", "std-zero",
-                              "scale-nan", "resize-huge"])
-def test_bug_image_spec_is_checked(tmp_path, tiny_bundle, change):
-    b = _bundle_with(tmp_path, tiny_bundle, lambda m, b: m["preprocessing"].update(change))
-    if change.get("resize_to") == [100_000, 100_000]:
-        with pytest.raises(BundleError):  # refused at load: a predict would allocate 30 GB
-            Bundle(b)
-        return
-    with pytest.raises(EdgeftError):
-        Bundle(b).predict([str(tiny_bundle[2])])
-
-
-def test_bug_preprocessing_must_fit_the_backbone(tmp_path, tiny_bundle):
-    b = _bundle_with(tmp_path, tiny_bundle, lambda m, b: m["preprocessing"].update(size=[8, 8], resize_to=[8, 8]))
-    with pytest.raises(EdgeftError):
-        Bundle(b).predict([str(tiny_bundle[2])])
-
-
-def _refused(r) -> None:
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    assert r.exit_code in (1, 2) and "Traceback" not in r.output
-    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
-
-
-@pytest.mark.parametrize("change, cmd", [
-    (lambda m, b: m["head"].update(version=None), "rollback"),
-    (lambda m, b: m.update(heads=[5]), "history"),
-    (lambda m, b: m.update(heads=[5]), "rollback"),
-    (lambda m, b: m.update(heads=[{}]), "history"),
-    (lambda m, b: m["heads"][0].update(labels=5), "history"),
-    (lambda m, b: m["heads"][0].update(metrics=5), "history"),
-], ids=["version-null-rollback", "heads-int-history", "heads-int-rollback", "heads-empty-entry-history",
-        "heads-labels-int-history", "heads-metrics-int-history"])
-def test_bug_history_rollback_bad_heads(tmp_path, tiny_bundle, change, cmd):
-    b = _bundle_with(tmp_path, tiny_bundle, change)
-    before = snapshot(b)
-    _refused(CliRunner().invoke(main, ["device", cmd, str(b)]))
-    assert snapshot(b) == before
-
-
-@pytest.mark.parametrize("entry", [{"version": 0, "file": "../../etc/passwd"}, {"version": 0, "file": HEAD, "labels": ["a"]},
-                                   {"version": 2, "file": "../../etc/passwd"}, {"version": 2, "file": HEAD, "labels": ["a"]}],
-                         ids=["file-outside", "labels-do-not-fit", "file-outside-v2", "labels-do-not-fit-v2"])
-def test_bug_rollback_keeps_the_bundle_loadable(tmp_path, tiny_bundle, entry):
-    b = _bundle_with(tmp_path, tiny_bundle, lambda m, b: m["heads"].append(entry))
-    before = snapshot(b)
-    r = CliRunner().invoke(main, ["device", "rollback", str(b), "--to", str(entry["version"])])
-    if r.exit_code == 0:
-        Bundle(b)  # the version it rolled back to loads
-    else:
-        _refused(r)
-        assert snapshot(b) == before
-
-
-# the same bugs, seen from the command line: a traceback instead of one `error:` line
-
-
-def _one_error_line(r, code: int) -> None:
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    assert r.exit_code == code and "Traceback" not in r.output
-    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
-
-
-def test_bug_cli_device_predict_labels(tmp_path, tiny_bundle):
-    b = _bundle_with(tmp_path, tiny_bundle, lambda m, b: m.update(labels=["crack"]))
-    _one_error_line(CliRunner().invoke(main, ["device", "predict", str(b), str(tiny_bundle[2])]), 1)
-
-
-def test_bug_cli_device_predict_preprocessing_mismatch(tmp_path, tiny_bundle):
-    b = _bundle_with(tmp_path, tiny_bundle, lambda m, b: m["preprocessing"].update(size=[8, 8], resize_to=[8, 8]))
-    _one_error_line(CliRunner().invoke(main, ["device", "predict", str(b), str(tiny_bundle[2])]), 1)
-
-
-def test_bug_cli_device_predict_bomb(tmp_path, tiny_bundle):
-    f = tmp_path / "bomb.png"
-    f.write_bytes(BOMB)
-    _one_error_line(CliRunner().invoke(main, ["device", "predict", str(tiny_bundle[0]), str(f)]), 2)
-
-
-def test_bug_cli_train_config_wrong_type(tmp_path):
-    f = tmp_path / "t.toml"
-    f.write_text(f'[train]\nmodel = "m"\ndata = 5\noutput = "{tmp_path / "run"}"\n')
-    r = CliRunner().invoke(main, ["train", "--config", str(f)])
-    _one_error_line(r, 2)
-    assert not (tmp_path / "run").exists()
-
-
-def test_bug_cli_train_jsonl_huge_integer(tmp_path):
-    f = tmp_path / "d.jsonl"
-    f.write_text('{"text": "a", "label": ' + "9" * 5000 + "}\n")
-    r = CliRunner().invoke(main, ["train", "--model", "m", "--data", str(f), "--output", str(tmp_path / "run")])
-    _one_error_line(r, 2)
-    assert not (tmp_path / "run").exists()
+    check_message(info.value, where)

@@ -99,3 +99,29 @@ def test_recipe_errors(tmp_path):
     p.write_text('[train]\nmodel = "m"\ndata = "d"\n[build]\ndevices = ["x86-64-server"]\n[retrain]\ndevice = "iphone"\ndata = "x"\n')
     with pytest.raises(ConfigError, match=r"\[retrain\] device must be one of \[build\] devices"):
         load_recipe(p)
+
+
+# ---------------------------------------------------------------- inputs the fuzzing found (tests/test_fuzz.py)
+
+
+def test_recipe_output_must_be_a_folder_name(tmp_path):
+    f = tmp_path / "r.toml"
+    f.write_text('output = 1\n[train]\nmodel = "m"\ndata = "d"\n')
+    with pytest.raises(ConfigError, match=r"r.toml: output: expected a folder name, got 1\.$"):
+        load_recipe(f)
+
+
+@pytest.mark.parametrize("text", ["[build]\ndevices = 5\n", "[build]\ndevices = [1]\n",
+                                  '[build]\ndevices = [1]\n[retrain]\ndevice = "x"\n'])
+def test_recipe_devices_must_be_names(tmp_path, text):
+    f = tmp_path / "r.toml"
+    f.write_text('[train]\nmodel = "m"\ndata = "d"\n' + text)
+    with pytest.raises(ConfigError, match=r"r.toml: \[build\] devices: expected a list of profile names"):
+        load_recipe(f)
+
+
+def test_recipe_path_too_long_for_the_file_system_is_kept_as_written(tmp_path):
+    """A name too long for the file system is not a path here: no OSError, the value as written."""
+    f = tmp_path / "recipe.toml"
+    f.write_text('[train]\nmodel = "m"\ndata = "d.csv"\n[build]\ndata = "' + "d" * 300 + '"\n')
+    assert load_recipe(f)["build"]["data"] == "d" * 300

@@ -279,3 +279,49 @@ def test_cli_train_and_evaluate(tiny_bert, text_data, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["rows"] == 18
     assert Path(out / "run.json").exists()
+
+
+# ---------------------------------------------------------------- inputs the fuzzing found (tests/test_fuzz.py)
+
+
+@pytest.mark.parametrize("line", ["data = 5", "model = [1]", "output = true", 'lr = "fast"', 'val_fraction = "x"',
+                                  "epochs = true", "keep_checkpoints = nan"])
+def test_config_file_values_of_the_wrong_type(tmp_path, line):
+    values = {"model": '"m"', "data": '"d.csv"', "output": '"o"'}
+    key = line.split(" =")[0]
+    values[key] = line.split("= ", 1)[1]
+    f = tmp_path / "t.toml"
+    f.write_text("[train]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
+    with pytest.raises(ConfigError) as info:
+        load_train_config(f, {})
+    assert str(info.value).startswith(f"{f}: ") and key in str(info.value), str(info.value)
+
+
+def test_config_file_message_names_the_file(tmp_path):
+    f = tmp_path / "t.toml"
+    f.write_text('[train]\nmodel = "m"\ndata = "d"\noutput = "o"\nmethod = "lorax"\n')
+    with pytest.raises(ConfigError) as info:
+        load_train_config(f, {})
+    assert str(info.value).startswith(f"{f}: method: unknown method 'lorax'"), str(info.value)
+
+
+def test_config_file_name_too_long_for_the_file_system_is_kept_as_written(tmp_path):
+    """A name too long for the file system is not a path here: no OSError, the value as written."""
+    f = tmp_path / "t.toml"
+    f.write_text('[train]\nmodel = "' + "m" * 300 + '"\ndata = "d.csv"\noutput = "o"\n')
+    cfg = load_train_config(f, {})
+    assert cfg.model == "m" * 300 and cfg.data == str(tmp_path / "d.csv")
+
+
+def test_cli_config_file_value_of_the_wrong_type(tmp_path):
+    from click.testing import CliRunner
+
+    from edgeft.cli import main
+
+    f = tmp_path / "t.toml"
+    f.write_text(f'[train]\nmodel = "m"\ndata = 5\noutput = "{tmp_path / "run"}"\n')
+    r = CliRunner().invoke(main, ["train", "--config", str(f)])
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.stderr.startswith(f"error: {f}: ") and len(r.stderr.splitlines()) == 1, r.stderr
+    assert not (tmp_path / "run").exists()

@@ -116,3 +116,90 @@ def _save_hf_image(d: Path, cfg) -> Path:
 
 IMAGE_STYLES = {"crack": ((200, 40, 40), 8), "clean": ((40, 200, 40), 13), "stain": ((40, 40, 200), 13)}
 NEW_IMAGE_STYLE = {"rust": ((150, 90, 20), 5)}
+
+
+# ---------------------------------------------------------------- a bundle of a few hundred bytes
+
+TINY_LABELS = ["crack", "clean", "stain"]
+TINY_HEAD = "heads/head-0001.onnx"
+
+
+def png_bytes(size=(12, 9), colour=(200, 40, 40)) -> bytes:
+    import io
+
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", size, colour)
+    ImageDraw.Draw(im).line((0, 0, size[0] - 1, size[1] - 1), fill=(255, 255, 255))
+    b = io.BytesIO()
+    im.save(b, "PNG")
+    return b.getvalue()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that only declares its size: enough for PIL to see a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def _flatten_backbone(path: Path) -> None:
+    """pixel_values (batch, 3, 4, 4) -> features (batch, 48): a Flatten."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["pixel_values"], ["features"], axis=1)], "backbone",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, 4, 4])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 48])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="test")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.write_bytes(model.SerializeToString())
+
+
+def make_tiny_bundle(d: Path) -> tuple[Path, dict, Path]:
+    """(bundle, its manifest, an input image): a real image bundle of a few hundred bytes, torch-free
+    (a Flatten backbone and a random 3-class head), for the tests of what the device side refuses."""
+    import hashlib
+
+    import numpy as np
+
+    import edgeft
+    from edgeft.runtime.bundle import MANIFEST, Bundle
+    from edgeft.runtime.head import write_head_onnx
+    from edgeft.runtime.preprocess import ImagePreprocessor
+
+    b = d / "bundle"
+    (b / "heads").mkdir(parents=True)
+    _flatten_backbone(b / "backbone.onnx")
+    rng = np.random.default_rng(0)
+    write_head_onnx(b / TINY_HEAD, rng.normal(size=(3, 48)).astype(np.float32), rng.normal(size=3).astype(np.float32))
+    spec = ImagePreprocessor({"size": [4, 4]}).spec()
+    (b / "preprocessor.json").write_text(json.dumps(spec))
+
+    def entry(p: Path) -> dict:
+        return {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "bytes": p.stat().st_size}
+
+    m = {
+        "schema": 1, "edgeft_version": edgeft.__version__, "created": "2024-01-01T00:00:00Z",
+        "task": "classification", "modality": "image", "labels": TINY_LABELS, "preprocessing": spec,
+        "inputs": ["pixel_values"], "outputs": {"backbone": ["features"], "head": ["logits", "probs"]},
+        "feature_dim": 48, "precision": "fp32",
+        "runtime": {"providers": ["CPUExecutionProvider"], "threads": 1, "static_shapes": False, "batch_size": 1,
+                    "max_length": None},
+        "backbone": "backbone.onnx", "head": {"version": 1, "file": TINY_HEAD},
+        "heads": [{"version": 1, "file": TINY_HEAD, "labels": TINY_LABELS, "source": "build"}],
+        "files": {rel: entry(b / rel) for rel in ("backbone.onnx", TINY_HEAD, "preprocessor.json")},
+    }
+    (b / MANIFEST).write_text(json.dumps(m, indent=2))
+    img = d / "input.png"
+    img.write_bytes(png_bytes())
+    loaded = Bundle(b)  # the unmutated bundle loads and predicts
+    assert loaded.labels == TINY_LABELS and len(loaded.predict([str(img)])) == 1
+    return b, m, img

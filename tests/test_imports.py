@@ -1,0 +1,235 @@
+"""The import graph of edgeft: no cycle, and the device side imports nothing from the build side.
+
+Every import statement counts, wherever it stands (module level, inside a function, inside a
+try), because a lazy import only hides a cycle until the day its function runs first; only
+imports under `if TYPE_CHECKING:` are left out, since they never run. The graph is read from
+the source with `ast`, so nothing is imported to build it.
+
+The device side is edgeft/runtime/: it may import edgeft.runtime.* and the package's own
+`edgeft/__init__.py`, which Python runs anyway before any edgeft.runtime module (so importing
+`edgeft.__version__` from it costs nothing more), provided that `__init__` stays torch-free:
+the last test holds it to importing no torch, transformers, peft or accelerate, directly or
+through the edgeft modules it imports at module level.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ROOTS = [REPO / "edgeft", *sorted(p for p in (REPO / "plugins").glob("edgeft_*") if p.is_dir())]
+HEAVY = {"torch", "transformers", "peft", "accelerate", "safetensors.torch", "torchvision"}
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = [root.name, *path.relative_to(root).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for root in ROOTS:
+        for path in sorted(root.rglob("*.py")):
+            mods[_module_name(path, root)] = path
+    return mods
+
+
+MODULES = _modules()
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imports(tree: ast.Module, module_level_only: bool = False):
+    """(node, names imported) for every import that can run, as absolute dotted names, unresolved."""
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            todo += node.orelse
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+            continue
+        if module_level_only and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        todo += [c for c in ast.iter_child_nodes(node) if isinstance(c, ast.AST)]
+
+
+def _targets(node, module: str, is_package: bool, modules=MODULES) -> list[str]:
+    """The modules an import statement loads (the one it names, not the parents Python runs first)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if node.level:
+        base = module.split(".") if is_package else module.split(".")[:-1]
+        base = base[: len(base) - (node.level - 1)]
+        pkg = ".".join(base + ([node.module] if node.module else []))
+    else:
+        pkg = node.module or ""
+    # `from pkg import name` loads pkg.name when that is a module, else pkg itself
+    return [f"{pkg}.{a.name}" if f"{pkg}.{a.name}" in modules else pkg for a in node.names]
+
+
+def import_graph(module_level_only: bool = False) -> dict[str, dict[str, int]]:
+    """{module: {imported module: first line}} for every module under edgeft/ and plugins/."""
+    graph = {}
+    for mod, path in MODULES.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        edges: dict[str, int] = {}
+        for node in _imports(tree, module_level_only):
+            for target in _targets(node, mod, path.name == "__init__.py"):
+                edges.setdefault(target, node.lineno)
+        graph[mod] = edges
+    return graph
+
+
+def cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """One cycle per strongly connected component of the graph's own modules (Tarjan)."""
+    index, low, stack, on, sccs = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in graph:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            scc = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                scc.append(w)
+                if w == v:
+                    break
+            if len(scc) > 1 or v in graph[v]:
+                sccs.append(sorted(scc))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return [_a_cycle(graph, scc) for scc in sorted(sccs)]
+
+
+def _a_cycle(graph, scc: list[str]) -> list[str]:
+    """A shortest path from the component's first module back to itself, through the component."""
+    start, members = scc[0], set(scc)
+    paths, seen = {start: [start]}, {start}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for v in frontier:
+            for w in sorted(graph[v]):
+                if w == start:
+                    return paths[v] + [start]
+                if w in members and w not in seen:
+                    seen.add(w)
+                    paths[w] = paths[v] + [w]
+                    nxt.append(w)
+        frontier = nxt
+    return scc
+
+
+def _show(graph, cycle: list[str]) -> str:
+    return " -> ".join(f"{a} (line {graph[a][b]})" for a, b in zip(cycle, cycle[1:], strict=False)) + f" -> {cycle[-1]}"
+
+
+def _device_side_violations(graph, modules=MODULES) -> list[str]:
+    bad = []
+    for mod, edges in sorted(graph.items()):
+        if not mod.startswith("edgeft.runtime"):
+            continue
+        for target, line in sorted(edges.items()):
+            inside = target == "edgeft" or target == "edgeft.runtime" or target.startswith("edgeft.runtime.")
+            if (target == "edgeft" or target.startswith("edgeft.")) and not inside:
+                where = modules.get(mod) or Path(*mod.split(".")).with_suffix(".py")
+                bad.append(f"{where.relative_to(REPO) if where.is_absolute() else where}:{line}: {mod} imports {target}")
+    return bad
+
+
+def test_the_graph_sees_lazy_relative_and_package_imports():
+    """The reader itself, on a made-up package: a function-level import, `from . import module`,
+    `from .. import name`, an import inside a try, one under `if TYPE_CHECKING:` (left out), a cycle."""
+    src = {
+        "edgeft.pkg.a": "from __future__ import annotations\nfrom typing import TYPE_CHECKING\n"
+                        "if TYPE_CHECKING:\n    from .c import X\n"
+                        "def f():\n    from . import b\n",
+        "edgeft.pkg.b": "from .. import __version__\nimport edgeft.pkg.a\n",
+        "edgeft.pkg.c": "try:\n    from edgeft.runtime import session\nexcept ImportError:\n    pass\n",
+    }
+    modules = {**MODULES, **dict.fromkeys(src, Path("x.py"))}
+    graph = {m: {} for m in src}
+    for mod, text in src.items():
+        for node in _imports(ast.parse(text)):
+            for target in _targets(node, mod, False, modules):
+                if target.startswith("edgeft"):
+                    graph[mod].setdefault(target, node.lineno)
+    assert graph == {"edgeft.pkg.a": {"edgeft.pkg.b": 6}, "edgeft.pkg.b": {"edgeft": 1, "edgeft.pkg.a": 2},
+                     "edgeft.pkg.c": {"edgeft.runtime.session": 2}}
+    assert cycles(graph) == [["edgeft.pkg.a", "edgeft.pkg.b", "edgeft.pkg.a"]]
+    assert cycles({"x": {"y": 1}, "y": {}}) == [] and cycles({"x": {"x": 1}}) == [["x", "x"]]
+    assert _device_side_violations({"edgeft.runtime.z": {"edgeft": 1, "edgeft.runtime.session": 2,
+                                                         "edgeft.data": 3, "numpy": 4}}, modules) == [
+        "edgeft/runtime/z.py:3: edgeft.runtime.z imports edgeft.data"]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 14: known cycles being removed by the refactor: edgeft.quantize <-> edgeft.openvino_build, "
+    "edgeft.train <-> edgeft.runs, edgeft.runtime.bundle <-> edgeft.runtime.trust. "
+    "Remove this marker when the last one is gone (strict: an XPASS fails the suite)."))
+def test_no_import_cycle():
+    graph = import_graph()
+    found = cycles(graph)
+    assert not found, "import cycles:\n" + "\n".join(_show(graph, c) for c in found)
+
+
+def test_no_import_cycle_beyond_the_known_ones():
+    """Until the marked test above passes: no new cycle joins the known ones."""
+    known = [{"edgeft.quantize", "edgeft.openvino_build"}, {"edgeft.train", "edgeft.runs"},
+             {"edgeft.runtime.bundle", "edgeft.runtime.trust"}]
+    graph = import_graph()
+    new = [c for c in cycles(graph) if set(c) not in known]
+    assert not new, "new import cycles:\n" + "\n".join(_show(graph, c) for c in new)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 14: known: runtime.retrain imports edgeft.data, runtime.bundle imports edgeft.parity, "
+    "and runtime modules import edgeft.errors. Remove this marker when they are gone."))
+def test_device_side_imports_nothing_from_the_build_side():
+    bad = _device_side_violations(import_graph())
+    assert not bad, "edgeft/runtime reaches into the build side:\n" + "\n".join(bad)
+
+
+def test_device_side_reaches_no_further_than_the_known_ones():
+    """Until the marked test above passes: the device side reaches into no other build-side module."""
+    graph = import_graph()
+    known = ("imports edgeft.errors", "imports edgeft.data", "imports edgeft.parity")
+    new = [v for v in _device_side_violations(graph) if not v.endswith(known)]
+    assert not new, "edgeft/runtime reaches into the build side:\n" + "\n".join(new)
+
+
+def test_package_init_is_torch_free():
+    """edgeft/__init__.py runs before every edgeft.runtime module: neither it nor any edgeft module
+    it imports at module level (transitively) may import torch, transformers, peft or accelerate."""
+    graph = import_graph(module_level_only=True)
+    seen, todo, heavy = set(), ["edgeft"], []
+    while todo:
+        mod = todo.pop()
+        if mod in seen or mod not in graph:
+            continue
+        seen.add(mod)
+        for target, line in graph[mod].items():
+            if target in HEAVY or target.split(".")[0] in HEAVY - {"safetensors.torch"}:
+                heavy.append(f"{mod} (line {line}) imports {target}")
+            todo.append(target)
+    assert not heavy, heavy
