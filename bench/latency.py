@@ -251,8 +251,7 @@ def variants(run: Path, artifacts: Path, rebuild: bool):
 
     loaded = load_model(run)
     merged = load_model(run)
-    if merged.info["method"] == "lora":
-        merged.model.backbone = merged.model.backbone.merge_and_unload()
+    merged.merge_lora()
     pre = loaded.pre
 
     def torch_fn(model):

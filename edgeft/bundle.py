@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import ParityError, UsageError
+from .errors import ParityError, UsageError, refuse_existing
 from .parity import Thresholds, checks, compare
 from .plugins import find_profile
 from .runtime import atomic
@@ -72,14 +72,12 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
 
     t0 = time.perf_counter()
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise UsageError(f"{output}: already exists. Choose another --output or pass --overwrite.")
+    refuse_existing(output, overwrite)
     profile, target = find_profile(device)
     settings = profile.resolved(target)
     precision = settings["precision"]
     loaded = load_model(source)
-    if loaded.kind == "run" and loaded.info["method"] == "lora":
-        loaded.model.backbone = loaded.model.backbone.merge_and_unload()
+    loaded.merge_lora()
     ds = load_labelled(data, loaded) if data else validation_data(loaded.info.get("validation"))
     if ds is None:
         raise UsageError(f"{source}: its validation data is gone; pass --data with labelled rows for the parity check.")

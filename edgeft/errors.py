@@ -56,6 +56,14 @@ class TrainingError(EdgeftError, RuntimeError):
     exit_code = 1
 
 
+def refuse_existing(output, overwrite: bool) -> None:
+    """The guard of every command that writes a folder: an existing --output needs --overwrite."""
+    from pathlib import Path
+
+    if Path(output).exists() and not overwrite:
+        raise UsageError(f"{output}: already exists. Choose another --output or pass --overwrite.")
+
+
 def did_you_mean(name: str, choices) -> str:
     """' Did you mean "x"?' for the closest choice, or '' (never auto-corrects)."""
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)

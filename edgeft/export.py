@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import ModelError, ParityError, UsageError
+from .errors import ModelError, ParityError, UsageError, refuse_existing
 from .parity import Thresholds, checks, compare
 from .runs import Loaded, load_model, validation_data
 from .runtime import atomic
@@ -106,13 +106,11 @@ def export(source: str | Path, output: str | Path, opset: int = DEFAULT_OPSET, d
 
     t0 = time.perf_counter()
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise UsageError(f"{output}: already exists. Choose another --output or pass --overwrite.")
+    refuse_existing(output, overwrite)
     if not 9 <= int(opset) <= 21:
         raise UsageError(f"--opset: {opset} is outside what edgeft exports (9 to 21); {DEFAULT_OPSET} is the default.")
     loaded = load_model(source)
-    if loaded.kind == "run" and loaded.info["method"] == "lora":
-        loaded.model.backbone = loaded.model.backbone.merge_and_unload()
+    loaded.merge_lora()
     model, spec = loaded.model.eval(), loaded.spec
     if data:
         from .runs import load_labelled

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .errors import ParityError, UsageError
+from .errors import ParityError, UsageError, refuse_existing
 from .models import EFFNET_META
 from .runs import MODEL_INFO, load_run, predict_logits, validation_data
 from .runtime import atomic
@@ -32,8 +32,7 @@ def merge(run: str | Path, output: str | Path, data: str | Path | None = None, o
     """Write the merged model directory; return (and record) the merged-vs-unmerged check."""
     t0 = time.perf_counter()
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise UsageError(f"{output}: already exists. Choose another --output or pass --overwrite.")
+    refuse_existing(output, overwrite)
     loaded = load_run(run)
     model, spec = loaded.model, loaded.spec
     source = loaded.info.get("validation")
@@ -48,9 +47,7 @@ def merge(run: str | Path, output: str | Path, data: str | Path | None = None, o
     items = ds.items[:CHECK_ROWS]
 
     before = predict_logits(model, loaded.pre, items)
-    merged_lora = loaded.info["method"] == "lora"
-    if merged_lora:
-        model.backbone = model.backbone.merge_and_unload()
+    merged_lora = loaded.merge_lora()
     after = predict_logits(model, loaded.pre, items)
     diff = float((before - after).abs().max())
     if diff > MERGE_TOLERANCE:

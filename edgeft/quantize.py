@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import DataError, ParityError, UsageError, did_you_mean, require
+from .errors import DataError, ParityError, UsageError, did_you_mean, refuse_existing, require
 from .onnx_graph import fuse
 from .parity import Thresholds, checks, compare
 from .runtime import atomic
@@ -462,8 +462,7 @@ def quantize(export_dir, mode, output, *, calibration=None, text_column="text", 
     info = _read_export(export_dir)
     if output.resolve() == export_dir.resolve():
         raise UsageError(f"{output}: is the export itself. Choose another --output.")
-    if output.exists() and not overwrite:
-        raise UsageError(f"{output}: already exists. Choose another --output or pass --overwrite.")
+    refuse_existing(output, overwrite)
     modality, labels, precision = info["modality"], info["labels"], PRECISION[mode]
     pre = load_preprocessor(export_dir, info["preprocessing"])
 

@@ -141,28 +141,18 @@ def load_recipe(path: str | Path, output: str | Path | None = None) -> dict:
     return recipe
 
 
-def run_recipe(path: str | Path, force: bool = False, output: str | Path | None = None) -> dict:
-    """Run every step of the recipe; return the summary (also summary.json in the output)."""
-    from .bundle import build
-    from .export import export
-    from .merge import merge
-    from .parity import Thresholds
-    from .plugins import find_profile
-    from .train import train
-    from .verify import verify, write_junit
+class _Steps:
+    """Runs the recipe's steps in order; skips a step whose folder is current; records each."""
 
-    t0 = time.perf_counter()
-    r = load_recipe(path, output)
-    out = Path(r["output"])
-    out.mkdir(parents=True, exist_ok=True)
-    steps: list[dict] = []
-    summary: dict = {"recipe": r["path"], "output": str(out), "steps": steps, "devices": {}}
+    def __init__(self, out: Path, force: bool, summary: dict):
+        self.out, self.force, self.summary = out, force, summary
+        self.steps: list[dict] = summary["steps"]
 
-    def step(name: str, folder: Path, fp_input, fn):
+    def __call__(self, name: str, folder: Path, fp_input, fn):
         fp = _fingerprint(fp_input, folder)
         t = time.perf_counter()
-        if not force and _current(folder, fp):
-            steps.append({"step": name, "status": "skipped (current)", "seconds": 0.0, "folder": str(folder)})
+        if not self.force and _current(folder, fp):
+            self.steps.append({"step": name, "status": "skipped (current)", "seconds": 0.0, "folder": str(folder)})
             log.info("%-8s current, skipped", name)
             return json.loads((folder / STEP_FILE).read_text())["result"]
         if folder.exists():  # an out-of-date or interrupted output of this recipe: redo it
@@ -170,13 +160,43 @@ def run_recipe(path: str | Path, force: bool = False, output: str | Path | None 
         try:
             result = fn(folder)
         except EdgeftError as e:
-            steps.append({"step": name, "status": "failed", "error": str(e)})
-            atomic.write_json(out / "summary.json", summary)
+            self.steps.append({"step": name, "status": "failed", "error": str(e)})
+            atomic.write_json(self.out / "summary.json", self.summary)
             raise type(e)(f"{name}: {e}") from None
         _mark(folder, name, fp, result)
-        steps.append({"step": name, "status": "ok", "seconds": round(time.perf_counter() - t, 2), "folder": str(folder)})
+        self.steps.append({"step": name, "status": "ok", "seconds": round(time.perf_counter() - t, 2),
+                           "folder": str(folder)})
         log.info("%-8s ok  %.1f s", name, time.perf_counter() - t)
         return result
+
+
+def run_recipe(path: str | Path, force: bool = False, output: str | Path | None = None) -> dict:
+    """Run every step of the recipe; return the summary (also summary.json in the output)."""
+    t0 = time.perf_counter()
+    r = load_recipe(path, output)
+    out = Path(r["output"])
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"recipe": r["path"], "output": str(out), "steps": [], "devices": {}}
+    step = _Steps(out, force, summary)
+    trained = _train_to_export(step, r, out)
+    for device in r["build"].get("devices", []):
+        name = Path(device).stem if str(device).endswith(".toml") else device
+        summary["devices"][name] = _device_steps(step, r, out, device, name, trained)
+    rt = r["retrain"]
+    if rt:
+        bundle = out / "bundles" / Path(rt["device"]).stem
+        summary["retrain"] = step("retrain", out / "retrain", {"retrain": rt, "bundle": str(bundle)},
+                                  lambda f: _retrain_step(bundle, f, rt))
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    atomic.write_json(out / "summary.json", summary)
+    return summary
+
+
+def _train_to_export(step: _Steps, r: dict, out: Path) -> dict:
+    """train -> merge -> export; returns the train step's result (what later steps depend on)."""
+    from .export import export
+    from .merge import merge
+    from .train import train
 
     cfg = r["train_config"]
     run_dir, model_dir, export_dir = out / "run", out / "model", out / "export"
@@ -186,65 +206,61 @@ def run_recipe(path: str | Path, force: bool = False, output: str | Path | None 
         return {"accuracy": s["accuracy"], "macro_f1": s["macro_f1"], "best_epoch": s["best"]["epoch"]}
 
     trained = step("train", run_dir, cfg.to_dict() | {"resume": False, "progress": False}, do_train)
-    summary["train"] = trained
+    step.summary["train"] = trained
     merged = step("merge", model_dir, {"run": trained, "from": str(run_dir)},
                   lambda f: merge(run_dir, f))
     opset = r["export"].get("opset", 17)
     exported = step("export", export_dir, {"model": merged, "opset": opset, "from": str(model_dir)},
                     lambda f: {k: v for k, v in export(model_dir, f, opset=opset).items()
                                if k in ("parity", "files", "seconds")})
-    summary["export"] = {"max_abs_diff": (exported.get("parity") or {}).get("max_abs_diff")}
+    step.summary["export"] = {"max_abs_diff": (exported.get("parity") or {}).get("max_abs_diff")}
+    return trained
 
-    b = r["build"]
-    verify_cfg = r["verify"]
-    for device in b.get("devices", []):
-        name = Path(device).stem if str(device).endswith(".toml") else device
-        bundle_dir = out / "bundles" / name
-        profile, target = find_profile(device)
-        thresholds = Thresholds.for_precision(profile.resolved(target)["precision"]).override(
-            min_agreement=b.get("min_agreement"), max_accuracy_drop=b.get("max_drop"))
 
-        def do_build(folder, device=device, thresholds=thresholds):
-            m = build(run_dir, device, folder, data=b.get("data"), calibration=b.get("calibration"),
-                      replay=b.get("replay", 100), thresholds=thresholds)
-            return {"precision": m["precision"], "parity": m["parity"],
-                    "bytes": sum(f["bytes"] for f in m["files"].values()),
-                    "quantization": (m.get("quantization") or {}).get("mode")}
+def _device_steps(step: _Steps, r: dict, out: Path, device: str, name: str, trained: dict) -> dict:
+    """build (and verify, when the recipe has a [verify] table) one device; its summary row."""
+    from .bundle import build
+    from .parity import Thresholds
+    from .plugins import find_profile
 
-        built = step(f"build {name}", bundle_dir, {"device": device, "build": b, "run": trained,
-                                                  "profile": str(profile.path)}, do_build)
-        row = {"precision": built["precision"], "size_mb": round(built["bytes"] / 1e6, 1),
-               "quantization": built.get("quantization"), "build_agreement": built["parity"]["agreement"]}
-        if verify_cfg.get("data"):
-            vdir = out / "verify" / name
+    b, verify_cfg, run_dir = r["build"], r["verify"], out / "run"
+    bundle_dir = out / "bundles" / name
+    profile, target = find_profile(device)
+    thresholds = Thresholds.for_precision(profile.resolved(target)["precision"]).override(
+        min_agreement=b.get("min_agreement"), max_accuracy_drop=b.get("max_drop"))
 
-            def do_verify(folder, bundle_dir=bundle_dir):
-                rep = verify(bundle_dir, run_dir, verify_cfg["data"], max_abs_diff=verify_cfg.get("max_abs_diff"),
-                             min_agreement=verify_cfg.get("min_agreement"),
-                             max_accuracy_drop=verify_cfg.get("max_drop"))
-                folder.mkdir(parents=True, exist_ok=True)
-                atomic.write_json(folder / "verify.json", rep)
-                write_junit(rep, folder / "junit.xml")
-                if not rep["passed"]:
-                    from .errors import ParityError
+    def do_build(folder):
+        m = build(run_dir, device, folder, data=b.get("data"), calibration=b.get("calibration"),
+                  replay=b.get("replay", 100), thresholds=thresholds)
+        return {"precision": m["precision"], "parity": m["parity"],
+                "bytes": sum(f["bytes"] for f in m["files"].values()),
+                "quantization": (m.get("quantization") or {}).get("mode")}
 
-                    raise ParityError("; ".join(c["message"] for c in rep["checks"] if not c["passed"]))
-                return {k: rep[k] for k in ("accuracy", "reference_accuracy", "agreement", "max_abs_diff", "rows")}
+    built = step(f"build {name}", bundle_dir, {"device": device, "build": b, "run": trained,
+                                              "profile": str(profile.path)}, do_build)
+    row = {"precision": built["precision"], "size_mb": round(built["bytes"] / 1e6, 1),
+           "quantization": built.get("quantization"), "build_agreement": built["parity"]["agreement"]}
+    if verify_cfg.get("data"):
+        v = step(f"verify {name}", out / "verify" / name, {"bundle": built, "verify": verify_cfg},
+                 lambda f: _verify_step(bundle_dir, run_dir, f, verify_cfg))
+        row.update({"accuracy": v["accuracy"], "reference_accuracy": v["reference_accuracy"],
+                    "agreement": v["agreement"]})
+    row["ms_per_input"] = _latency(bundle_dir, verify_cfg.get("data") or b.get("data"))
+    return row
 
-            v = step(f"verify {name}", vdir, {"bundle": built, "verify": verify_cfg}, do_verify)
-            row.update({"accuracy": v["accuracy"], "reference_accuracy": v["reference_accuracy"],
-                        "agreement": v["agreement"]})
-        row["ms_per_input"] = _latency(bundle_dir, verify_cfg.get("data") or b.get("data"))
-        summary["devices"][name] = row
 
-    rt = r["retrain"]
-    if rt:
-        summary["retrain"] = step("retrain", out / "retrain",
-                                  {"retrain": rt, "bundle": str(out / "bundles" / Path(rt["device"]).stem)},
-                                  lambda f: _retrain_step(out / "bundles" / Path(rt["device"]).stem, f, rt))
-    summary["seconds"] = round(time.perf_counter() - t0, 2)
-    atomic.write_json(out / "summary.json", summary)
-    return summary
+def _verify_step(bundle_dir: Path, run_dir: Path, folder: Path, verify_cfg: dict) -> dict:
+    from .errors import ParityError
+    from .verify import verify, write_junit
+
+    rep = verify(bundle_dir, run_dir, verify_cfg["data"], max_abs_diff=verify_cfg.get("max_abs_diff"),
+                 min_agreement=verify_cfg.get("min_agreement"), max_accuracy_drop=verify_cfg.get("max_drop"))
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(folder / "verify.json", rep)
+    write_junit(rep, folder / "junit.xml")
+    if not rep["passed"]:
+        raise ParityError("; ".join(c["message"] for c in rep["checks"] if not c["passed"]))
+    return {k: rep[k] for k in ("accuracy", "reference_accuracy", "agreement", "max_abs_diff", "rows")}
 
 
 def _latency(bundle_dir: Path, data) -> float | None:

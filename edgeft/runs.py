@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from . import methods
+from .checkpoints import load_weights
 from .data import Dataset, check_labels, load_dataset, stratified_split
 from .errors import DataError, UsageError
 from .models import ModelSpec, build_task_model, check_modality, load_spec
@@ -31,6 +32,13 @@ class Loaded:
     def spec(self) -> ModelSpec:
         return ModelSpec(**self.info["model"])
 
+    def merge_lora(self) -> bool:
+        """Fold a LoRA run's adapters into its backbone, in place; False when there are none."""
+        if self.kind != "run" or self.info["method"] != "lora":
+            return False
+        self.model.backbone = self.model.backbone.merge_and_unload()
+        return True
+
 
 def read_run(run: str | Path) -> dict:
     run = Path(run)
@@ -44,8 +52,6 @@ def read_run(run: str | Path) -> dict:
 
 def load_run(run: str | Path) -> Loaded:
     """A finished training run, with its method's wrapping (LoRA stays unmerged)."""
-    from .train import load_weights
-
     run = Path(run)
     info = read_run(run)
     spec = ModelSpec(**info["model"])

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,10 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__, methods
+from . import __version__, checkpoints, methods
+from .checkpoints import STATE_FILE
 from .config import TrainConfig
 from .data import Augment, Dataset, check_labels, label_names, load_dataset, stratified_split
-from .errors import DataError, TrainingError, UsageError
+from .errors import DataError, UsageError
 from .models import ModelSpec, build_preprocessor, build_task_model, check_modality, load_spec
 from .runtime import atomic
 from .runtime.metrics import classification_report
@@ -34,7 +34,6 @@ from .runtime.metrics import classification_report
 log = logging.getLogger(__name__)
 
 EVAL_BATCH = 64
-STATE_FILE = "train_state.json"
 
 
 # ---------------------------------------------------------------- inputs
@@ -194,60 +193,6 @@ def better(metric: str, value: float, best: float | None) -> bool:
     return value < best if metric == "loss" else value > best
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(run: Path, epoch: int, model, keys, optimizer, scheduler, progress: dict, keep: int):
-    from safetensors.torch import save_file
-
-    sd = model.state_dict()
-    ckpts = run / "checkpoints"
-    with atomic.directory(ckpts / f"epoch-{epoch:03d}", replace=True) as tmp:
-        save_file({k: sd[k].detach().contiguous() for k in keys}, str(tmp / "weights.safetensors"))
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-            tmp / "state.pt",
-        )
-        (tmp / "progress.json").write_text(json.dumps(progress, indent=1))
-    done = sorted(d for d in ckpts.iterdir() if d.name.startswith("epoch-"))
-    for d in done[:-keep]:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def save_best(run: Path, model, keys) -> None:
-    from safetensors.torch import save_file
-
-    sd = model.state_dict()
-    with atomic.directory(run / "checkpoints" / "best", replace=True) as tmp:
-        save_file({k: sd[k].detach().contiguous() for k in keys}, str(tmp / "weights.safetensors"))
-
-
-def last_checkpoint(run: Path) -> Path | None:
-    ckpts = run / "checkpoints"
-    if not ckpts.is_dir():
-        return None
-    done = sorted(d for d in ckpts.iterdir() if d.name.startswith("epoch-") and (d / "progress.json").exists())
-    return done[-1] if done else None
-
-
-def load_weights(model, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    missing = set(state) - set(model.state_dict())
-    if missing:
-        raise TrainingError(f"{path}: weights for layers this model does not have: {sorted(missing)[:3]}.")
-    model.load_state_dict(state, strict=False)
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -267,7 +212,7 @@ def _prepare_data(cfg: TrainConfig):
 def _check_output(cfg: TrainConfig, run: Path, state: dict) -> Path | None:
     """Refuse to clobber another run; on --resume, find the checkpoint and check it fits."""
     if cfg.resume:
-        ckpt = last_checkpoint(run)
+        ckpt = checkpoints.last_checkpoint(run)
         if ckpt is None:
             raise UsageError(f"{run}: no checkpoint to resume from. Run without --resume to start.")
         saved = json.loads((run / STATE_FILE).read_text())
@@ -305,15 +250,283 @@ def make_accelerator(cfg: TrainConfig):
                        kwargs_handlers=handlers)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train per `cfg`; write the run directory; return the summary (also metrics.json)."""
-    from accelerate.utils import set_seed
+# ---------------------------------------------------------------- what trains: two strategies
 
-    cfg = cfg.with_method_defaults()
-    run = Path(cfg.output)
-    t_start = time.perf_counter()
 
-    # Everything that can be wrong with the input is checked before anything is written.
+class HeadOnly:
+    """head: the backbone is frozen, so its features are computed once (and cached on disk).
+
+    Every process holds all features and takes the same steps on the whole global batch
+    (identical seeds), so there is nothing to synchronise.
+    """
+
+    shared = True
+
+    def __init__(self):
+        self.feats: dict[str, torch.Tensor] = {}
+        self.cache_hits: list[bool] = []
+
+    def prepare(self, t: Trainer) -> None:
+        for name, inp in (("train", t.train_in), ("val", t.val_in)):
+            self.feats[name], hit = cached_features(t.core, t.spec, inp, t.accelerator)
+            self.cache_hits.append(hit)
+
+    def wrap(self, t: Trainer) -> None:
+        t.model = t.core.to(t.accelerator.device)
+        t.optimizer = t.accelerator.prepare(t.optimizer)
+
+    def logits(self, t: Trainer, idx, split: str, train_mode: bool, net=None) -> torch.Tensor:
+        x = self.feats[split][idx].to(t.accelerator.device)
+        return t.core.head(t.core.dropout(x))
+
+    def train_mode(self, core) -> None:
+        core.backbone.eval()
+
+
+class Loop:
+    """Every other method: batches run through the backbone; DDP-wrapped on several processes."""
+
+    def __init__(self, world: int):
+        self.shared = world == 1  # no gradient synchronisation needed
+        self.cache_hits: list[bool] = []
+
+    def prepare(self, t: Trainer) -> None:
+        pass
+
+    def wrap(self, t: Trainer) -> None:
+        if self.shared:
+            t.model = t.core.to(t.accelerator.device)
+            t.optimizer = t.accelerator.prepare(t.optimizer)
+        else:
+            t.model, t.optimizer = t.accelerator.prepare(t.core, t.optimizer)
+
+    def logits(self, t: Trainer, idx, split: str, train_mode: bool, net=None) -> torch.Tensor:
+        inputs = t.train_in if split == "train" else t.val_in
+        batch = {k: v.to(t.accelerator.device) for k, v in inputs.batch(idx, train=train_mode).items()}
+        return (net or t.model)(**batch)
+
+    def train_mode(self, core) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class Progress:
+    """What a checkpoint records about the run so far (and --resume restores)."""
+
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"epoch": None, "value": None})
+    bad_epochs: int = 0
+    next_epoch: int = 0
+    stopped_early: bool = False
+    samples: int = 0
+    step_seconds: float = 0.0  # training steps only: evaluation and checkpoints are timed apart
+
+
+class Trainer:
+    """One run: the model, its optimizer and schedule, the strategy, and the progress so far."""
+
+    def __init__(self, cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, labels: list[str], spec: ModelSpec):
+        from accelerate.utils import set_seed
+
+        self.cfg, self.spec, self.labels = cfg, spec, labels
+        self.run = Path(cfg.output)
+        self.accelerator = make_accelerator(cfg)
+        self.main = self.accelerator.is_main_process
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        if not self.main:  # one process speaks; the others only report errors
+            logging.getLogger("edgeft").setLevel(logging.WARNING)
+        if self.world > 1:
+            log.info("training on %d processes (%s); global batch %d = %d per process x %d x grad-accum %d",
+                     self.world, self.accelerator.distributed_type, cfg.batch_size,
+                     -(-cfg.batch_size // self.world // cfg.grad_accum), self.world, cfg.grad_accum)
+        set_seed(cfg.seed)
+        self.pre = build_preprocessor(spec)
+        self.core = build_task_model(spec, len(labels), cfg.dropout)  # `model` may become its DDP wrapper
+        self.model = self.core
+        self.plan = methods.apply(
+            self.core, cfg.method, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            lora_targets=cfg.lora_targets, train_layers=cfg.train_layers, unfreeze_every=cfg.unfreeze_every,
+        )
+        if cfg.backbone_dropout is not None:  # e.g. 0: runs that must match bit for bit across process counts
+            for m in self.core.backbone.modules():
+                if isinstance(m, nn.Dropout):
+                    m.p = float(cfg.backbone_dropout)
+        self.params = methods.count_parameters(self.core, self.plan.trainable)
+        self.keys = methods.state_keys(self.core, self.plan)
+        log.info("%s: %s of %s parameters train (%.2f%%)", cfg.method, f"{self.params['trainable']:,}",
+                 f"{self.params['total']:,}", 100 * self.params["ratio"])
+        self.augment = Augment(cfg.seed) if cfg.augment else None
+        self.train_in = Inputs.build(train_ds, self.pre, labels, self.augment)
+        self.val_in = Inputs.build(val_ds, self.pre, labels)
+        self.strategy = HeadOnly() if cfg.method == "head" else Loop(self.world)
+        self.progress = Progress()
+
+    def prepare(self, resume_from: Path | None) -> None:
+        """Features (head), optimizer and schedule, the process wrapping, and a resumed state."""
+        cfg = self.cfg
+        t_feat = time.perf_counter()
+        self.strategy.prepare(self)
+        self.feature_seconds = time.perf_counter() - t_feat
+        self.optimizer = make_optimizer(self.core, self.plan, cfg)
+        steps_per_epoch = math.ceil(len(self.train_in.ds) / cfg.batch_size)
+        self.scheduler = make_scheduler(self.optimizer, steps_per_epoch * cfg.epochs, cfg.warmup)
+        self.strategy.wrap(self)
+        if resume_from is not None:
+            saved = checkpoints.resume(resume_from, self.core, self.optimizer, self.scheduler)
+            self.progress = Progress(saved["history"], saved["best"], saved["bad_epochs"], saved["epoch"] + 1)
+            log.info("resuming from %s (epoch %d done)", resume_from.name, self.progress.next_epoch)
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, dict]:
+        self.core.eval()
+        logits = torch.empty(len(self.val_in.ds), len(self.labels))
+        for idx in by_length(self.val_in, EVAL_BATCH):  # every process evaluates all of it: same decisions
+            logits[idx] = self.strategy.logits(self, idx, "val", False, net=self.core).float().cpu()
+        loss = nn.functional.cross_entropy(logits, self.val_in.y.to(logits.device)).item()
+        report = classification_report(self.val_in.y.numpy(), logits.argmax(-1).cpu().numpy(), self.labels)
+        return loss, report
+
+    def fit(self) -> None:
+        cfg, p = self.cfg, self.progress
+        t_loop = time.perf_counter()
+        for epoch in range(p.next_epoch, cfg.epochs):
+            if p.best["epoch"] is not None and p.bad_epochs >= cfg.patience:
+                p.stopped_early = True
+                break
+            t0 = time.perf_counter()
+            total, count = self.train_epoch(epoch)
+            self.end_epoch(epoch, total, count, t0)
+        self.loop_seconds = time.perf_counter() - t_loop
+
+    def train_epoch(self, epoch: int) -> tuple[float, int]:
+        """One pass over the training rows; the summed loss and the rows it covered (all processes)."""
+        cfg = self.cfg
+        methods.set_trainable(self.core, self.plan.trainable_at(epoch))
+        self.model.train()
+        self.core.train()
+        methods.freeze_frozen_norms(self.core)
+        self.strategy.train_mode(self.core)
+        total, count = 0.0, 0
+        order = batches(len(self.train_in.ds), cfg.batch_size, cfg.seed, epoch)
+        bar = None
+        if cfg.progress and self.main and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(order), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr)
+        t_steps = time.perf_counter()
+        for step, idx in enumerate(order):
+            if self.augment is not None:  # augmentation draws depend on (seed, epoch, step) only
+                self.augment.rng.seed(f"{cfg.seed}-{epoch}-{step}")
+            loss, rows = self.step(idx)
+            total, count = total + loss, count + rows
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{total / count:.4f}")
+        self.progress.step_seconds += time.perf_counter() - t_steps
+        if bar is not None:
+            bar.close()
+        if not self.strategy.shared:  # every process's share of the epoch's loss, summed
+            from accelerate.utils import reduce
+
+            tc = reduce(torch.tensor([total, float(count)], device=self.accelerator.device), reduction="sum")
+            total, count = float(tc[0]), int(tc[1])
+        self.progress.samples += count
+        return total, count
+
+    def step(self, idx: list[int]) -> tuple[float, int]:
+        """One optimizer step on the global batch `idx`; this process's summed loss and row count."""
+        cfg, shared, acc = self.cfg, self.strategy.shared, self.accelerator
+        # Each process takes its share of the global batch, in grad-accum micro-batches.
+        # Summed losses scaled by world / |batch|: DDP's gradient average then equals the
+        # gradient of the mean loss over the whole global batch, whatever the split.
+        shard = idx if shared else idx[self.rank::self.world]
+        scale = (1 if shared else self.world) / len(idx)
+        if not shard:  # fewer rows than processes: join the all-reduce with zero weight
+            shard, scale = idx[:1], 0.0
+        micro = [m for m in (shard[j::cfg.grad_accum] for j in range(cfg.grad_accum)) if m]
+        total = 0.0
+        for j, mb in enumerate(micro):
+            last = j == len(micro) - 1
+            sync = contextlib.nullcontext() if last or shared else acc.no_sync(self.model)
+            with sync, acc.autocast():
+                logits = self.strategy.logits(self, mb, "train", True)
+                loss = nn.functional.cross_entropy(logits.float(), self.train_in.y[mb].to(logits.device),
+                                                   reduction="sum")
+                acc.backward(loss * scale)
+            total += loss.item()
+        if cfg.max_grad_norm:
+            acc.clip_grad_norm_(self.core.parameters() if shared else self.model.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, (len(shard) if scale else 0)
+
+    def end_epoch(self, epoch: int, total: float, count: int, t0: float) -> None:
+        """Evaluate, keep the best, log the epoch's line, write its checkpoint."""
+        cfg, p = self.cfg, self.progress
+        val_loss, report = self.evaluate()
+        value = val_loss if cfg.metric == "loss" else report[cfg.metric]
+        row = {
+            "epoch": epoch + 1, "train_loss": total / count, "val_loss": val_loss,
+            "accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
+            "lr": self.scheduler.get_last_lr()[-1], "seconds": round(time.perf_counter() - t0, 3),
+        }
+        p.history.append(row)
+        if better(cfg.metric, value, p.best["value"]):
+            p.best = {"epoch": epoch + 1, "value": value}
+            p.bad_epochs = 0
+            if self.main:
+                checkpoints.save_best(self.run, self.core, self.keys)
+        else:
+            p.bad_epochs += 1
+        log.info("epoch %d/%d  loss %.4f  val loss %.4f  accuracy %.4f  macro-F1 %.4f  %.1f s",
+                 epoch + 1, cfg.epochs, row["train_loss"], val_loss, report["accuracy"],
+                 report["macro_f1"], row["seconds"])
+        if self.main:
+            checkpoints.save_checkpoint(
+                self.run, epoch, self.core, self.keys, self.optimizer, self.scheduler,
+                {"epoch": epoch, "history": p.history, "best": p.best, "bad_epochs": p.bad_epochs},
+                cfg.keep_checkpoints)
+
+    def summary(self, t_start: float) -> dict:
+        """The best epoch's weights back in the model, evaluated once more; metrics.json's content."""
+        cfg, p = self.cfg, self.progress
+        self.model = self.core
+        checkpoints.load_weights(self.core, checkpoints.best_weights(self.run))
+        val_loss, report = self.evaluate()
+        train_ds, val_ds = self.train_in.ds, self.val_in.ds
+        return {
+            "edgeft_version": __version__,
+            "method": cfg.method,
+            "model": self.spec.source,
+            "labels": self.labels,
+            "parameters": self.params,
+            "epochs": p.history,
+            "best": {"epoch": p.best["epoch"], "metric": cfg.metric, "loss": val_loss, **report},
+            "accuracy": report["accuracy"],
+            "macro_f1": report["macro_f1"],
+            "stopped_early": p.stopped_early,
+            "data": {
+                "train": {"source": train_ds.source, "rows": len(train_ds), "counts": train_ds.counts()},
+                "val": {"source": val_ds.source, "rows": len(val_ds), "counts": val_ds.counts()},
+            },
+            "timing": {
+                "total_seconds": round(time.perf_counter() - t_start, 3),
+                "feature_seconds": round(self.feature_seconds, 3),
+                "loop_seconds": round(self.loop_seconds, 3),
+                "step_seconds": round(p.step_seconds, 3),
+                "samples_per_second": round(p.samples / p.step_seconds, 2) if p.step_seconds > 0 and p.samples
+                else None,
+                "feature_cache_hits": self.strategy.cache_hits,
+            },
+        }
+
+
+def _check_inputs(cfg: TrainConfig):
+    """Everything that can be wrong with the input, checked before anything is written."""
     train_ds, val_ds, labels = _prepare_data(cfg)
     spec = load_spec(cfg.model, cfg.pooling, cfg.max_length, cfg.image_size)
     check_modality(spec, train_ds.kind, train_ds.source)
@@ -323,224 +536,37 @@ def train(cfg: TrainConfig) -> dict:
         "model": cfg.model, "method": cfg.method, "labels": labels,
         "train_fingerprint": train_ds.fingerprint(), "val_fingerprint": val_ds.fingerprint(),
     }
-    resume_from = _check_output(cfg, run, state)
+    resume_from = _check_output(cfg, Path(cfg.output), state)
+    return train_ds, val_ds, labels, spec, state, resume_from
 
-    accelerator = make_accelerator(cfg)
-    main = accelerator.is_main_process
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if not main:  # one process speaks; the others only report errors
-        logging.getLogger("edgeft").setLevel(logging.WARNING)
-    if world > 1:
-        log.info("training on %d processes (%s); global batch %d = %d per process x %d x grad-accum %d",
-                 world, accelerator.distributed_type, cfg.batch_size, -(-cfg.batch_size // world // cfg.grad_accum),
-                 world, cfg.grad_accum)
-    set_seed(cfg.seed)
-    pre = build_preprocessor(spec)
-    model = build_task_model(spec, len(labels), cfg.dropout)
-    plan = methods.apply(
-        model, cfg.method, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        lora_targets=cfg.lora_targets, train_layers=cfg.train_layers, unfreeze_every=cfg.unfreeze_every,
-    )
-    if cfg.backbone_dropout is not None:  # e.g. 0: runs that must match bit for bit across process counts
-        for m in model.backbone.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = float(cfg.backbone_dropout)
-    params = methods.count_parameters(model, plan.trainable)
-    keys = methods.state_keys(model, plan)
-    log.info("%s: %s of %s parameters train (%.2f%%)", cfg.method, f"{params['trainable']:,}",
-             f"{params['total']:,}", 100 * params["ratio"])
 
-    augment = Augment(cfg.seed) if cfg.augment else None
-    train_in = Inputs.build(train_ds, pre, labels, augment)
-    val_in = Inputs.build(val_ds, pre, labels)
-
-    if main:
-        run.mkdir(parents=True, exist_ok=True)
+def train(cfg: TrainConfig) -> dict:
+    """Train per `cfg`; write the run directory; return the summary (also metrics.json)."""
+    cfg = cfg.with_method_defaults()
+    t_start = time.perf_counter()
+    train_ds, val_ds, labels, spec, state, resume_from = _check_inputs(cfg)
+    t = Trainer(cfg, train_ds, val_ds, labels, spec)
+    if t.main:
+        t.run.mkdir(parents=True, exist_ok=True)
         if not cfg.resume:
-            atomic.write_json(run / STATE_FILE, {**state, "config": cfg.to_dict(), "status": "running"})
-
-    # head: the backbone is frozen, so its features are computed once (and cached on disk)
-    feats = {}
-    cache_hits = []
-    t_feat = time.perf_counter()
-    if cfg.method == "head":
-        for name, inp in (("train", train_in), ("val", val_in)):
-            feats[name], hit = cached_features(model, spec, inp, accelerator)
-            cache_hits.append(hit)
-    feature_seconds = time.perf_counter() - t_feat
-
-    optimizer = make_optimizer(model, plan, cfg)
-    steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
-    scheduler = make_scheduler(optimizer, steps_per_epoch * cfg.epochs, cfg.warmup)
-    core = model  # the TaskModel itself; `model` may become its DDP wrapper
-    if cfg.method == "head" or world == 1:
-        # head: every process holds all features and takes the same steps on the whole global
-        # batch (identical seeds), so there is nothing to synchronise
-        model = model.to(accelerator.device)
-        optimizer = accelerator.prepare(optimizer)
-    else:
-        model, optimizer = accelerator.prepare(model, optimizer)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def logits_for(idx, inputs: Inputs, split: str, train_mode: bool, net=None):
-        if cfg.method == "head":
-            x = feats[split][idx].to(accelerator.device)
-            return core.head(core.dropout(x))
-        batch = {k: v.to(accelerator.device) for k, v in inputs.batch(idx, train=train_mode).items()}
-        return (net or model)(**batch)
-
-    @torch.no_grad()
-    def evaluate():
-        core.eval()
-        logits = torch.empty(len(val_ds), len(labels))
-        for idx in by_length(val_in, EVAL_BATCH):  # every process evaluates all of it: same decisions
-            logits[idx] = logits_for(idx, val_in, "val", False, net=core).float().cpu()
-        loss = loss_fn(logits, val_in.y.to(logits.device)).item()
-        report = classification_report(val_in.y.numpy(), logits.argmax(-1).cpu().numpy(), labels)
-        return loss, report
-
-    history: list[dict] = []
-    best = {"epoch": None, "value": None}
-    bad_epochs = 0
-    start_epoch = 0
-    if resume_from is not None:
-        load_weights(core, resume_from / "weights.safetensors")
-        st = torch.load(resume_from / "state.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
-        set_rng_state(st["rng"])
-        progress = json.loads((resume_from / "progress.json").read_text())
-        history, best, bad_epochs = progress["history"], progress["best"], progress["bad_epochs"]
-        start_epoch = progress["epoch"] + 1
-        log.info("resuming from %s (epoch %d done)", resume_from.name, start_epoch)
-
-    show = cfg.progress and main and sys.stderr.isatty()
-    shared = cfg.method == "head" or world == 1  # no gradient synchronisation needed
-    stopped_early = False
-    samples = 0
-    step_seconds = 0.0  # training steps only: evaluation and checkpoints are timed apart
-    t_loop = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        if best["epoch"] is not None and bad_epochs >= cfg.patience:
-            stopped_early = True
-            break
-        t0 = time.perf_counter()
-        methods.set_trainable(core, plan.trainable_at(epoch))
-        model.train()
-        core.train()
-        methods.freeze_frozen_norms(core)
-        if cfg.method == "head":
-            core.backbone.eval()
-        total, count = 0.0, 0
-        order = batches(len(train_ds), cfg.batch_size, cfg.seed, epoch)
-        bar = None
-        if show:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(order), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr)
-        t_steps = time.perf_counter()
-        for step, idx in enumerate(order):
-            if augment is not None:  # augmentation draws depend on (seed, epoch, step) only
-                augment.rng.seed(f"{cfg.seed}-{epoch}-{step}")
-            # Each process takes its share of the global batch, in grad-accum micro-batches.
-            # Summed losses scaled by world / |batch|: DDP's gradient average then equals the
-            # gradient of the mean loss over the whole global batch, whatever the split.
-            shard = idx if shared else idx[rank::world]
-            scale = (1 if shared else world) / len(idx)
-            if not shard:  # fewer rows than processes: join the all-reduce with zero weight
-                shard, scale = idx[:1], 0.0
-            micro = [m for m in (shard[j::cfg.grad_accum] for j in range(cfg.grad_accum)) if m]
-            for j, mb in enumerate(micro):
-                last = j == len(micro) - 1
-                sync = contextlib.nullcontext() if last or shared else accelerator.no_sync(model)
-                with sync, accelerator.autocast():
-                    logits = logits_for(mb, train_in, "train", True)
-                    loss = nn.functional.cross_entropy(logits.float(), train_in.y[mb].to(logits.device),
-                                                       reduction="sum")
-                    accelerator.backward(loss * scale)
-                total += loss.item()
-            if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(core.parameters() if shared else model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            count += len(shard) if scale else 0
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{total / count:.4f}")
-        step_seconds += time.perf_counter() - t_steps
-        if bar is not None:
-            bar.close()
-        if not shared:  # every process's share of the epoch's loss, summed
-            from accelerate.utils import reduce
-
-            tc = reduce(torch.tensor([total, float(count)], device=accelerator.device), reduction="sum")
-            total, count = float(tc[0]), int(tc[1])
-        samples += count
-        val_loss, report = evaluate()
-        value = val_loss if cfg.metric == "loss" else report[cfg.metric]
-        row = {
-            "epoch": epoch + 1, "train_loss": total / count, "val_loss": val_loss,
-            "accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
-            "lr": scheduler.get_last_lr()[-1], "seconds": round(time.perf_counter() - t0, 3),
-        }
-        history.append(row)
-        if better(cfg.metric, value, best["value"]):
-            best = {"epoch": epoch + 1, "value": value}
-            bad_epochs = 0
-            if main:
-                save_best(run, core, keys)
-        else:
-            bad_epochs += 1
-        log.info("epoch %d/%d  loss %.4f  val loss %.4f  accuracy %.4f  macro-F1 %.4f  %.1f s",
-                 epoch + 1, cfg.epochs, row["train_loss"], val_loss, report["accuracy"],
-                 report["macro_f1"], row["seconds"])
-        if main:
-            save_checkpoint(run, epoch, core, keys, optimizer, scheduler,
-                            {"epoch": epoch, "history": history, "best": best, "bad_epochs": bad_epochs},
-                            cfg.keep_checkpoints)
-    loop_seconds = time.perf_counter() - t_loop
-
-    accelerator.wait_for_everyone()
-    if not main:  # only the main process writes the run directory
+            atomic.write_json(t.run / STATE_FILE, {**state, "config": cfg.to_dict(), "status": "running"})
+    t.prepare(resume_from)
+    t.fit()
+    t.accelerator.wait_for_everyone()
+    if not t.main:  # only the main process writes the run directory
         return {}
-    model = core
-    load_weights(model, run / "checkpoints" / "best" / "weights.safetensors")
-    val_loss, report = evaluate()
-    summary = {
-        "edgeft_version": __version__,
-        "method": cfg.method,
-        "model": spec.source,
-        "labels": labels,
-        "parameters": params,
-        "epochs": history,
-        "best": {"epoch": best["epoch"], "metric": cfg.metric, "loss": val_loss, **report},
-        "accuracy": report["accuracy"],
-        "macro_f1": report["macro_f1"],
-        "stopped_early": stopped_early,
-        "data": {
-            "train": {"source": train_ds.source, "rows": len(train_ds), "counts": train_ds.counts()},
-            "val": {"source": val_ds.source, "rows": len(val_ds), "counts": val_ds.counts()},
-        },
-        "timing": {
-            "total_seconds": round(time.perf_counter() - t_start, 3),
-            "feature_seconds": round(feature_seconds, 3),
-            "loop_seconds": round(loop_seconds, 3),
-            "step_seconds": round(step_seconds, 3),
-            "samples_per_second": round(samples / step_seconds, 2) if step_seconds > 0 and samples else None,
-            "feature_cache_hits": cache_hits,
-        },
-    }
-    _write_outputs(run, cfg, spec, model, plan, keys, pre, labels, summary)
+    summary = t.summary(t_start)
+    _write_outputs(t, summary)
     return summary
 
 
-def _write_outputs(run: Path, cfg, spec: ModelSpec, model, plan, keys, pre, labels, summary) -> None:
+def _write_outputs(t: Trainer, summary: dict) -> None:
     from safetensors.torch import save_file
 
     from .report import model_card, plot_confusion, plot_curves
     from .runs import training_source, validation_source
 
+    cfg, spec, run, model, keys, labels = t.cfg, t.spec, t.run, t.core, t.keys, t.labels
     sd = model.state_dict()
     tmp = run / ".trained.safetensors.tmp"
     save_file({k: sd[k].detach().contiguous() for k in keys}, str(tmp),
@@ -550,13 +576,13 @@ def _write_outputs(run: Path, cfg, spec: ModelSpec, model, plan, keys, pre, labe
         with atomic.directory(run / "adapter", replace=True) as d:
             model.backbone.save_pretrained(str(d))
     if spec.modality == "text":
-        atomic.write_text(run / "tokenizer.json", pre.tokenizer.to_str())
-    atomic.write_json(run / "preprocessor.json", pre.spec())
+        atomic.write_text(run / "tokenizer.json", t.pre.tokenizer.to_str())
+    atomic.write_json(run / "preprocessor.json", t.pre.spec())
     atomic.write_json(run / "labels.json", {"labels": labels})
     atomic.write_json(run / "metrics.json", summary)
     plot_curves(summary["epochs"], run / "curves.png")
     plot_confusion(summary["best"]["confusion"], labels, run / "confusion.png")
-    atomic.write_text(run / "README.md", model_card(cfg, spec, summary, plan))
+    atomic.write_text(run / "README.md", model_card(cfg, spec, summary, t.plan))
     atomic.write_json(run / "run.json", {
         "edgeft_version": __version__,
         "schema": 1,
@@ -565,7 +591,7 @@ def _write_outputs(run: Path, cfg, spec: ModelSpec, model, plan, keys, pre, labe
         "config": cfg.to_dict(),
         "model": spec.to_dict(),
         "labels": labels,
-        "lora_targets": plan.lora_targets,
+        "lora_targets": t.plan.lora_targets,
         "validation": validation_source(cfg.to_dict()),
         "training": training_source(cfg.to_dict()),
         "trained_keys": keys,

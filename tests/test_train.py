@@ -152,7 +152,7 @@ def test_resume_equals_uninterrupted(method, model, data, tmp_path, monkeypatch,
         train_data = image_data
     train(cfg_for(path, train_data, tmp_path / "whole", **kw))
 
-    import edgeft.train as T
+    import edgeft.checkpoints as T
 
     real_save = T.save_checkpoint
 
