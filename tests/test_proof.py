@@ -1,0 +1,106 @@
+"""Confidence bounds, row selection, device bench and ARM emulation (edgeft.runtime.stats, .bench)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from edgeft.runtime import stats
+
+scipy_stats = pytest.importorskip("scipy.stats", reason="scipy comes with scikit-learn in the dev extra")
+
+GRID = [(0, 1), (1, 1), (0, 10), (3, 10), (10, 10), (1, 221), (219, 221), (220, 221), (221, 221),
+        (50, 100), (297, 300), (0, 5000), (4990, 5000), (12345, 20000)]
+
+
+@pytest.mark.parametrize("k,n", GRID)
+@pytest.mark.parametrize("confidence", [0.9, 0.95, 0.99])
+def test_clopper_pearson_matches_scipy_beta(k, n, confidence):
+    alpha = 1 - confidence
+    lo = 0.0 if k == 0 else scipy_stats.beta.ppf(alpha, k, n - k + 1)
+    hi = 1.0 if k == n else scipy_stats.beta.ppf(1 - alpha, k + 1, n - k)
+    # both sides are computed in float64; the bisection stops at adjacent doubles
+    assert stats.lower_bound(k, n, confidence) == pytest.approx(lo, rel=1e-9, abs=1e-12)
+    assert stats.upper_bound(k, n, confidence) == pytest.approx(hi, rel=1e-9, abs=1e-12)
+
+
+def test_bounds_hold_their_coverage_by_definition():
+    # at the lower bound, seeing k or more successes has probability alpha (exactness)
+    k, n = 217, 221
+    p = stats.lower_bound(k, n)
+    assert scipy_stats.binom.sf(k - 1, n, p) == pytest.approx(0.05, rel=1e-6)
+    p = stats.upper_bound(4, n)
+    assert scipy_stats.binom.cdf(4, n, p) == pytest.approx(0.05, rel=1e-6)
+
+
+def test_rows_needed_for_99_percent_with_no_flips_is_299():
+    assert stats.rows_needed(0.99) == math.ceil(math.log(0.05) / math.log(0.99)) == 299
+    assert stats.lower_bound(299, 299) >= 0.99 > stats.lower_bound(298, 298)
+    # one flip already seen: more rows needed, and the answer is the first n that certifies
+    n = stats.rows_needed(0.99, failures=1)
+    assert stats.lower_bound(n - 1, n) >= 0.99 > stats.lower_bound(n - 2, n - 1)
+    # the accuracy drop: zero harmful flips certify half a point from 598 rows
+    n = stats.rows_needed(0.005, upper=True)
+    assert stats.upper_bound(0, n) <= 0.005 < stats.upper_bound(0, n - 1)
+    assert n == 598
+
+
+def test_bad_counts_are_refused():
+    with pytest.raises(ValueError):
+        stats.lower_bound(5, 3)
+    with pytest.raises(ValueError):
+        stats.upper_bound(-1, 3)
+    with pytest.raises(ValueError):
+        stats.lower_bound(1, 3, confidence=1.0)
+
+
+def test_parity_bounds_count_paired_flips():
+    ref = np.array([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [0.0, 2.0], [2.0, 0.0]])
+    cand = np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
+    y = [0, 0, 0, 1, None]
+    b = stats.parity_bounds(ref, cand, y)
+    # row 1: reference right, candidate wrong (harmful); row 2: the reverse (helpful)
+    assert (b["rows"], b["agree"], b["flips"]) == (5, 3, 2)
+    assert (b["labelled_rows"], b["harmful_flips"], b["helpful_flips"]) == (4, 1, 1)
+    assert b["accuracy_drop_upper"] == pytest.approx(scipy_stats.beta.ppf(0.95, 2, 3))
+    assert b["agreement_lower"] == pytest.approx(scipy_stats.beta.ppf(0.05, 3, 3))
+    masked = stats.parity_bounds(ref, cand, y, labelled=[True, False, True, True, True])
+    assert (masked["labelled_rows"], masked["harmful_flips"]) == (3, 0)
+
+
+def test_stratified_draws_every_class_in_proportion_and_not_the_head():
+    labels = ["a"] * 600 + ["b"] * 300 + ["c"] * 12  # sorted by class, as files often are
+    idx = stats.stratified(labels, 100, seed=0)
+    assert len(idx) == len(set(idx)) == 100 and idx == sorted(idx)
+    got = {c: sum(labels[i] == c for i in idx) for c in "abc"}
+    assert got["a"] in (65, 66, 67) and got["b"] in (32, 33, 34) and got["c"] >= 1
+    assert idx != list(range(100))
+    assert stats.stratified(labels, 100, seed=0) == idx != stats.stratified(labels, 100, seed=1)
+    assert stats.stratified(labels, 5000) == list(range(len(labels)))
+    # fewer rows than classes: still n rows, none repeated
+    assert len(set(stats.stratified(labels, 2))) == 2
+
+
+def test_cover_classes_puts_first_rows_first_and_reaches_every_class():
+    labels = ["a"] * 50 + ["b"] * 3 + ["c"] * 1
+    out = stats.cover_classes(labels, 6, first=[7, 7, 9])
+    assert out[:2] == [7, 9] and len(out) == len(set(out)) == 6
+    assert {labels[i] for i in out} == {"a", "b", "c"}
+
+
+def test_smallest_margin_rows_say_whether_they_flipped():
+    ref = np.array([[1.0, 0.9], [5.0, 0.0], [0.0, 0.2]])
+    cand = np.array([[0.8, 1.0], [5.0, 0.0], [0.0, 0.3]])
+    rows = stats.smallest_margin_rows(ref, cand, n=2)
+    assert [r["row"] for r in rows] == [0, 2] and [r["flipped"] for r in rows] == [True, False]
+
+
+def test_row_id_hashes_text_and_image_bytes(tmp_path):
+    assert stats.row_id("hose weeping at press 4") == stats.row_id("hose weeping at press 4")
+    assert "hose" not in stats.row_id("hose weeping at press 4")
+    p = tmp_path / "secret-name.png"
+    p.write_bytes(b"\x89PNG fake")
+    assert stats.row_id(str(p)) == stats.row_id(str(tmp_path / "secret-name.png"))
+    assert stats.row_id(str(p)) != stats.row_id("secret-name.png")
