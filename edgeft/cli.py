@@ -382,6 +382,31 @@ def device_check(bundle, providers, as_json, public_key):
     click.echo("device check  ok", err=as_json)
 
 
+@device.command("bench")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--file", "file_", type=click.File("r", encoding="utf-8"), help="Real inputs, one per line (- for standard input).  [default: the bundle's reference inputs]")
+@click.option("--runs", type=int, default=100, show_default=True, help="Timed batch-1 calls, cycling through the inputs.")
+@click.option("--warmup", type=int, default=5, show_default=True, help="Untimed calls first.")
+@click.option("--threads", type=int, help="Intra-op threads.  [default: the bundle's]")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--public-key", type=click.Path(dir_okay=False), help="Refuse the bundle unless the owner's signature verifies with this key.")
+def device_bench(bundle, file_, runs, warmup, threads, as_json, public_key):
+    """Measure the bundle on this device: load time, p50/p99 batch-1 latency, peak RSS.
+
+    \b
+    Example:
+      edgeft device bench bundles/pi5
+      edgeft device bench bundles/pi5 --file field-notes.txt --runs 500
+
+    The report is also written as JSON under BUNDLE/bench/, so a fleet can compare devices.
+    """
+    from .runtime.bench import bench, summary
+
+    items = [line.rstrip("\n") for line in file_ if line.strip()] if file_ is not None else None
+    r = bench(bundle, items=items, runs=runs, warmup=warmup, threads=threads, public_key=public_key)
+    click.echo(json.dumps(r, indent=2) if as_json else summary(r))
+
+
 @device.command("retrain")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", required=True, help="Labelled samples (same formats as training).")

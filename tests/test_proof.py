@@ -104,3 +104,61 @@ def test_row_id_hashes_text_and_image_bytes(tmp_path):
     p.write_bytes(b"\x89PNG fake")
     assert stats.row_id(str(p)) == stats.row_id(str(tmp_path / "secret-name.png"))
     assert stats.row_id(str(p)) != stats.row_id("secret-name.png")
+
+
+# ---- device bench -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def device_bundles(tmp_path_factory):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from make_device_bundles import make_bundles
+
+    return make_bundles(tmp_path_factory.mktemp("proof-bundles"))
+
+
+@pytest.mark.parametrize("kind", ["text", "image"])
+def test_device_bench_reports_and_writes_json_beside_the_history(device_bundles, kind, tmp_path):
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from edgeft.cli import main
+    from edgeft.runtime.bundle import Bundle
+
+    b = tmp_path / kind
+    shutil.copytree(device_bundles[kind], b)
+    r = CliRunner().invoke(main, ["device", "bench", str(b), "--runs", "7", "--warmup", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["schema"] == "edgeft.bench/1" and rep["runs"] == 7 and rep["batch"] == 1
+    assert rep["inputs"]["kind"] == "reference" and rep["inputs"]["rows"] > 0
+    lat = rep["latency_ms"]
+    assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert rep["load_ms"] > 0 and rep["peak_rss_mb"] > 10 and rep["host"]["cpu"]
+    written = list((b / "bench").glob("bench-*.json"))
+    assert len(written) == 1 and json.loads(written[0].read_text())["latency_ms"] == lat
+    Bundle(b)  # the report sits beside the hashed files and does not break them
+
+
+def test_device_bench_on_a_file_of_inputs(device_bundles, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from edgeft.cli import main
+
+    b = tmp_path / "text"
+    shutil.copytree(device_bundles["text"], b)
+    texts = tmp_path / "inputs.txt"
+    texts.write_text("pump seal leaking oil\nconveyor belt torn at the joint\n", encoding="utf-8")
+    r = CliRunner().invoke(main, ["device", "bench", str(b), "--file", str(texts), "--runs", "4"])
+    assert r.exit_code == 0, r.output
+    assert "p50" in r.output and "4 runs over 2 file inputs" in r.output
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n", encoding="utf-8")
+    r = CliRunner().invoke(main, ["device", "bench", str(b), "--file", str(empty)])
+    assert r.exit_code == 2 and "no inputs" in r.output
