@@ -355,7 +355,10 @@ def device_predict(bundle, inputs, file_, as_json, top, public_key):
 @click.option("--providers", help="Comma-separated execution providers.  [default: the bundle's]")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--public-key", type=click.Path(dir_okay=False), help="Refuse the bundle unless the owner's signature verifies with this key.")
-def device_check(bundle, providers, as_json, public_key):
+@click.option("--emulate", is_flag=False, flag_value="profile", default=None, metavar="CPU",
+              help="Run the check with ONNX Runtime's aarch64 kernels under QEMU: cortex-a72 (Pi 4), cortex-a76 (Pi 5); "
+                   "alone: the bundle profile's cpu. Set up once with tools/arm64-emulator.sh.")
+def device_check(bundle, providers, as_json, public_key, emulate):
     """Check the bundle on this device's runtime against the PyTorch outputs stored at build.
 
     \b
@@ -368,7 +371,16 @@ def device_check(bundle, providers, as_json, public_key):
     from .runtime.bundle import Bundle
 
     b = Bundle(bundle, providers=providers.split(",") if providers else None, public_key=public_key)
-    report = b.check()
+    if emulate:
+        from .emulate import check as emulated_check
+        from .emulate import profile_cpu
+
+        cpu = profile_cpu(b.manifest) if emulate == "profile" else emulate
+        if cpu is None:
+            raise click.UsageError(f"{bundle}: its profile names no ARM64 cpu to emulate; name one, e.g. --emulate cortex-a72.")
+        report = emulated_check(bundle, cpu)
+    else:
+        report = b.check()
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -376,6 +388,11 @@ def device_check(bundle, providers, as_json, public_key):
             click.echo(f"{c['name']:<14} {'pass' if c['passed'] else 'FAIL'}  {c['message']}")
         click.echo(f"providers {', '.join(report['providers'])}  head v{report['head_version']}  "
                    f"precision {report['precision']}")
+        if report.get("emulated"):
+            e = report["emulated"]
+            click.echo(f"emulated {e['describes']} ({report.get('machine')}, onnxruntime {report.get('onnxruntime')}, "
+                       f"{e['seconds']:.0f} s): {report['agreement']:.2%} of {report['rows']} rows agree with the "
+                       f"x86 build; it proves the kernels' numbers, not the device's speed")
     if not report["passed"]:
         click.echo("device check  FAILED", err=True)
         sys.exit(1)

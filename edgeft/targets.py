@@ -60,6 +60,9 @@ class Target:
             raise ProfileError(f"target {self.name}: engine {self.engine!r} is not one of {', '.join(ENGINES)}.")
 
 
+ARCHES = ("arm64", "x86-64")
+
+
 @dataclass(frozen=True)
 class Profile:
     """A real device. Unknown keys are errors: a person writes these files."""
@@ -80,6 +83,9 @@ class Profile:
     accelerator: str | None = None
     streams: int | None = None
     performance_hint: str | None = None
+    # the instruction set: arch "arm64" or "x86-64"; cpu the core QEMU emulates for `device check --emulate`
+    arch: str | None = None
+    cpu: str | None = None
     path: str = ""
 
     def __post_init__(self):
@@ -89,6 +95,9 @@ class Profile:
         if self.performance_hint is not None and self.performance_hint not in HINTS:
             raise ProfileError(f"{self.path or self.name}: performance_hint: {self.performance_hint!r} is not one of "
                                f"{', '.join(HINTS)}.{did_you_mean(str(self.performance_hint), HINTS)}")
+        if self.arch is not None and self.arch not in ARCHES:
+            raise ProfileError(f"{self.path or self.name}: arch: {self.arch!r} is not one of {', '.join(ARCHES)}."
+                               f"{did_you_mean(str(self.arch), ARCHES)}")
         for key in ("threads", "memory_mb", "max_length", "image_size", "batch_size", "retrain_max_samples", "streams"):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
@@ -148,7 +157,7 @@ def read_profile(path: str | Path) -> Profile:
         if not isinstance(p, list) or not p or not all(isinstance(x, str) for x in p):
             raise ProfileError(f"{path}: providers: expected a list of execution provider names, got {p!r}.")
         flat["providers"] = tuple(p)
-    for key in ("name", "target", "description", "accelerator", "performance_hint"):
+    for key in ("name", "target", "description", "accelerator", "performance_hint", "arch", "cpu"):
         if key in flat and not isinstance(flat[key], str):
             raise ProfileError(f"{path}: {key}: expected a string, got {flat[key]!r}.")
     if "static_shapes" in flat and not isinstance(flat["static_shapes"], bool):

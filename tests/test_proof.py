@@ -162,3 +162,58 @@ def test_device_bench_on_a_file_of_inputs(device_bundles, tmp_path):
     empty.write_text("\n\n", encoding="utf-8")
     r = CliRunner().invoke(main, ["device", "bench", str(b), "--file", str(empty)])
     assert r.exit_code == 2 and "no inputs" in r.output
+
+
+# ---- ARM64 under emulation ----------------------------------------------------------------
+
+def test_profiles_say_their_isa_and_arm_ones_name_the_emulated_core():
+    from edgeft.emulate import CPUS, profile_cpu
+    from edgeft.plugins import find_profile
+    from edgeft.targets import ProfileError, read_profile
+
+    pi4, _ = find_profile("raspberry-pi-4")
+    pi5, _ = find_profile("raspberry-pi-5")
+    server, _ = find_profile("x86-64-server")
+    assert (pi4.arch, pi4.cpu, pi5.cpu, server.arch) == ("arm64", "cortex-a72", "cortex-a76", "x86-64")
+    assert pi4.cpu in CPUS and pi5.cpu in CPUS
+    assert profile_cpu({"device": {"profile": "raspberry-pi-5"}}) == "cortex-a76"
+    assert profile_cpu({"device": {"profile": "x86-64-server"}}) is None
+    with pytest.raises(ProfileError, match="arch"):
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / "bad.toml"
+            p.write_text('target = "cpu"\narch = "arm"\n')
+            read_profile(p)
+
+
+def test_emulated_check_says_plainly_when_not_set_up(device_bundles, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from edgeft.cli import main
+
+    monkeypatch.setenv("EDGEFT_ARM64", str(tmp_path / "no-emulator"))
+    r = CliRunner().invoke(main, ["device", "check", str(device_bundles["text"]), "--emulate", "cortex-a72"])
+    assert r.exit_code == 2 and "not set up" in r.output and "tools/arm64-emulator.sh" in r.output
+    r = CliRunner().invoke(main, ["device", "check", str(device_bundles["text"]), "--emulate", "pentium"])
+    assert r.exit_code == 2 and "cortex-a72" in r.output
+    # an x86 profile has no ARM core to default to
+    r = CliRunner().invoke(main, ["device", "check", str(device_bundles["text"]), "--emulate"])
+    assert r.exit_code == 2 and "no ARM64 cpu" in r.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cpu", ["cortex-a72", "cortex-a76"])
+def test_emulated_arm_check_of_an_int8_bundle(device_bundles, cpu):
+    from edgeft import emulate
+
+    if emulate.status() is None:
+        pytest.skip(emulate.not_set_up())
+    r = emulate.check(device_bundles["text"], cpu)
+    assert r["machine"] == "aarch64" and r["emulated"]["cpu"] == cpu
+    assert r["precision"] == "int8" and r["rows"] > 0
+    # the check itself judges the ARM answers against the x86 build's recorded outputs
+    assert r["against"] == "the bundle's outputs at build time" and r["passed"], r["checks"]
+    # int8 kernels differ in rounding, never by much against the features' own scale
+    assert r["x86_features_max_abs_diff"] <= 0.05 * r["x86_features_max_abs"]

@@ -1,0 +1,110 @@
+"""The rows a parity gate judges on, and where each came from.
+
+Agreement with the reference needs no label, so a gate can judge every row calibration did
+not see: the validation (or --data) rows, the training rows not drawn for calibration, and
+the user's unlabelled inputs (--parity-data). Accuracy needs labels and rows the model did
+not train on: only validation/--data rows and labelled --parity-data rows judge it. Training
+rows fit the model, so their answers tend to have wide margins: they make agreement look
+better than on new inputs, and every report counts them apart (`sources`).
+
+Rows are drawn stratified across classes and seeded (edgeft.runtime.stats.stratified),
+never the head of a file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import DataError
+from .runtime.stats import stratified
+
+MAX_ROWS = 5000  # per source; more rarely moves a bound and costs build time
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@dataclass
+class Rows:
+    """Judging rows: items, label indices (None: unlabelled or not to judge accuracy), source tags."""
+
+    items: list = field(default_factory=list)
+    y: list = field(default_factory=list)
+    source: list = field(default_factory=list)  # "validation", "training", "parity-data" per row
+
+    def add(self, items, y, tag: str) -> None:
+        self.items += list(items)
+        self.y += list(y)
+        self.source += [tag] * len(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def labels(self) -> list[int] | None:
+        """Label indices with None for rows that do not judge accuracy; None when no row does."""
+        return self.y if any(v is not None for v in self.y) else None
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.source:
+            out[s] = out.get(s, 0) + 1
+        return out
+
+    def describe(self) -> str:
+        return " + ".join(f"{n} {s}" for s, n in self.counts().items()) or "no rows"
+
+
+def parity_inputs(path: str | Path, modality: str, text_column: str = "text"):
+    """Unlabelled (or labelled) inputs for --parity-data: a .txt file (one text or image path
+    a line), a CSV/JSONL (labels optional), or a folder of images (class sub-folders optional).
+    Returns (items, label names or None per row)."""
+    from .data import load_dataset
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder (--parity-data).")
+    if path.is_file() and path.suffix.lower() == ".txt":
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        items = [ln for ln in lines if ln]
+        if not items:
+            raise DataError(f"{path}: no inputs in it (one per line) (--parity-data).")
+        if modality == "image":
+            missing = [x for x in items if not (path.parent / x).is_file() and not Path(x).is_file()]
+            if missing:
+                raise DataError(f"{path}: line naming {missing[0]!r}: no such image (--parity-data).")
+            items = [str(path.parent / x) if (path.parent / x).is_file() else x for x in items]
+        return items, [None] * len(items)
+    if path.is_dir() and modality == "image" and not any(d.is_dir() for d in path.iterdir()):
+        items = sorted(str(f) for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not items:
+            raise DataError(f"{path}: no images (jpg, png, bmp, webp) in it (--parity-data).")
+        return items, [None] * len(items)
+    ds = load_dataset(path, text_column, require_labels=False)
+    if ds.kind != modality:
+        raise DataError(f"{path}: {ds.kind} inputs, but the model takes {modality} (--parity-data).")
+    return ds.items, list(ds.labels)
+
+
+def judging_rows(labels: list[str], *, held_out=None, training=None, calibrated: set | None = None,
+                 parity_data=None, modality: str, seed: int = 0, max_rows: int = MAX_ROWS) -> Rows:
+    """Every row calibration did not use, drawn stratified per source (up to `max_rows` each).
+
+    held_out: the validation or --data Dataset (labelled, judges accuracy); training: the
+    training Dataset, of which rows in `calibrated` (their items) are left out and the rest
+    judge agreement only; parity_data: a path for parity_inputs (labels, where present and
+    known, judge accuracy)."""
+    index = {n: i for i, n in enumerate(labels)}
+    rows = Rows()
+    calibrated = calibrated or set()
+    if held_out is not None:
+        pick = stratified(held_out.labels, max_rows, seed)
+        rows.add([held_out.items[i] for i in pick], [index.get(held_out.labels[i]) for i in pick], "validation")
+    if training is not None:
+        free = [i for i, x in enumerate(training.items) if x not in calibrated]
+        pick = [free[j] for j in stratified([training.labels[i] for i in free], max_rows, seed)]
+        rows.add([training.items[i] for i in pick], [None] * len(pick), "training")
+    if parity_data is not None:
+        items, names = parity_inputs(parity_data, modality)
+        pick = stratified([n if n in index else None for n in names], max_rows, seed)
+        rows.add([items[i] for i in pick], [index.get(names[i]) if names[i] is not None else None for i in pick],
+                 "parity-data")
+    return rows

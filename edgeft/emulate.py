@@ -1,0 +1,120 @@
+"""Run `device check` with ONNX Runtime's aarch64 kernels under QEMU user-mode emulation.
+
+A bundle for an ARM64 profile (a Raspberry Pi 4 is Cortex-A72: NEON without the dot-product
+instructions; a Pi 5 is Cortex-A76: NEON with UDOT/SDOT) runs on ARM kernels that the x86
+build host never executed: int8 matrix products in particular take different code paths.
+`tools/arm64-emulator.sh` sets up, once, QEMU, an arm64 Python 3.11 and aarch64 wheels of
+onnxruntime, numpy, tokenizers and Pillow under ~/.cache/edgeft/arm64; this module runs the
+bundle's own device check inside it, with `-cpu` set to the profile's core, and reports its
+answers against the outputs the x86 build recorded.
+
+What it proves: the numbers ONNX Runtime's aarch64 kernels compute for this bundle on that
+core's instruction set (as QEMU implements it). What it does not: speed (emulation runs
+150-400x slower than the device), memory, the device's OS, or its ONNX Runtime build if that
+differs from the PyPI wheel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from .errors import BundleError, UsageError
+
+CPUS = {
+    "cortex-a72": "Cortex-A72 (Raspberry Pi 4): NEON, no dot-product instructions",
+    "cortex-a76": "Cortex-A76 (Raspberry Pi 5): NEON with dot-product (UDOT/SDOT) instructions",
+}
+SETUP = "tools/arm64-emulator.sh"
+TIMEOUT = 3600  # seconds; emulation is slow, a large image bundle takes minutes
+
+GUEST = r"""
+import json, platform, sys
+import numpy as np
+import onnxruntime
+from edgeft.runtime.bundle import Bundle
+
+b = Bundle(sys.argv[1], providers=["CPUExecutionProvider"])
+r = b.check()
+expected = np.load(b.path / "reference" / "outputs.npz")
+if "bundle_features" in expected.files:
+    r["x86_features_max_abs_diff"] = float(np.abs(b.reference_features() - expected["bundle_features"]).max())
+    r["x86_features_max_abs"] = float(np.abs(expected["bundle_features"]).max())
+r["machine"] = platform.machine()
+r["onnxruntime"] = onnxruntime.__version__
+print("EDGEFT-JSON " + json.dumps(r))
+"""
+
+
+def cache_dir() -> Path:
+    if os.environ.get("EDGEFT_ARM64"):
+        return Path(os.environ["EDGEFT_ARM64"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgeft" / "arm64"
+
+
+def status() -> dict | None:
+    """The set-up's description ({"qemu", "root", "cpus"}) when it is ready, else None."""
+    ready = cache_dir() / "ready"
+    if not ready.is_file():
+        return None
+    try:
+        info = json.loads(ready.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if Path(info.get("qemu", "")).is_file() else None
+
+
+def not_set_up() -> str:
+    return (f"the ARM64 emulator is not set up (no {cache_dir() / 'ready'}); run {SETUP} once "
+            "(about 3 minutes and 230 MB: QEMU, an arm64 Python and aarch64 wheels, all cached)")
+
+
+def profile_cpu(manifest: dict) -> str | None:
+    """The emulated core for a bundle: its profile's `cpu` when its `arch` is arm64."""
+    dev = manifest.get("device") or {}
+    arch, cpu = dev.get("arch"), dev.get("cpu")
+    if arch is None and dev.get("profile"):
+        try:
+            from .plugins import find_profile
+
+            profile, _ = find_profile(dev["profile"])
+            arch, cpu = getattr(profile, "arch", None), getattr(profile, "cpu", None)
+        except Exception:  # a profile this host does not know: the caller says so
+            return None
+    return cpu if arch == "arm64" else None
+
+
+def check(bundle: str | Path, cpu: str, timeout: int = TIMEOUT) -> dict:
+    """`Bundle(bundle).check()` computed by aarch64 onnxruntime on an emulated `cpu`."""
+    if cpu not in CPUS:
+        raise UsageError(f"--emulate: unknown CPU {cpu!r}; choose one of {', '.join(CPUS)}.")
+    info = status()
+    if info is None:
+        raise UsageError(not_set_up() + ".")
+    root = cache_dir() / "cpu" / cpu
+    python = root / "usr" / "bin" / "python3.11"
+    if not python.exists():
+        raise UsageError(f"{root}: no arm64 root for {cpu}; run {SETUP} again.")
+    bundle = Path(bundle).resolve()
+    repo = Path(__file__).resolve().parent.parent  # edgeft's own source, run by the arm64 Python
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo), "PYTHONDONTWRITEBYTECODE": "1",
+           "EDGEFT_EMULATED_CPU": cpu, "HOME": os.environ.get("HOME", "/tmp"),
+           "OMP_NUM_THREADS": "1", "LANG": "C.UTF-8"}
+    cmd = [info["qemu"], "-cpu", cpu, "-L", str(root), str(python), "-c", GUEST, str(bundle)]
+    t0 = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BundleError(f"{bundle}: the emulated check on {cpu} took over {timeout} s.") from None
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("EDGEFT-JSON ")), None)
+    if done.returncode != 0 or line is None:
+        tail = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        raise BundleError(f"{bundle}: the emulated check on {cpu} failed ({tail}).")
+    report = json.loads(line[len("EDGEFT-JSON "):])
+    report["emulated"] = {"cpu": cpu, "describes": CPUS[cpu], "qemu": Path(info["qemu"]).name,
+                          "seconds": round(time.perf_counter() - t0, 1),
+                          "proves": "the aarch64 kernels' numbers on this core's instruction set, not its speed"}
+    return report
