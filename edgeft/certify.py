@@ -16,8 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .errors import DataError
-from .runtime.stats import stratified
+from .runtime.stats import cover_classes, margins, stratified
 
 MAX_ROWS = 5000  # per source; more rarely moves a bound and costs build time
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -84,22 +86,35 @@ def parity_inputs(path: str | Path, modality: str, text_column: str = "text"):
     return ds.items, list(ds.labels)
 
 
+def reference_rows(reference_logits: np.ndarray, n: int, smallest: int | None = None, seed: int = 0) -> list[int]:
+    """Indices of the rows a bundle carries for `device check`: the `smallest` rows closest to
+    flipping (smallest fp32 margin: where a device's kernels would first change an answer),
+    then rows of every class the reference answers, round-robin."""
+    smallest = max(1, n // 4) if smallest is None else smallest
+    order = np.argsort(margins(reference_logits), kind="stable")[:smallest]
+    return cover_classes(np.asarray(reference_logits).argmax(1).tolist(), n, first=order.tolist(), seed=seed)
+
+
 def judging_rows(labels: list[str], *, held_out=None, training=None, calibrated: set | None = None,
                  parity_data=None, modality: str, seed: int = 0, max_rows: int = MAX_ROWS) -> Rows:
     """Every row calibration did not use, drawn stratified per source (up to `max_rows` each).
 
-    held_out: the validation or --data Dataset (labelled, judges accuracy); training: the
+    held_out: the validation and/or --data Datasets (labelled, judge accuracy); training: the
     training Dataset, of which rows in `calibrated` (their items) are left out and the rest
     judge agreement only; parity_data: a path for parity_inputs (labels, where present and
     known, judge accuracy)."""
     index = {n: i for i, n in enumerate(labels)}
     rows = Rows()
     calibrated = calibrated or set()
-    if held_out is not None:
-        pick = stratified(held_out.labels, max_rows, seed)
-        rows.add([held_out.items[i] for i in pick], [index.get(held_out.labels[i]) for i in pick], "validation")
+    seen: set = set()
+    for ds in (held_out if isinstance(held_out, list | tuple) else [held_out]):
+        if ds is None:
+            continue
+        pick = [i for i in stratified(ds.labels, max_rows, seed) if ds.items[i] not in seen]
+        seen.update(ds.items[i] for i in pick)
+        rows.add([ds.items[i] for i in pick], [index.get(ds.labels[i]) for i in pick], "validation")
     if training is not None:
-        free = [i for i, x in enumerate(training.items) if x not in calibrated]
+        free = [i for i, x in enumerate(training.items) if x not in calibrated and x not in seen]
         pick = [free[j] for j in stratified([training.labels[i] for i in free], max_rows, seed)]
         rows.add([training.items[i] for i in pick], [None] * len(pick), "training")
     if parity_data is not None:
