@@ -24,6 +24,8 @@ from . import __version__
 from .errors import ParityError, UsageError, refuse_existing
 from .parity import Thresholds, checks, compare
 from .plugins import find_profile
+from .quantize import default_variants
+from .quantize import get as get_mode
 from .runtime import atomic
 from .runtime.bundle import MANIFEST, Bundle, sha256
 from .targets import BuildContext
@@ -36,14 +38,6 @@ LATENCY_ROWS = 10
 REPLAY_PER_CLASS = 100  # training features kept per class, so a device retrain does not forget
 REPLAY_HOLDOUT = 0.25  # validation rows per class for the retrain guard, as a share of per_class (at least 5)
 PARITY_ROWS = 512
-# Quantization variants per precision. Dynamic int8 is ~2.5x faster than fp32 on CPU but flips
-# 2-5% of a text model's low-margin answers (the search then keeps the nodes it hurts most in
-# float); weight-only int8 (8-bit blocks, float activations) keeps >99% of them at a quarter of
-# the size, ~1.5x faster than fp32.
-# Each is gated (with the sensitivity search where it misses); the fastest passing one wins.
-QUANT_MODES = {"int8": ("dynamic", "weight-only"), "int8-static": ("static",), "fp16": ("fp16",)}
-# variants that read real rows (calibration, or ranking nodes for the search)
-CALIBRATED_VARIANTS = {"dynamic", "static", "weight-only", "nncf", "openvino-int8"}
 
 
 def now() -> str:
@@ -84,8 +78,10 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
     modality = loaded.spec.modality
 
     engine = settings["engine"]
-    variants = (target.variants or QUANT_MODES).get(precision, ())
-    calibrated = [v for v in variants if v in CALIBRATED_VARIANTS]
+    # quantization variants: the target's, else the registry's defaults for the precision; each
+    # is gated (with the search where it misses) and the fastest passing one wins
+    variants = target.variants.get(precision, ()) if target.variants else default_variants(precision)
+    calibrated = [v for v in variants if get_mode(v, engine=None).calibrated]
     source_info = loaded.info.get("training") or (
         training_source(loaded.info["config"]) if "config" in loaded.info else None)
     # the training rows: the replay memory, and calibration unless --calibration is given
@@ -125,7 +121,7 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
 
         ov_settings = None
         if engine == "openvino":
-            from .openvino_build import runtime_settings
+            from .quantize.openvino_ir import runtime_settings
 
             ov_settings = runtime_settings(settings, precision)
         quant = None
@@ -292,7 +288,7 @@ def _choose_variant(variants, backbone_src: Path, work: Path, *, precision, moda
         batches = lambda: (pre(items[i : i + 16]) for i in range(0, len(items), 16))  # noqa: E731
     head = OnnxModel(backbone_src.parent / "head.onnx")
     if ov_settings is not None:
-        from .openvino_build import open_ir
+        from .quantize.openvino_ir import open_ir
 
         opener = lambda p: open_ir(p, ov_settings, build=True)  # noqa: E731
     else:
@@ -302,8 +298,8 @@ def _choose_variant(variants, backbone_src: Path, work: Path, *, precision, moda
     timing = [pre(items[i : i + 1]) for i in range(min(LATENCY_ROWS, len(items)))]
     tried, passing = [], []
     for mode in variants:
-        if mode.startswith("openvino-"):
-            from .openvino_build import ir_variant
+        if get_mode(mode, engine=None).engine == "openvino":
+            from .quantize.openvino_ir import ir_variant
 
             r = ir_variant(backbone_src, work / mode, mode, modality=modality, gate=gate, calibration=calib,
                            settings=ov_settings)

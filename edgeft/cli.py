@@ -533,17 +533,12 @@ def quantize(export_dir, mode, calibration, per_channel, output, text_column, la
     be met fails with the numbers and writes nothing (exit 1). quantize.json holds sizes,
     parity, what was kept in float and batch-1 latency.
     """
-    from .parity import Thresholds
-    from .quantize import PRECISION
+    from .config import QuantizeConfig
     from .quantize import quantize as run_quantize
 
-    thresholds = None
-    if min_agreement is not None or max_accuracy_drop is not None:
-        thresholds = Thresholds.for_precision(PRECISION[mode]).override(
-            min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
-    r = run_quantize(export_dir, mode, output, calibration=calibration, text_column=text_column,
-                     label_column=label_column, per_channel=per_channel, overwrite=overwrite, thresholds=thresholds,
-                     search=search)
+    r = run_quantize(QuantizeConfig(export_dir, mode, output, calibration=calibration, text_column=text_column,
+                                    label_column=label_column, per_channel=per_channel, overwrite=overwrite,
+                                    min_agreement=min_agreement, max_drop=max_accuracy_drop, search=search))
     b, p, lat = r["files"]["backbone.onnx"], r["parity"], r["latency"]
     drop = f"  accuracy drop {100 * p['accuracy_drop']:.1f} pt" if "accuracy_drop" in p else ""
     click.echo(f"quantize  ok  {r['seconds']:.1f} s  {mode}  backbone.onnx {b['bytes'] / 1e6:.1f} MB "

@@ -6,8 +6,12 @@ import math
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError, did_you_mean
+
+if TYPE_CHECKING:
+    from .parity import Thresholds
 
 METRICS = ("accuracy", "macro_f1", "loss")
 
@@ -166,3 +170,69 @@ def _check_type(path, key: str, name: str, value) -> None:
         expected = kind.split(" ")[0].replace("str", "a string").replace("int", "an integer").replace(
             "float", "a number").replace("bool", "true or false").replace("list[a string]", "a list of strings")
         raise ConfigError(f"{path}: [train] {key}: expected {expected}, got {value!r}.")
+
+
+def _check_budget(min_agreement, max_drop) -> None:
+    for name, v in (("min_agreement", min_agreement), ("max_drop", max_drop)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1):
+            raise ConfigError(f"{name}: expected a share between 0 and 1, got {v!r}.")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """`edgeft quantize`: an export folder's backbone -> int8/fp16, gated against the fp32 export."""
+
+    export_dir: str | Path
+    mode: str  # a mode of edgeft.quantize.registry (dynamic, static, nncf, fp16, weight-only)
+    output: str | Path
+    calibration: str | Path | None = None  # None: the training rows, else the validation rows
+    text_column: str = "text"
+    label_column: str = "label"
+    per_channel: bool = True
+    search: bool = True  # on a miss: keep the worst nodes in float / NNCF's accuracy control
+    overwrite: bool = False
+    min_agreement: float | None = None  # None: the precision's budget (parity.Thresholds.for_precision)
+    max_drop: float | None = None  # accuracy units: 0.005 = 0.5 point
+    thresholds: Thresholds | None = None  # the whole budget at once; min_agreement/max_drop still apply
+
+    def __post_init__(self):
+        from .quantize.registry import get
+
+        get(self.mode)  # UsageError naming the modes
+        _check_budget(self.min_agreement, self.max_drop)
+
+    def budget(self, precision: str) -> Thresholds:
+        return _budget(self.thresholds, precision, self.min_agreement, self.max_drop)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """`edgeft build`: a run or model folder -> a verified bundle for one device profile."""
+
+    source: str | Path
+    device: str  # a profile name from devices/ or a path to a .toml
+    output: str | Path
+    calibration: str | Path | None = None  # None: the training rows
+    data: str | Path | None = None  # labelled parity rows; None: the run's validation data
+    replay: int = 100  # training features kept per class for on-device retraining (0: none)
+    archive: bool = False
+    overwrite: bool = False
+    sign_key: str | Path | None = None
+    min_agreement: float | None = None
+    max_drop: float | None = None
+    thresholds: Thresholds | None = None
+
+    def __post_init__(self):
+        if isinstance(self.replay, bool) or not isinstance(self.replay, int) or self.replay < 0:
+            raise ConfigError(f"replay: expected a whole number of rows per class (0: none), got {self.replay!r}.")
+        _check_budget(self.min_agreement, self.max_drop)
+
+    def budget(self, precision: str) -> Thresholds:
+        return _budget(self.thresholds, precision, self.min_agreement, self.max_drop)
+
+
+def _budget(given, precision: str, min_agreement, max_drop) -> Thresholds:
+    from .parity import Thresholds
+
+    return (given or Thresholds.for_precision(precision)).override(min_agreement=min_agreement,
+                                                                     max_accuracy_drop=max_drop)

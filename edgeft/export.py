@@ -28,7 +28,8 @@ from .errors import ModelError, ParityError, UsageError, refuse_existing
 from .parity import Thresholds, checks, compare
 from .runs import Loaded, load_model, validation_data
 from .runtime import atomic
-from .runtime.bundle import sha256
+from .runtime.bundle import file_entry
+from .runtime.session import write_meta
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +90,7 @@ def _set_metadata(path: Path, meta: dict) -> None:
     import onnx
 
     m = onnx.load(str(path))
-    del m.metadata_props[:]
-    entry = m.metadata_props.add()
-    entry.key, entry.value = "edgeft", json.dumps(meta)
-    m.producer_name = "edgeft"
-    m.producer_version = __version__
+    write_meta(m, meta, __version__)
     onnx.save(m, str(path))
 
 
@@ -156,7 +153,7 @@ def export(source: str | Path, output: str | Path, opset: int = DEFAULT_OPSET, d
         info = {
             **meta,
             "source": str(source),
-            "files": {f: {"sha256": sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in FILES},
+            "files": {f: file_entry(tmp / f) for f in FILES},
             "outputs": {"backbone.onnx": ["features"], "head.onnx": ["logits", "probs"], "model.onnx": ["logits", "probs"]},
             "validation": loaded.info.get("validation"),
             "parity": parity,

@@ -50,7 +50,7 @@ class Target:
     # what runs the backbone on the device: onnxruntime (backbone.onnx) or openvino (IR)
     engine: str = "onnxruntime"
     # quantization variants tried per precision (each gated, the fastest passing one kept);
-    # None: edgeft's defaults (edgeft.bundle.QUANT_MODES)
+    # None: edgeft's defaults (edgeft.quantize.default_variants)
     variants: dict[str, tuple[str, ...]] | None = None
 
     def __post_init__(self):

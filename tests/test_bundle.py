@@ -160,7 +160,7 @@ def test_manifest_newer_schema_and_missing_key(bundles, tmp_path):
 def test_quantization_that_breaks_parity_is_refused(text_run, tmp_path, monkeypatch):
     import onnx
 
-    import edgeft.quantize as Q
+    import edgeft.quantize.budget as Q
 
     real = Q.quantize_model
 

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-import edgeft.quantize as Q
+import edgeft.quantize.budget as Q
 from edgeft.cli import main
 from edgeft.config import TrainConfig
 from edgeft.errors import ParityError, UsageError
@@ -195,7 +195,7 @@ def test_search_keeps_exactly_the_harmful_node_in_float(text_export, tmp_path, m
 
 
 def test_a_budget_that_cannot_be_met_fails_with_the_numbers(text_export, tmp_path, monkeypatch):
-    import edgeft.sensitivity as S
+    import edgeft.quantize.search as S
 
     monkeypatch.setattr(Q, "quantize_model", _corrupting(Q.quantize_model, loud=True))  # every int8 matrix is garbage
     monkeypatch.setattr(S, "MAX_FLOAT_SHARE", 0.01)  # and the search may keep only one node in float
@@ -212,7 +212,9 @@ def test_static_over_every_op_type_is_still_judged(text_export, tmp_path, monkey
     Over every op type, static QDQ broke MiniLM's attention mask in older exports; this
     tiny BERT's Where-based mask survives it, so either outcome is judged by the numbers.
     """
-    monkeypatch.setitem(Q.STATIC_OP_TYPES, "text", None)
+    from edgeft.quantize.static import STATIC_OP_TYPES
+
+    monkeypatch.setitem(STATIC_OP_TYPES, "text", None)
     try:
         info = quantize(text_export, "static", tmp_path / "q")
     except ParityError as e:
@@ -302,3 +304,14 @@ def test_weight_only_keeps_excluded_nodes_in_float(text_export, tmp_path):
     position = next(n for n in table if "position_embeddings" in n)
     assert inits[table[gather]] == onnx.TensorProto.FLOAT
     assert inits.get(table[position]) in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+
+
+def test_the_cli_offers_exactly_the_registered_modes():
+    """`edgeft quantize --mode` lists its choices without importing the quantizers (a fast
+    --help); they must be the registry's, in its order."""
+    from edgeft.quantize import names
+
+    option = next(p for p in main.commands["quantize"].params if p.name == "mode")
+    assert tuple(option.type.choices) == names() == ("dynamic", "static", "nncf", "fp16", "weight-only")
+    with pytest.raises(UsageError, match=r"--mode: unknown mode 'dynamc'.*dynamic"):
+        quantize_model("x.onnx", "y.onnx", "dynamc", modality="text")

@@ -41,6 +41,11 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_entry(path: Path) -> dict:
+    """A file as a manifest lists it."""
+    return {"sha256": sha256(path), "bytes": Path(path).stat().st_size}
+
+
 def read_manifest(bundle: str | Path) -> dict:
     path = Path(bundle) / MANIFEST
     if not path.is_file():

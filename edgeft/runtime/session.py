@@ -9,6 +9,24 @@ import numpy as np
 
 from ..errors import BundleError
 
+META_KEY = "edgeft"  # the one ONNX metadata entry edgeft writes: a JSON object
+
+
+def read_meta(model) -> dict:
+    """The edgeft metadata of an onnx ModelProto ({} when it has none)."""
+    props = {p.key: p.value for p in model.metadata_props}
+    return json.loads(props[META_KEY]) if META_KEY in props else {}
+
+
+def write_meta(model, meta: dict, version: str | None = None) -> None:
+    """Make `meta` the ModelProto's only metadata entry; edgeft (`version`) its producer."""
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = META_KEY, json.dumps(meta)
+    model.producer_name = "edgeft"
+    if version is not None:
+        model.producer_version = version
+
 
 def make_session(path: str | Path | bytes, providers: list[str] | None = None, threads: int | None = None,
                  optimize: bool = True):

@@ -20,44 +20,27 @@ static shapes as with dynamic ones (the runtime compiles each bucket shape once)
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
-import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .errors import UsageError, require
-from .quantize import VERDICT
-from .runtime.openvino import PRECISION_HINTS
+from ..errors import UsageError, require
+from ..runtime.openvino import PRECISION_HINTS
+from .gate import VERDICT
+from .nncf import accuracy_control, load_nncf, model_type, progress_to_stderr
+from .registry import Mode, names, register
 
 log = logging.getLogger(__name__)
 
-MODES = ("openvino-fp32", "openvino-fp16", "openvino-bf16", "openvino-int8", "openvino-int8-weights")
-AC_MAX_ITERATIONS = 8  # NNCF's accuracy control: at most this many rounds of reverting quantizers
-# (uncapped, a forced restore on MiniLM ran for minutes without converging)
-
-
-def _nncf():
-    """NNCF, offline and quiet: it sends usage telemetry by default unless NNCF_CI is set (edgeft
-    works offline and sends nothing), and logs at INFO on its own logger."""
-    os.environ.setdefault("NNCF_CI", "1")
-    nncf = require("nncf", "openvino")
-    if not log.isEnabledFor(logging.DEBUG):
-        logging.getLogger("nncf").setLevel(logging.WARNING)
-    return nncf
-
-
-@contextlib.contextmanager
-def _progress_to_stderr():
-    """NNCF draws its progress bars on stdout, where edgeft prints results: send them to stderr
-    (or nowhere, under --quiet)."""
-    target = sys.stderr if logging.getLogger("edgeft").isEnabledFor(logging.INFO) else io.StringIO()
-    with contextlib.redirect_stdout(target):
-        yield
+# the IR variants the openvino plugin's target tries per precision; ir_variant converts them
+register(Mode("openvino-fp32", "fp32", None, engine="openvino"))
+register(Mode("openvino-fp16", "fp16", None, engine="openvino"))
+register(Mode("openvino-bf16", "bf16", None, engine="openvino"))
+register(Mode("openvino-int8", "int8", None, engine="openvino", calibrated=True, needs_calibration=True,
+              accuracy_control=True))
+register(Mode("openvino-int8-weights", "int8", None, engine="openvino"))
 
 
 def runtime_settings(settings: dict, precision: str) -> dict:
@@ -73,7 +56,7 @@ def runtime_settings(settings: dict, precision: str) -> dict:
 
 def open_ir(path: Path, settings: dict, build: bool = False):
     """The IR as a model(arrays) -> {"features"}; at build time on this machine's CPU."""
-    from .runtime.openvino import OpenVinoModel
+    from ..runtime.openvino import OpenVinoModel
 
     s = dict(settings)
     if build:  # the build host checks the IR on its own CPU
@@ -91,8 +74,8 @@ def ir_variant(src: Path, work: Path, mode: str, *, modality: str, gate, calibra
                settings: dict, search: bool = True) -> dict:
     """Convert (and for int8 quantize) `src` into work/backbone.xml; gate it. Same result keys
     as edgeft.quantize.quantize_to_budget."""
-    if mode not in MODES:
-        raise UsageError(f"unknown OpenVINO variant {mode!r}; one of {', '.join(MODES)}.")
+    if mode not in names("openvino"):
+        raise UsageError(f"unknown OpenVINO variant {mode!r}; one of {', '.join(names('openvino'))}.")
     ov = require("openvino", "openvino")
     work.mkdir(parents=True, exist_ok=True)
     xml = work / "backbone.xml"
@@ -103,9 +86,9 @@ def ir_variant(src: Path, work: Path, mode: str, *, modality: str, gate, calibra
         out.update(op_types=["(all)"], **gate(xml), path=xml)
         return out
 
-    nncf = _nncf()
+    nncf = load_nncf()
     if mode == "openvino-int8-weights":
-        with _progress_to_stderr():
+        with progress_to_stderr():
             compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
         ov.save_model(compressed, str(xml), compress_to_fp16=False)
         out.update(op_types=["MatMul", "Gather"] if modality == "text" else ["MatMul", "Convolution"],
@@ -113,10 +96,9 @@ def ir_variant(src: Path, work: Path, mode: str, *, modality: str, gate, calibra
         return out
     if not calibration:
         raise UsageError("openvino-int8 needs calibration rows; none were given.")
-    model_type = nncf.ModelType.TRANSFORMER if modality == "text" else None
     t0 = time.perf_counter()
-    with _progress_to_stderr():
-        quantized = nncf.quantize(model, nncf.Dataset(calibration), model_type=model_type,
+    with progress_to_stderr():
+        quantized = nncf.quantize(model, nncf.Dataset(calibration), model_type=model_type(nncf, modality),
                                   subset_size=len(calibration))
     ov.save_model(quantized, str(xml), compress_to_fp16=False)
     plain_fq = _quantizers(quantized)
@@ -134,52 +116,3 @@ def ir_variant(src: Path, work: Path, mode: str, *, modality: str, gate, calibra
     out["search"] = {**info, "quantizers": len(plain_fq), "reverted": len(kept)}
     out.update(verdict, path=xml_ac, kept_float=kept, plain_path=xml)
     return out
-
-
-def accuracy_control(model, calibration: list[dict[str, np.ndarray]], gate, modality: str, fp32: Path):
-    """NNCF's accuracy control on an OpenVINO or ONNX model -> (quantized model, what it did).
-
-    The metric is top-1 agreement with the fp32 model (`fp32`, the exported backbone, with the
-    gate's head) on the calibration rows: it needs no labels, it is the stricter half of the
-    budget, and it leaves the gate's rows out of the search, so the gate that judges the result
-    afterwards (agreement and accuracy drop against PyTorch) is still a fair test. Fitting the
-    search to the gate's own 66 rows gave 100% there and 95% on held-out rows (MiniLM). NNCF
-    quantizes, then reverts the quantizers that cost most, in at most AC_MAX_ITERATIONS rounds.
-    """
-    from .runtime.session import OnnxModel, make_session
-
-    nncf = _nncf()
-    reference = OnnxModel(fp32)
-    val_items = [(row, gate.head({"features": reference(row)["features"]})["logits"].argmax(1))
-                 for row in calibration]
-    cached: list = [None, None]  # (the candidate ModelProto itself, its session): compared with `is`
-
-    def features(candidate, arrays):
-        if hasattr(candidate, "SerializeToString"):  # the ONNX backend hands over a ModelProto
-            if cached[0] is not candidate:  # holding the object keeps its id from being reused
-                cached[:] = [candidate, make_session(candidate.SerializeToString())]
-            sess = cached[1]
-            names = [i.name for i in sess.get_inputs()]
-            return sess.run(None, {k: arrays[k] for k in names})[0]
-        return np.asarray(candidate(arrays)[0])  # the OpenVINO backend: a CompiledModel
-
-    def validation_fn(candidate, data) -> float:
-        agree = total = 0
-        for arrays, top in data:
-            got = gate.head({"features": features(candidate, arrays).astype(np.float32)})["logits"].argmax(1)
-            agree += int((got == top).sum())
-            total += len(top)
-        return agree / max(total, 1)
-
-    t0 = time.perf_counter()
-    model_type = nncf.ModelType.TRANSFORMER if modality == "text" else None
-    with _progress_to_stderr():
-        controlled = nncf.quantize_with_accuracy_control(
-            model, nncf.Dataset(calibration), nncf.Dataset(val_items, lambda item: item),
-            validation_fn=validation_fn, max_drop=1.0 - gate.thresholds.min_agreement,
-            drop_type=nncf.DropType.ABSOLUTE, model_type=model_type, subset_size=len(calibration),
-            advanced_accuracy_restorer_parameters=nncf.AdvancedAccuracyRestorerParameters(
-                max_num_iterations=AC_MAX_ITERATIONS))
-    return controlled, {"method": "nncf.quantize_with_accuracy_control",
-                        "metric": f"top-1 agreement with fp32 on {len(val_items)} calibration rows",
-                        "max_iterations": AC_MAX_ITERATIONS, "seconds": round(time.perf_counter() - t0, 2)}

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runtime.session import make_session
+from ..runtime.session import make_session
 
 log = logging.getLogger(__name__)
 
