@@ -109,3 +109,43 @@ def full_text_run(tiny_bert, text_data, tmp_path_factory) -> Path:
                       output=str(out), method="full", pooling="mean", epochs=4, batch_size=8, lr=5e-3,
                       progress=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def lora_text_run(tiny_bert, text_data, tmp_path_factory) -> Path:
+    """The tiny BERT with LoRA, trained until its answers have margins (int8 should not flip them).
+    Shared by the export, merge, verify and bundle tests (read-only: copy it before changing it)."""
+    from edgeft.config import TrainConfig
+    from edgeft.train import train
+
+    out = tmp_path_factory.mktemp("lora-text-run") / "run"
+    train(TrainConfig(model=str(tiny_bert), data=str(text_data["train"]), val=str(text_data["val"]),
+                      output=str(out), method="lora", pooling="mean", epochs=8, batch_size=8, lr=5e-3,
+                      head_lr=3e-2, patience=8, progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def full_image_run(tiny_resnet, image_data, tmp_path_factory) -> Path:
+    """The tiny ResNet fully fine-tuned on the striped images. Shared by the int8 image tests of
+    quantize and OpenVINO (read-only)."""
+    from edgeft.config import TrainConfig
+    from edgeft.train import train
+
+    out = tmp_path_factory.mktemp("full-image-run") / "run"
+    train(TrainConfig(model=str(tiny_resnet), data=str(image_data), output=str(out), method="full",
+                      epochs=6, lr=1e-2, head_lr=5e-2, progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def device_bundles(tmp_path_factory) -> dict[str, Path]:
+    """{"text": bundle, "image": bundle} for the device and trust tests: prebuilt in
+    EDGEFT_DEVICE_BUNDLES (the torch-free environment of .ci/run), or built here once (read-only)."""
+    prebuilt = os.environ.get("EDGEFT_DEVICE_BUNDLES")
+    if prebuilt:
+        return {p.name: p for p in Path(prebuilt).iterdir() if (p / "manifest.json").exists()}
+    from make_device_bundles import make_bundles
+
+    return make_bundles(tmp_path_factory.mktemp("device-bundles"))
+

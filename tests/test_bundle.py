@@ -14,34 +14,37 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+from tolerance import softmax_sum_tolerance, validation_tolerance
 
 from edgeft.bundle import build
 from edgeft.cli import main
-from edgeft.config import TrainConfig
 from edgeft.errors import BundleError, ParityError, ProfileError
 from edgeft.plugins import all_profiles, find_profile, registry
 from edgeft.runtime.bundle import Bundle, read_manifest, sha256
-from edgeft.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILES = sorted(p.stem for p in (REPO / "devices").glob("*.toml"))
+# the quick loop (-m "not slow") builds one profile per target the other tests here use; the rest,
+# OpenVINO's NNCF int8 (intel-n100) among them, build in the full suite (CI)
+FAST_PROFILES = {"x86-64-server", "raspberry-pi-5", "jetson-orin-nano", "android-arm64"}
+
+
+class _Bundles(dict):
+    """{profile: (manifest, path)}, each bundle built the first time a test asks for it."""
+
+    def __init__(self, run: Path, base: Path):
+        super().__init__()
+        self.run, self.base = run, base
+
+    def __missing__(self, name: str):
+        path = self.base / name
+        self[name] = (build(self.run, name, path, archive=name == "raspberry-pi-5"), path)
+        return self[name]
 
 
 @pytest.fixture(scope="module")
-def text_run(tiny_bert, text_data, tmp_path_factory):
-    """A tiny text model trained until its answers have margins (quantization should not flip them)."""
-    out = tmp_path_factory.mktemp("bundle-runs") / "lora"
-    train(TrainConfig(model=str(tiny_bert), data=str(text_data["train"]), val=str(text_data["val"]),
-                      output=str(out), method="lora", pooling="mean", epochs=8, batch_size=8, lr=5e-3,
-                      head_lr=3e-2, patience=8, progress=False))
-    return out
-
-
-@pytest.fixture(scope="module")
-def bundles(text_run, tmp_path_factory):
-    base = tmp_path_factory.mktemp("bundles")
-    return {name: (build(text_run, name, base / name, archive=name == "raspberry-pi-5"), base / name)
-            for name in PROFILES}
+def bundles(lora_text_run, tmp_path_factory):
+    return _Bundles(lora_text_run, tmp_path_factory.mktemp("bundles"))
 
 
 def test_every_required_profile_exists():
@@ -50,7 +53,8 @@ def test_every_required_profile_exists():
     assert set(all_profiles()) >= set(PROFILES)
 
 
-@pytest.mark.parametrize("name", PROFILES)
+@pytest.mark.parametrize("name", [n if n in FAST_PROFILES else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in PROFILES])
 def test_bundle_for_every_profile(name, bundles):
     manifest, path = bundles[name]
     profile, target = find_profile(name)
@@ -104,8 +108,8 @@ def test_archive(bundles):
     assert f"{path.name}/manifest.json" in names and all(n.startswith(path.name) for n in names)
 
 
-def test_verify_accepts_a_bundle(bundles, text_run, text_data, tmp_path):
-    r = CliRunner().invoke(main, ["verify", str(bundles["x86-64-server"][1]), "--reference", str(text_run),
+def test_verify_accepts_a_bundle(bundles, lora_text_run, text_data, tmp_path):
+    r = CliRunner().invoke(main, ["verify", str(bundles["x86-64-server"][1]), "--reference", str(lora_text_run),
                                   "--data", str(text_data["val"]), "--json", str(tmp_path / "r.json")])
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "r.json").read_text())
@@ -114,14 +118,14 @@ def test_verify_accepts_a_bundle(bundles, text_run, text_data, tmp_path):
 
 
 def test_device_commands(bundles, tmp_path):
-    path = str(bundles["raspberry-pi-4"][1])
+    path = str(bundles["raspberry-pi-5"][1])
     r = CliRunner().invoke(main, ["device", "check", path])
     assert r.exit_code == 0, r.output
     assert "device check  ok" in r.output
     r = CliRunner().invoke(main, ["device", "predict", path, "pump seal leak", "--json"])
     assert r.exit_code == 0, r.output
     row = json.loads(r.stdout.splitlines()[0])
-    assert row["label"] in ("belt", "motor", "pump") and abs(sum(row["probs"].values()) - 1) < 1e-5
+    assert row["label"] in ("belt", "motor", "pump") and abs(sum(row["probs"].values()) - 1) <= softmax_sum_tolerance(3)
     r = CliRunner().invoke(main, ["device", "predict", path, "--file", "-"], input="belt roller\n\nmotor fuse\n")
     assert r.exit_code == 0 and len(r.stdout.strip().splitlines()) == 2
 
@@ -157,7 +161,7 @@ def test_manifest_newer_schema_and_missing_key(bundles, tmp_path):
         Bundle(copy)
 
 
-def test_quantization_that_breaks_parity_is_refused(text_run, tmp_path, monkeypatch):
+def test_quantization_that_breaks_parity_is_refused(lora_text_run, tmp_path, monkeypatch):
     import onnx
 
     import edgeft.quantize.budget as Q
@@ -182,11 +186,11 @@ def test_quantization_that_breaks_parity_is_refused(text_run, tmp_path, monkeypa
 
     monkeypatch.setattr(Q, "quantize_model", broken)
     with pytest.raises(ParityError, match="no int8 variant for raspberry-pi-5 meets the budget against PyTorch.*dynamic: top-1 agreement.*nodes kept in float.*weight-only: top-1 agreement"):
-        build(text_run, "raspberry-pi-5", tmp_path / "bundle")
+        build(lora_text_run, "raspberry-pi-5", tmp_path / "bundle")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_interrupted_build_leaves_no_bundle(text_run, tmp_path, monkeypatch):
+def test_interrupted_build_leaves_no_bundle(lora_text_run, tmp_path, monkeypatch):
     import edgeft.bundle as B
 
     def crash(*a, **k):
@@ -194,11 +198,11 @@ def test_interrupted_build_leaves_no_bundle(text_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(B, "sha256", crash)
     with pytest.raises(KeyboardInterrupt):
-        build(text_run, "x86-64-server", tmp_path / "bundle")
+        build(lora_text_run, "x86-64-server", tmp_path / "bundle")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_profile_errors(tmp_path, text_run):
+def test_profile_errors(tmp_path, lora_text_run):
     p = tmp_path / "my.toml"
     p.write_text('target = "cpu"\n[runtime]\nprecison = "int8"\n')
     with pytest.raises(ProfileError, match=r"my.toml: unknown key 'precison'.*Did you mean \"precision\""):
@@ -214,16 +218,17 @@ def test_profile_errors(tmp_path, text_run):
         find_profile(str(p))[0].resolved(registry().targets["jetson"])
     with pytest.raises(ProfileError, match='no profile named \'rasberry-pi-5\'.*Did you mean "raspberry-pi-5"'):
         find_profile("rasberry-pi-5")
-    r = CliRunner().invoke(main, ["build", str(text_run), "--device", "rasberry-pi-5", "-o", str(tmp_path / "x")])
+    r = CliRunner().invoke(main, ["build", str(lora_text_run), "--device", "rasberry-pi-5", "-o", str(tmp_path / "x")])
     assert r.exit_code == 2 and r.stderr.startswith("error: --device: no profile named") and not (tmp_path / "x").exists()
 
 
-def test_user_profile_file(text_run, tmp_path):
+def test_user_profile_file(lora_text_run, tmp_path):
     p = tmp_path / "line3-box.toml"
     p.write_text('description = "Line 3 inspection PC"\ntarget = "cpu"\n[runtime]\nprecision = "fp32"\nthreads = 2\n')
-    m = build(text_run, str(p), tmp_path / "bundle")
+    m = build(lora_text_run, str(p), tmp_path / "bundle")
     assert m["device"]["profile"] == "line3-box" and m["precision"] == "fp32" and m["runtime"]["threads"] == 2
-    assert m["parity"]["max_abs_diff"] < 1e-5
+    # fp32 ONNX against float32 PyTorch on the run's validation rows: float32's reach (tests/tolerance.py)
+    assert m["parity"]["max_abs_diff"] <= validation_tolerance(lora_text_run), m["parity"]
 
 
 def test_devices_command_lists_targets_and_profiles():
@@ -257,7 +262,7 @@ def register_device_profiles(register):
 '''
 
 
-def test_third_party_plugin_appears_and_builds(tmp_path, text_run):
+def test_third_party_plugin_appears_and_builds(tmp_path, lora_text_run):
     """A plugin installed as a real distribution (dist-info with an entry point) needs no change to edgeft."""
     site = tmp_path / "site"
     pkg = site / "edgeft_acme"
@@ -275,7 +280,7 @@ def test_third_party_plugin_appears_and_builds(tmp_path, text_run):
     assert d["targets"]["acme-npu"]["plugin"] == "acme" and "acme-board" in d["profiles"]
     code = textwrap.dedent(f"""
         from edgeft.bundle import build
-        m = build({str(text_run)!r}, "acme-board", {str(tmp_path / "bundle")!r})
+        m = build({str(lora_text_run)!r}, "acme-board", {str(tmp_path / "bundle")!r})
         print(m["target"]["name"], sorted(m["files"]))
     """)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -296,8 +301,9 @@ def test_answers_do_not_depend_on_batch_mates(name, bundles):
     crowded = b.logits(["pump seal leak", "belt roller " * 30, "motor"], batch_size=32)[:1]
     if q["mode"] == "dynamic":
         assert np.array_equal(alone, crowded)
-    else:
-        assert np.allclose(alone, crowded, atol=1e-4)
+    else:  # weight-only int8 (or fp16): float activations, so only float32 rounding of the padding
+        # differs, a few ulps of the logits' scale; 2e-5 of the scale is over a hundred of them
+        assert np.allclose(alone, crowded, atol=2e-5 * np.abs(alone).max(), rtol=0)
     assert b.check()["passed"]
 
 

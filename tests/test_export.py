@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
-from tolerance import K, assert_float32_close, float32_tolerance, logits64
+from tolerance import EPS32, K, assert_float32_close, float32_tolerance, logits64
 
 from edgeft.cli import main
 from edgeft.config import TrainConfig
@@ -30,40 +30,39 @@ def _train(model, data, out, method, **kw):
 
 
 @pytest.fixture(scope="module")
-def text_lora_run(tiny_bert, text_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "lora"
-    return _train(tiny_bert, text_data["train"], out, "lora", val=str(text_data["val"]), pooling="mean",
-                  epochs=4, batch_size=8, lr=5e-3)
-
-
-@pytest.fixture(scope="module")
-def text_model_dir(text_lora_run, tmp_path_factory):
+def text_model_dir(lora_text_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("models") / "text"
-    merge(text_lora_run, out)
+    merge(lora_text_run, out)
     return out
 
 
 @pytest.fixture(scope="module")
-def text_export(text_model_dir, tmp_path_factory):
+def merged_text_export(text_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("exports") / "text"
     export(text_model_dir, out)
     return out
 
 
-def test_merged_equals_unmerged(text_lora_run, text_model_dir, tiny_bert, text_data):
-    run, merged = load_model(text_lora_run), load_model(text_model_dir)
+def test_merged_equals_unmerged(lora_text_run, text_model_dir, tiny_bert, text_data):
+    run, merged = load_model(lora_text_run), load_model(text_model_dir)
     ds = validation_data(run.info["validation"])
-    a = predict_logits(run.model, run.pre, ds.items)
-    b = predict_logits(merged.model, merged.pre, ds.items)
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    a = predict_logits(run.model, run.pre, ds.items).numpy()
+    b = predict_logits(merged.model, merged.pre, ds.items).numpy()
+    # the unmerged model (base + adapters) in float64 is the exact answer; merged float32 must be as
+    # close to it as float32 arithmetic allows (tests/tolerance.py), whatever the CPU
+    exact = logits64(run.model, run.pre, ds.items)
+    assert_float32_close(b, exact, float32_tolerance(exact, a), "merged")
     # the adapters did change the backbone: merging is not a no-op
     from edgeft.models import build_backbone, load_spec
 
     base, _ = build_backbone(load_spec(str(tiny_bert), "mean"))
     q = "encoder.layer.0.attention.self.query.weight"
+    # (allclose's default rtol 1e-5: trained adapters move weights by far more than rounding)
     assert not torch.allclose(base.model.state_dict()[q], merged.model.backbone.model.state_dict()[q])
     info = json.loads((text_model_dir / "edgeft.json").read_text())
-    assert info["merge"]["max_abs_diff"] <= 1e-4 and info["merge"]["merged_lora"]
+    # merge's own report: merged against unmerged float32, on these rows: one PyTorch error more
+    assert info["merge"]["rows"] == len(ds.items)
+    assert info["merge"]["max_abs_diff"] <= float32_tolerance(exact, a, k=K + 1) and info["merge"]["merged_lora"]
     assert info["labels"] == ["belt", "motor", "pump"] and info["pooling"] == "mean"
     cfg = json.loads((text_model_dir / "config.json").read_text())
     assert cfg["id2label"] == {"0": "belt", "1": "motor", "2": "pump"}
@@ -78,50 +77,62 @@ def test_merged_dir_loads_with_transformers(text_model_dir):
     assert tok("pump leak")["input_ids"][0] == tok.cls_token_id
 
 
-def test_merge_refuses_existing_output(text_lora_run, text_model_dir):
+def test_merge_refuses_existing_output(lora_text_run, text_model_dir):
     with pytest.raises(UsageError, match="already exists"):
-        merge(text_lora_run, text_model_dir)
+        merge(lora_text_run, text_model_dir)
 
 
-def test_export_files_and_metadata(text_export):
+def _exact_and_tolerance(loaded, items, k=K):
+    """The float64 logits of `items` and how far float32 may be from them (tests/tolerance.py)."""
+    exact = logits64(loaded.model, loaded.pre, items)
+    return exact, float32_tolerance(exact, predict_logits(loaded.model, loaded.pre, items).numpy(), k=k)
+
+
+def test_export_files_and_metadata(merged_text_export, text_model_dir):
     for f in FILES:
-        m = onnx.load(str(text_export / f))
+        m = onnx.load(str(merged_text_export / f))
         onnx.checker.check_model(m)
         assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer)
         meta = json.loads({p.key: p.value for p in m.metadata_props}["edgeft"])
         assert meta["labels"] == ["belt", "motor", "pump"] and meta["precision"] == "fp32"
-    info = json.loads((text_export / "export.json").read_text())
-    assert info["parity"]["max_abs_diff"] < 1e-5 and info["parity"]["agreement"] == 1.0
+    info = json.loads((merged_text_export / "export.json").read_text())
+    ref = load_model(text_model_dir)
+    rows = validation_data(ref.info["validation"]).items  # the rows export judged (all 18)
+    _, tol = _exact_and_tolerance(ref, rows, k=K + 1)  # ONNX against float32 PyTorch
+    assert info["parity"]["rows"] == len(rows)
+    assert info["parity"]["max_abs_diff"] <= tol and info["parity"]["agreement"] == 1.0, (info["parity"], tol)
     assert info["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
-    fused = OnnxModel(text_export / "model.onnx")
+    fused = OnnxModel(merged_text_export / "model.onnx")
     assert fused.outputs == ["logits", "probs"]
-    dims = [d.dim_param for d in onnx.load(str(text_export / "model.onnx")).graph.input[0].type.tensor_type.shape.dim]
+    dims = [d.dim_param for d in onnx.load(str(merged_text_export / "model.onnx")).graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", "sequence"]
 
 
-def test_onnx_equals_pytorch_with_padding_and_batch_sizes(text_export, text_model_dir):
+def test_onnx_equals_pytorch_with_padding_and_batch_sizes(merged_text_export, text_model_dir):
     ref = load_model(text_model_dir)
-    fused, backbone, head = (OnnxModel(text_export / f) for f in ("model.onnx", "backbone.onnx", "head.onnx"))
+    fused, backbone, head = (OnnxModel(merged_text_export / f) for f in ("model.onnx", "backbone.onnx", "head.onnx"))
     texts = ["pump", "motor winding breaker fuse voltage current phase relay noted again today",
              "belt conveyor roller", "seal leak", "the unit at line check", "sprocket"]
+    # every float32 answer (fused, split, alone or padded in any batch) within float32's reach of the
+    # float64 logits (tests/tolerance.py); in exact arithmetic padding changes nothing
+    exact, tol = _exact_and_tolerance(ref, texts)
     for size in (1, 2, 5, 6):
         for i in range(0, len(texts), size):
-            batch = texts[i : i + size]
-            arrays = ref.pre(batch)
-            torch_logits = predict_logits(ref.model, ref.pre, batch).numpy()
+            arrays = ref.pre(texts[i : i + size])
             out = fused(arrays)
-            np.testing.assert_allclose(out["logits"], torch_logits, atol=1e-5, rtol=0)
-            np.testing.assert_allclose(out["probs"].sum(-1), 1.0, atol=1e-6)
+            assert_float32_close(out["logits"], exact[i : i + size], tol, f"fused, batch of {size}")
+            # three float32 probabilities: their sum is 1 within a few float32 ulps each
+            np.testing.assert_allclose(out["probs"].sum(-1), 1.0, atol=3 * 8 * EPS32, rtol=0)
             split = head({"features": backbone(arrays)["features"]})["logits"]
-            np.testing.assert_allclose(split, out["logits"], atol=1e-6, rtol=0)
+            assert_float32_close(split, exact[i : i + size], tol, f"backbone then head, batch of {size}")
     # a text alone gives the same logits as inside a padded batch
-    alone = fused(ref.pre([texts[0]]))["logits"]
-    padded = fused(ref.pre(texts[:2]))["logits"][:1]
-    np.testing.assert_allclose(alone, padded, atol=1e-5, rtol=0)
+    assert_float32_close(fused(ref.pre([texts[0]]))["logits"], exact[:1], tol, "alone")
+    assert_float32_close(fused(ref.pre(texts[:2]))["logits"][:1], exact[:1], tol, "beside a longer text")
 
 
-@pytest.mark.parametrize("model,method", [("tiny_effnet", "lora"), ("tiny_vit", "head"),
-                                          ("tiny_mobilenet", "bitfit"), ("tiny_resnet", "full")])
+@pytest.mark.parametrize("model,method", [  # the two deep CNNs train and export slowest: full suite only
+    pytest.param("tiny_effnet", "lora", marks=pytest.mark.slow), ("tiny_vit", "head"),
+    pytest.param("tiny_mobilenet", "bitfit", marks=pytest.mark.slow), ("tiny_resnet", "full")])
 def test_image_export_equals_pytorch(model, method, image_data, tmp_path, request):
     run = _train(request.getfixturevalue(model), image_data, tmp_path / "run", method, epochs=1)
     merge(run, tmp_path / "model")
@@ -143,12 +154,14 @@ def test_image_export_equals_pytorch(model, method, image_data, tmp_path, reques
         assert_float32_close(fused(arrays)["logits"], exact[:size], tol, f"{model} ONNX batch {size}")
 
 
-def test_export_straight_from_a_run_and_opset(text_lora_run, tmp_path):
-    info = export(text_lora_run, tmp_path / "e", opset=14)
-    assert info["parity"]["max_abs_diff"] < 1e-5
+def test_export_straight_from_a_run_and_opset(lora_text_run, tmp_path):
+    info = export(lora_text_run, tmp_path / "e", opset=14)
+    run = load_model(lora_text_run)
+    _, tol = _exact_and_tolerance(run, validation_data(run.info["validation"]).items, k=K + 1)
+    assert info["parity"]["max_abs_diff"] <= tol, (info["parity"], tol)
     assert onnx.load(str(tmp_path / "e" / "model.onnx")).opset_import[0].version == 14
     with pytest.raises(UsageError, match="--opset"):
-        export(text_lora_run, tmp_path / "bad", opset=3)
+        export(lora_text_run, tmp_path / "bad", opset=3)
 
 
 def _verify(*args):
@@ -156,8 +169,8 @@ def _verify(*args):
     return r
 
 
-def test_verify_passes_a_good_export(text_export, text_model_dir, text_data, tmp_path):
-    r = _verify(text_export, "--reference", text_model_dir, "--data", text_data["val"],
+def test_verify_passes_a_good_export(merged_text_export, text_model_dir, text_data, tmp_path):
+    r = _verify(merged_text_export, "--reference", text_model_dir, "--data", text_data["val"],
                 "--json", tmp_path / "r.json", "--junit", tmp_path / "r.xml")
     assert r.exit_code == 0, r.output
     assert "verify  ok" in r.stdout
@@ -170,11 +183,11 @@ def test_verify_passes_a_good_export(text_export, text_model_dir, text_data, tmp
     assert [c.get("name") for c in suite.iter("testcase")] == ["labels", "max_abs_diff", "agreement"]
 
 
-def test_verify_fails_a_damaged_model(text_export, text_model_dir, text_data, tmp_path):
+def test_verify_fails_a_damaged_model(merged_text_export, text_model_dir, text_data, tmp_path):
     """Perturbed head weights: the gate exits 1 and JUnit names the failed checks."""
     damaged = tmp_path / "damaged"
     damaged.mkdir()
-    m = onnx.load(str(text_export / "model.onnx"))
+    m = onnx.load(str(merged_text_export / "model.onnx"))
     for init in m.graph.initializer:
         if init.name.startswith("head/") and len(init.dims) == 2:
             w = onnx.numpy_helper.to_array(init).copy()
@@ -194,10 +207,10 @@ def test_verify_fails_a_damaged_model(text_export, text_model_dir, text_data, tm
     assert r.exit_code == 0, r.output
 
 
-def test_verify_bad_input_exits_2(text_export, text_model_dir, tmp_path):
+def test_verify_bad_input_exits_2(merged_text_export, text_model_dir, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("text,label\npump leak,pump\nbelt,unknown-label\n")
-    r = _verify(text_export, "--reference", text_model_dir, "--data", bad)
+    r = _verify(merged_text_export, "--reference", text_model_dir, "--data", bad)
     assert r.exit_code == 2
     assert r.stderr.startswith(f"error: {bad}: line 3: unknown label 'unknown-label'")
     assert "Traceback" not in r.output
@@ -222,8 +235,8 @@ def test_export_parity_gate_catches_a_broken_exporter(text_model_dir, tmp_path, 
     assert [p.name for p in tmp_path.iterdir()] == []
 
 
-def test_merge_and_export_cli(text_lora_run, tmp_path):
-    r = CliRunner().invoke(main, ["merge", str(text_lora_run), "--output", str(tmp_path / "m")])
+def test_merge_and_export_cli(lora_text_run, tmp_path):
+    r = CliRunner().invoke(main, ["merge", str(lora_text_run), "--output", str(tmp_path / "m")])
     assert r.exit_code == 0, r.output
     assert r.stdout.startswith("merge  ok")
     r = CliRunner().invoke(main, ["export", str(tmp_path / "m"), "--output", str(tmp_path / "e")])
@@ -236,6 +249,7 @@ def test_merge_and_export_cli(text_lora_run, tmp_path):
 def test_head_run_merges_to_the_same_layout(tiny_bert, text_data, tmp_path):
     run = _train(tiny_bert, text_data["train"], tmp_path / "run", "head")
     info = merge(run, tmp_path / "model")
+    # nothing to merge: the same float32 model on the same rows, so the same bits on any CPU
     assert info["max_abs_diff"] == 0.0 and not info["merged_lora"]
     assert {p.name for p in (tmp_path / "model").iterdir()} >= {"config.json", "model.safetensors",
                                                                 "head.safetensors", "edgeft.json", "tokenizer.json"}

@@ -19,10 +19,8 @@ pytest.importorskip("nncf")
 
 from edgeft.bundle import build  # noqa: E402
 from edgeft.cli import main  # noqa: E402
-from edgeft.config import TrainConfig  # noqa: E402
 from edgeft.errors import ParityError  # noqa: E402
 from edgeft.runtime.bundle import Bundle  # noqa: E402
-from edgeft.train import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,13 +33,27 @@ def _profile(d: Path, precision: str, **extra) -> Path:
     return path
 
 
+class _Bundles(dict):
+    """{precision: (manifest, path)}, each built the first time a test asks for it (int8 runs NNCF)."""
+
+    def __init__(self, run: Path, base: Path):
+        super().__init__()
+        self.run, self.base = run, base
+
+    def __missing__(self, precision: str):
+        path = self.base / precision
+        self[precision] = (build(self.run, str(_profile(self.base, precision)), path), path)
+        return self[precision]
+
+
 @pytest.fixture(scope="module")
 def ov_bundles(full_text_run, tmp_path_factory):
-    d = tmp_path_factory.mktemp("ov-bundles")
-    return {p: (build(full_text_run, str(_profile(d, p)), d / p), d / p) for p in ("fp32", "int8")}
+    return _Bundles(full_text_run, tmp_path_factory.mktemp("ov-bundles"))
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+# NNCF (int8, accuracy control) takes tens of seconds per model on 2 cores: those tests are marked
+# slow and run in the full suite (CI); the quick loop keeps the fp32 IR bundle
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("int8", marks=pytest.mark.slow)])
 def test_text_bundle_holds_an_ir_with_buckets_and_matches_pytorch(precision, ov_bundles):
     manifest, path = ov_bundles[precision]
     assert manifest["backbone"] == "backbone.xml" and {"backbone.xml", "backbone.bin"} <= set(manifest["files"])
@@ -69,7 +81,11 @@ def test_text_bundle_holds_an_ir_with_buckets_and_matches_pytorch(precision, ov_
     b.predict(texts, batch_size=1)
     feats = b.features(texts[:5])  # a batch of 5 runs as 8: batch sizes stay powers of two
     assert feats.shape[0] == 5
-    assert np.allclose(feats, b.features(texts[:5], batch_size=1), atol=1e-4 if precision == "fp32" else 5e-2)
+    # batch 5 padded to 8 against batch 1: fp32 differs by float32 rounding in other kernel shapes,
+    # int8 by its quantization (a step is ~1% of the features' range); both relative to their scale
+    rel = 1e-4 if precision == "fp32" else 5e-2
+    alone = b.features(texts[:5], batch_size=1)
+    assert np.allclose(feats, alone, atol=rel * max(1.0, float(np.abs(alone).max())), rtol=0)
     widths = {shape[0][1] for shape in b.backbone._compiled}
     batches = {shape[0][0] for shape in b.backbone._compiled}
     assert widths <= set(buckets) and batches == {1, 8}
@@ -86,6 +102,7 @@ def test_fp32_means_f32_even_where_openvino_prefers_bf16(ov_bundles):
     assert report["passed"] and "OpenVINO" in report["providers"][0] and "f32" in report["providers"][0]
 
 
+@pytest.mark.slow  # NNCF int8
 def test_device_commands_on_an_openvino_bundle(ov_bundles, tmp_path):
     import shutil
 
@@ -111,10 +128,9 @@ def test_device_commands_on_an_openvino_bundle(ov_bundles, tmp_path):
     assert np.array_equal(Bundle(path).logits(["pump seal leak"]), before)
 
 
-def test_image_bundles_fp16_and_int8(tiny_resnet, image_data, tmp_path):
-    run = tmp_path / "run"
-    train(TrainConfig(model=str(tiny_resnet), data=str(image_data), output=str(run), method="full",
-                      epochs=6, lr=1e-2, head_lr=5e-2, progress=False))
+@pytest.mark.slow  # NNCF int8
+def test_image_bundles_fp16_and_int8(full_image_run, tmp_path):
+    run = full_image_run
     for precision in ("fp16", "int8"):
         try:
             m = build(run, str(_profile(tmp_path, precision)), tmp_path / precision, replay=0)
@@ -128,12 +144,13 @@ def test_image_bundles_fp16_and_int8(tiny_resnet, image_data, tmp_path):
             assert m["runtime"]["openvino"]["inference_precision"] == "f32"
 
 
+@pytest.mark.slow  # NNCF int8 and its accuracy control
 def test_accuracy_control_runs_and_an_unmeetable_budget_fails_with_numbers(full_text_run, tmp_path):
     """A budget int8 cannot meet: logits within 1e-7 of PyTorch's. The plain NNCF model misses
     it, NNCF's accuracy control runs, and the build fails with every number and writes nothing."""
     from edgeft.parity import Thresholds
 
-    budget = Thresholds(max_abs_diff=1e-7, min_agreement=0.99, max_accuracy_drop=0.005)
+    budget = Thresholds(max_abs_diff=1e-7, min_agreement=0.99, max_accuracy_drop=0.005)  # no int8 model meets it
     with pytest.raises(ParityError) as e:
         build(full_text_run, str(_profile(tmp_path, "int8")), tmp_path / "b", replay=0, thresholds=budget)
     msg = str(e.value)
@@ -142,6 +159,7 @@ def test_accuracy_control_runs_and_an_unmeetable_budget_fails_with_numbers(full_
     assert "\n" not in msg and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow  # three CLI processes that import torch
 def test_without_openvino_the_plugin_says_what_to_install(ov_bundles, full_text_run, tmp_path):
     """A process where `import openvino` fails: listing devices still works, and building for
     or running an openvino bundle is one line naming the install command."""
@@ -166,6 +184,7 @@ def test_without_openvino_the_plugin_says_what_to_install(ov_bundles, full_text_
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow  # NNCF int8 and its accuracy control
 def test_quantize_mode_nncf_on_onnx(full_text_run, tmp_path):
     """`edgeft quantize --mode nncf`: NNCF's transformer recipe on the ONNX backbone (QDQ), gated
     against the fp32 export; an unmeetable budget runs NNCF's accuracy control and fails with it."""
@@ -189,6 +208,7 @@ def test_quantize_mode_nncf_on_onnx(full_text_run, tmp_path):
     assert "nncf.quantize_with_accuracy_control reverted" in str(e.value) and not (tmp_path / "q2").exists()
 
 
+@pytest.mark.slow  # NNCF int8
 def test_openvino_bundle_runs_without_torch(ov_bundles):
     """The device side of an openvino bundle is openvino + onnxruntime + numpy: torch and
     transformers (and nncf, which imports torch) are never imported."""

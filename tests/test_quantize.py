@@ -11,15 +11,14 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
+from tolerance import softmax_sum_tolerance
 
 import edgeft.quantize.budget as Q
 from edgeft.cli import main
-from edgeft.config import TrainConfig
 from edgeft.errors import ParityError, UsageError
 from edgeft.export import export
 from edgeft.quantize import quantize, quantize_model
 from edgeft.runtime.session import OnnxModel
-from edgeft.train import train
 
 ONNX_FILES = ("backbone.onnx", "head.onnx", "model.onnx")
 PRECISION = {"dynamic": "int8", "static": "int8", "fp16": "fp16"}
@@ -51,12 +50,10 @@ def text_quantized(text_export, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def image_export(tiny_resnet, image_data, tmp_path_factory):
-    d = tmp_path_factory.mktemp("qimage")
-    train(TrainConfig(model=str(tiny_resnet), data=str(image_data), output=str(d / "run"), method="full",
-                      epochs=6, lr=1e-2, head_lr=5e-2, progress=False))
-    export(d / "run", d / "export")
-    return d / "export"
+def image_export(full_image_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qimage") / "export"
+    export(full_image_run, out)
+    return out
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static", "fp16"])
@@ -85,6 +82,8 @@ def test_text_modes_keep_parity_and_layout(mode, text_quantized, text_export):
     p = info["parity"]
     assert all(c["passed"] for c in p["checks"]) and [c["name"] for c in p["checks"]] == ["agreement", "accuracy_drop"]
     assert p["agreement"] >= 0.99 and p["accuracy_drop"] <= 0.005 and p["rows"] == 18
+    # the same quantized backbone in both graphs: only the float32 head's rounding differs, 32-term
+    # dot products with logits of order 1-10 (a priori 2 * 33 * eps32 * |logits| <= 8e-5; seen 0)
     assert p["fused_vs_split_max_abs_diff"] < 1e-5
     assert info["latency"]["fp32_ms"] > 0 and info["latency"]["quantized_ms"] > 0 and info["latency"]["batch"] == 1
     assert json.loads((out / "quantize.json").read_text()) == info
@@ -102,7 +101,7 @@ def test_quantized_model_has_dynamic_axes_and_probs(text_quantized, text_export)
     q, ref = OnnxModel(out / "model.onnx"), OnnxModel(text_export / "model.onnx")
     got, want = q(pre(texts)), ref(pre(texts))
     assert got["logits"].shape == (3, 3) and q.outputs == ["logits", "probs"]
-    np.testing.assert_allclose(got["probs"].sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(got["probs"].sum(-1), 1.0, atol=softmax_sum_tolerance(3), rtol=0)  # a float32 head
     assert (got["logits"].argmax(1) == want["logits"].argmax(1)).all()
 
 

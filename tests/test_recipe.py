@@ -74,6 +74,7 @@ def test_recipe_runs_the_chain_then_skips_current_steps(recipe, tmp_path):
     assert status["verify x86-64-server"] == "ok"
 
 
+@pytest.mark.slow  # a second whole chain (train, build, verify) before the failing step
 def test_failing_step_stops_the_chain(recipe, tmp_path):
     recipe.write_text(recipe.read_text().replace("add_classes = true", "add_classes = false"))
     with pytest.raises(DataError, match="retrain: .*labels the model does not know: valve"):

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from tolerance import K, float32_tolerance, logits64, validation_tolerance
 
 from edgeft.cli import main
 from edgeft.config import TrainConfig
-from edgeft.runs import evaluate
+from edgeft.data import load_dataset
+from edgeft.runs import evaluate, load_model, predict_logits
 from edgeft.train import train
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "maintenance"
@@ -49,17 +51,24 @@ def test_minilm_merge_export_verify(runs, tmp_path):
     r = cli.invoke(main, ["merge", str(runs["lora"]), "--output", str(model)])
     assert r.exit_code == 0, r.output
     info = json.loads((model / "edgeft.json").read_text())
-    assert info["merge"]["max_abs_diff"] < 1e-4 and info["merge"]["rows"] == 64
+    # float32's reach on this model, from its own float64 run (tests/tolerance.py), on the rows each
+    # step judged: merge and export its validation rows, verify the 120 test rows
+    tol = validation_tolerance(runs["lora"])
+    assert info["merge"]["max_abs_diff"] <= tol and info["merge"]["rows"] == 64, (info["merge"], tol)
     r = cli.invoke(main, ["export", str(model), "--output", str(export)])
     assert r.exit_code == 0, r.output
     parity = json.loads((export / "export.json").read_text())["parity"]
-    assert parity["max_abs_diff"] < 1e-4 and parity["agreement"] == 1.0
+    assert parity["max_abs_diff"] <= tol and parity["agreement"] == 1.0, (parity, tol)
     r = cli.invoke(main, ["verify", str(export), "--reference", str(runs["lora"]),
                           "--data", str(EXAMPLE / "test.csv"), "--junit", str(tmp_path / "r.xml"),
                           "--json", str(tmp_path / "r.json")])
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["passed"] and report["rows"] == 120 and report["max_abs_diff"] < 1e-4
+    ref = load_model(runs["lora"])
+    test_rows = load_dataset(EXAMPLE / "test.csv").items
+    exact = logits64(ref.model, ref.pre, test_rows)
+    test_tol = float32_tolerance(exact, predict_logits(ref.model, ref.pre, test_rows).numpy(), k=K + 1)
+    assert report["passed"] and report["rows"] == 120 and report["max_abs_diff"] <= test_tol, (report, test_tol)
     assert report["accuracy"] == report["reference_accuracy"]
     assert ET.parse(tmp_path / "r.xml").getroot().get("failures") == "0"
 
@@ -109,4 +118,4 @@ def test_minilm_lora_on_two_processes(tmp_path):
                             "--no-progress"], capture_output=True, text=True, env=os.environ.copy())
         assert r.returncode == 0, r.stderr[-3000:]
         acc[n] = json.loads((tmp_path / f"n{n}" / "metrics.json").read_text())["accuracy"]
-    assert abs(acc[1] - acc[2]) <= 0.01 + 1e-9, acc
+    assert abs(acc[1] - acc[2]) <= 0.01 + 1e-9, acc  # under one row of 66 (0.015): the same accuracy

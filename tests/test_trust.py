@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import shutil
 import signal
@@ -27,13 +26,8 @@ pytest.importorskip("model_signing")
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    from make_device_bundles import make_bundles
-
-    prebuilt = os.environ.get("EDGEFT_DEVICE_BUNDLES")
-    if prebuilt:
-        return Path(prebuilt) / "text"
-    return make_bundles(tmp_path_factory.mktemp("trust-bundles"))["text"]
+def built(device_bundles):
+    return device_bundles["text"]  # prebuilt or built once (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -47,3 +47,31 @@ def logits64(model, pre, items) -> np.ndarray:
               for k, v in arrays.items()}
     with torch.no_grad():
         return m(**inputs).numpy()
+
+
+def dot_tolerance(X, W, b=None) -> np.ndarray:
+    """How far two float32 evaluations of X @ W.T + b may differ, element by element, a priori.
+
+    Each is within n * eps32 * (|X| @ |W|.T + |b|) of the exact value, n the length of the sum
+    (the standard bound for a float32 dot product, whatever the order of summation or the use of
+    fused multiply-adds): twice that between two of them."""
+    X, W = np.asarray(X, dtype=np.float64), np.asarray(W, dtype=np.float64)
+    mag = np.abs(X) @ np.abs(W).T + (0.0 if b is None else np.abs(np.asarray(b, dtype=np.float64)))
+    return 2 * (X.shape[1] + 1) * EPS32 * mag
+
+
+def softmax_sum_tolerance(n_classes: int) -> float:
+    """How far float32 probabilities' sum may be from 1: a few float32 ulps per class (the exp, the
+    division, the sum's own rounding)."""
+    return 8 * n_classes * EPS32
+
+
+def validation_tolerance(path, k: float = K + 1) -> float:
+    """How far a float32 runtime's logits may be from float32 PyTorch's for the run or model
+    directory at `path`, on its validation rows (what export, merge and build judge): k = K + 1."""
+    from edgeft.runs import load_model, predict_logits, validation_data
+
+    loaded = load_model(path)
+    items = validation_data(loaded.info["validation"]).items
+    exact = logits64(loaded.model, loaded.pre, items)
+    return float32_tolerance(exact, predict_logits(loaded.model, loaded.pre, items).numpy(), k=k)
