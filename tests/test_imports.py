@@ -88,37 +88,22 @@ def import_graph(module_level_only: bool = False) -> dict[str, dict[str, int]]:
     return graph
 
 
+def _reachable(graph, start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for w in graph[todo.pop()]:
+            if w in graph and w not in seen:
+                seen.add(w)
+                todo.append(w)
+    return seen
+
+
 def cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
-    """One cycle per strongly connected component of the graph's own modules (Tarjan)."""
-    index, low, stack, on, sccs = {}, {}, [], set(), []
-
-    def visit(v):
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on.add(v)
-        for w in graph[v]:
-            if w not in graph:
-                continue
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            scc = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                scc.append(w)
-                if w == v:
-                    break
-            if len(scc) > 1 or v in graph[v]:
-                sccs.append(sorted(scc))
-
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return [_a_cycle(graph, scc) for scc in sorted(sccs)]
+    """One cycle per strongly connected component of the graph's own modules: a module is on a
+    cycle when it reaches itself, and its component is what it reaches that reaches it back."""
+    reach = {v: _reachable(graph, v) for v in graph}
+    sccs = {frozenset({v, *(w for w in reach[v] if v in reach[w])}) for v in graph if v in reach[v]}
+    return [_a_cycle(graph, sorted(c)) for c in sorted(sccs, key=sorted)]
 
 
 def _a_cycle(graph, scc: list[str]) -> list[str]:
