@@ -14,6 +14,7 @@ import click
 
 from . import __version__
 from .errors import EdgeftError
+from .runtime.retrain_config import RetrainConfig
 
 
 class Group(click.Group):
@@ -428,10 +429,10 @@ def device_bench(bundle, file_, runs, warmup, threads, as_json, public_key):
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", required=True, help="Labelled samples (same formats as training).")
 @click.option("--add-classes", is_flag=True, help="Allow labels the model does not know yet: they become new classes.")
-@click.option("--margin", type=float, default=0.02, show_default=True, help="Largest accuracy drop on the replay hold-out of earlier classes (0.02 = 2 points).")
-@click.option("--keep", type=int, default=5, show_default=True, help="Head versions to keep; older ones are deleted.")
-@click.option("--text-column", default="text", show_default=True)
-@click.option("--label-column", default="label", show_default=True)
+@click.option("--margin", type=float, default=RetrainConfig.margin, show_default=True, help="Largest accuracy drop on the replay hold-out of earlier classes (0.02 = 2 points).")
+@click.option("--keep", type=int, default=RetrainConfig.keep, show_default=True, help="Head versions to keep; older ones are deleted.")
+@click.option("--text-column", default=RetrainConfig.text_column, show_default=True)
+@click.option("--label-column", default=RetrainConfig.label_column, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--public-key", type=click.Path(dir_okay=False), help="Refuse the bundle unless the owner's signature verifies with this key.")
 def device_retrain(bundle, data, add_classes, margin, keep, text_column, label_column, as_json, public_key):
@@ -452,8 +453,9 @@ def device_retrain(bundle, data, add_classes, margin, keep, text_column, label_c
         os.environ.setdefault(var, "1")
     from .runtime.retrain import retrain
 
-    r = retrain(bundle, data, add_classes=add_classes, margin=margin, keep=keep,
-                text_column=text_column, label_column=label_column, public_key=public_key)
+    config = RetrainConfig(add_classes=add_classes, margin=margin, keep=keep, text_column=text_column,
+                           label_column=label_column)
+    r = retrain(bundle, data, config, public_key=public_key)
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return

@@ -288,7 +288,7 @@ def _retrain_step(bundle: Path, folder: Path, rt: dict) -> dict:
     """Retrain a copy of the device's bundle (the built bundle stays as built), then test it."""
     from .data import load_dataset
     from .runtime.bundle import Bundle
-    from .runtime.retrain import retrain
+    from .runtime.retrain import RetrainConfig, retrain
 
     copy = folder / "bundle"
     copy.parent.mkdir(parents=True, exist_ok=True)
@@ -307,8 +307,9 @@ def _retrain_step(bundle: Path, folder: Path, rt: dict) -> dict:
         return out
 
     before = accuracy(Bundle(copy))
-    rep = retrain(copy, rt["data"], add_classes=bool(rt.get("add_classes")), margin=rt.get("margin", 0.02),
-                  keep=rt.get("keep", 5))
+    config = RetrainConfig(add_classes=bool(rt.get("add_classes")),
+                           **{k: rt[k] for k in ("margin", "keep") if k in rt})
+    rep = retrain(copy, rt["data"], config)
     after = accuracy(Bundle(copy))
     return {"version": rep["version"], "added_classes": rep["added_classes"], "metrics": rep["metrics"],
             "test_before": before, "test_after": after, "bundle": str(copy)}

@@ -263,7 +263,7 @@ class Bundle:
         its answers against the bundle's own outputs recorded at build time, all equal.
         Agreement with PyTorch on these rows is reported beside it.
         """
-        from ..parity import Thresholds, checks, compare
+        from .compare import Thresholds, checks, compare
 
         expected = np.load(self.path / "reference" / "outputs.npz")
         feats = self.reference_features()

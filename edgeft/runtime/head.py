@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .metrics import softmax
+
 
 @dataclass
 class FitResult:
@@ -34,12 +36,6 @@ def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     w = np.zeros(n_classes)
     w[present] = counts.sum() / (present.sum() * counts[present])
     return w
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def _loss_grad(Z, Y1, sw, W, b, l2):
@@ -105,6 +101,22 @@ def fit_softmax(X: np.ndarray, y: np.ndarray, n_classes: int, *, l2: float = 1e-
 
 def head_logits(X: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     return np.asarray(X, dtype=np.float32) @ weight.T + bias
+
+
+@dataclass
+class LinearHead:
+    """A fitted head: logits = x W^T + b, written as one Gemm. What retrain guards and commits."""
+
+    weight: np.ndarray  # (C, D), nn.Linear layout
+    bias: np.ndarray  # (C,)
+    fit: dict  # what the fit reports (the retrain report's metrics.fit)
+    fit_seconds: float = 0.0
+
+    def logits(self, X: np.ndarray) -> np.ndarray:
+        return head_logits(X, self.weight, self.bias)
+
+    def write_onnx(self, path: str | Path, metadata: dict | None = None) -> None:
+        write_head_onnx(path, self.weight, self.bias, metadata=metadata)
 
 
 def write_head_onnx(path: str | Path, weight: np.ndarray, bias: np.ndarray, opset: int = 17,

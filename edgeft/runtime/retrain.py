@@ -16,21 +16,26 @@ it, the new version is whole. rollback rewrites the manifest to point at an earl
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
-from ..data import Dataset, load_dataset
-from ..errors import BundleError, DataError, EdgeftError, UsageError
+from ..errors import BundleError, ConfigError, DataError, EdgeftError, UsageError, did_you_mean
 from . import atomic
 from .bundle import MANIFEST, Bundle, check_manifest, read_manifest, sha256
-from .head import fit_softmax, head_logits, read_head_onnx, write_head_onnx
+from .dataset import Dataset, load_dataset
+from .head import LinearHead, fit_softmax, head_logits, read_head_onnx
+from .retrain_config import RetrainConfig
+from .version import __version__
 
-HOLDOUT = 0.25  # of the new samples, per class, held out for early stopping and the guard
-SEED = 0
+HOLDOUT = RetrainConfig.holdout  # of the new samples, per class, held out for early stopping and the guard
+SEED = RetrainConfig.seed
+
+__all__ = ["RetrainConfig", "RetrainRefused", "device_features", "history", "retrain", "rollback"]
 
 
 class RetrainRefused(EdgeftError):
@@ -60,7 +65,7 @@ def _accuracy(logits: np.ndarray, y: np.ndarray) -> float | None:
     return float((logits.argmax(1) == y).mean()) if len(y) else None
 
 
-def cached_features(bundle: Bundle, ds: Dataset, batch_size: int = 32) -> tuple[np.ndarray, bool]:
+def device_features(bundle: Bundle, ds: Dataset, batch_size: int = 32) -> tuple[np.ndarray, bool]:
     """Features from the bundle's backbone; cached under the bundle by (backbone, preprocessing, data) hash."""
     m = bundle.manifest
     weights = [m["files"][m["backbone"]]["sha256"]]
@@ -77,7 +82,7 @@ def cached_features(bundle: Bundle, ds: Dataset, batch_size: int = 32) -> tuple[
         except (OSError, ValueError):
             pass  # a damaged cache entry is recomputed
     feats = bundle.features(ds.items, batch_size)  # batch by batch: never all images in memory
-    buf = __import__("io").BytesIO()
+    buf = io.BytesIO()
     np.save(buf, feats, allow_pickle=False)
     atomic.write_bytes(path, buf.getvalue())
     return feats, False
@@ -90,129 +95,181 @@ def _load_replay(bundle: Bundle) -> dict:
     if not rel:
         raise BundleError(f"{bundle.path}: this bundle has no replay memory; rebuild it with edgeft build (--replay N).")
     with np.load(bundle.path / rel, allow_pickle=False) as z:
-        return {"features": z["features"], "labels": z["labels"], "holdout": z["holdout"]}
+        return {"features": z["features"], "labels": z["labels"].astype(np.int64),
+                "holdout": z["holdout"].astype(bool)}
 
 
 def _save_npz(path: Path, **arrays) -> None:
-    import io
-
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic.write_bytes(path, buf.getvalue())
 
 
-def retrain(path: str | Path, data: str | Path, *, add_classes: bool = False, margin: float = 0.02,
-            keep: int = 5, text_column: str = "text", label_column: str = "label", l2: float = 1e-3,
-            max_iter: int = 300, replay_per_class: int | None = None, public_key=None) -> dict:
-    """Fit, guard, and (if accepted) commit head version N+1. Returns the report; raises RetrainRefused."""
-    t0 = time.perf_counter()
-    path = Path(path)
-    bundle = Bundle(path, public_key=public_key)
+@dataclass
+class Samples:
+    """The new labelled samples, their features from the bundle's backbone, and their hold-out."""
+
+    ds: Dataset
+    labels: list[str]  # the head's labels after this retrain (the bundle's, then added ones)
+    added: list[str]
+    y: np.ndarray
+    X: np.ndarray
+    hold: np.ndarray  # held out for early stopping and the guard
+    cache_hit: bool
+    feature_seconds: float
+
+
+def _read_samples(bundle: Bundle, data, cfg: RetrainConfig) -> Samples:
+    """Read the new samples, refuse what this bundle cannot learn, and compute their features."""
     m = bundle.manifest
-    ds = load_dataset(data, text_column, label_column)
+    ds = load_dataset(data, cfg.text_column, cfg.label_column)
     if ds.kind != m["modality"]:
         raise DataError(f"{ds.source}: {ds.kind} data, but the bundle's model reads {m['modality']}.")
     limit = m.get("retrain", {}).get("max_samples")
     if limit and len(ds) > limit:
         raise DataError(f"{ds.source}: {len(ds)} rows; this device retrains on at most {limit} "
                         "(the profile's retrain_max_samples).")
-    labels = list(m["labels"])
-    new_labels = sorted({y for y in ds.labels} - set(labels))
-    if new_labels and not add_classes:
-        from ..errors import did_you_mean
-
-        hints = "".join(did_you_mean(n, labels) for n in new_labels[:1])
-        raise DataError(f"{ds.source}: labels the model does not know: {', '.join(new_labels)}.{hints} "
+    known = list(m["labels"])
+    added = sorted({y for y in ds.labels} - set(known))
+    if added and not cfg.add_classes:
+        hints = "".join(did_you_mean(n, known) for n in added[:1])
+        raise DataError(f"{ds.source}: labels the model does not know: {', '.join(added)}.{hints} "
                         "Pass --add-classes to add them as new classes.")
-    labels = labels + new_labels
+    labels = known + added
     index = {n: i for i, n in enumerate(labels)}
-    y_new = np.array([index[v] for v in ds.labels], dtype=np.int64)
-
-    t_feat = time.perf_counter()
-    X_new, cache_hit = cached_features(bundle, ds)
-    feature_seconds = time.perf_counter() - t_feat
-    hold_new = _split(y_new, HOLDOUT, SEED)
-    if not hold_new.any():
+    y = np.array([index[v] for v in ds.labels], dtype=np.int64)
+    t = time.perf_counter()
+    X, cache_hit = device_features(bundle, ds)
+    seconds = time.perf_counter() - t
+    hold = _split(y, cfg.holdout, cfg.seed)
+    if not hold.any():
         raise DataError(f"{ds.source}: too few rows to hold any out for the guard; give at least 2 per class.")
+    return Samples(ds, labels, added, y, X, hold, cache_hit, seconds)
 
-    replay = _load_replay(bundle)
-    Xr, yr, hold_r = replay["features"], replay["labels"].astype(np.int64), replay["holdout"].astype(bool)
-    X_train = np.concatenate([Xr[~hold_r], X_new[~hold_new]])
-    y_train = np.concatenate([yr[~hold_r], y_new[~hold_new]])
-    X_hold = np.concatenate([Xr[hold_r], X_new[hold_new]])
-    y_hold = np.concatenate([yr[hold_r], y_new[hold_new]])
 
-    t_fit = time.perf_counter()
-    fit = fit_softmax(X_train, y_train, len(labels), l2=l2, max_iter=max_iter, holdout=(X_hold, y_hold))
-    fit_seconds = time.perf_counter() - t_fit
+def _fit_head(new: Samples, replay: dict, cfg: RetrainConfig) -> LinearHead:
+    """The seam where a head family is fitted: training rows (replay + new, hold-outs aside) -> a head."""
+    Xr, yr, hold_r = replay["features"], replay["labels"], replay["holdout"]
+    X_train = np.concatenate([Xr[~hold_r], new.X[~new.hold]])
+    y_train = np.concatenate([yr[~hold_r], new.y[~new.hold]])
+    X_hold = np.concatenate([Xr[hold_r], new.X[new.hold]])
+    y_hold = np.concatenate([yr[hold_r], new.y[new.hold]])
+    t = time.perf_counter()
+    fit = fit_softmax(X_train, y_train, len(new.labels), l2=cfg.l2, max_iter=cfg.max_iter, holdout=(X_hold, y_hold))
+    report = {"iterations": fit.iterations, "best_iteration": fit.best_iteration, "l2": cfg.l2,
+              "train_rows": int(len(y_train)), "train_loss": fit.train_loss, "holdout_loss": fit.holdout_loss}
+    return LinearHead(fit.weight, fit.bias, report, time.perf_counter() - t)
 
-    # the guard: old head vs new head on the same held-out rows
-    old_w, old_b = read_head_onnx(path / m["head"]["file"])
+
+def _guard(bundle: Bundle, head: LinearHead, new: Samples, replay: dict, cfg: RetrainConfig) -> dict:
+    """The old head and the new one on the same held-out rows: the metrics, or RetrainRefused."""
+    old_w, old_b = read_head_onnx(bundle.path / bundle.manifest["head"]["file"])
 
     def old_logits(X):  # classes the old head does not have can never be its answer
         z = head_logits(X, old_w, old_b)
-        return np.concatenate([z, np.full((len(X), len(labels) - z.shape[1]), -np.inf)], axis=1)
+        return np.concatenate([z, np.full((len(X), len(new.labels) - z.shape[1]), -np.inf)], axis=1)
 
-    before_new = _accuracy(old_logits(X_new[hold_new]), y_new[hold_new])
-    after_new = _accuracy(head_logits(X_new[hold_new], fit.weight, fit.bias), y_new[hold_new])
-    before_old = _accuracy(old_logits(Xr[hold_r]), yr[hold_r])
-    after_old = _accuracy(head_logits(Xr[hold_r], fit.weight, fit.bias), yr[hold_r])
+    Xh, yh = new.X[new.hold], new.y[new.hold]
+    Xr, yr = replay["features"][replay["holdout"]], replay["labels"][replay["holdout"]]
+    before_new, after_new = _accuracy(old_logits(Xh), yh), _accuracy(head.logits(Xh), yh)
+    before_old, after_old = _accuracy(old_logits(Xr), yr), _accuracy(head.logits(Xr), yr)
     metrics = {
-        "new_holdout_accuracy": {"before": before_new, "after": after_new, "rows": int(hold_new.sum())},
-        "replay_holdout_accuracy": {"before": before_old, "after": after_old, "rows": int(hold_r.sum())},
-        "margin": margin,
-        "fit": {"iterations": fit.iterations, "best_iteration": fit.best_iteration, "l2": l2,
-                "train_rows": int(len(y_train)), "train_loss": fit.train_loss, "holdout_loss": fit.holdout_loss},
-        "seconds": {"features": round(feature_seconds, 3), "fit": round(fit_seconds, 3)},
-        "feature_cache_hit": cache_hit,
+        "new_holdout_accuracy": {"before": before_new, "after": after_new, "rows": len(yh)},
+        "replay_holdout_accuracy": {"before": before_old, "after": after_old, "rows": len(yr)},
+        "margin": cfg.margin,
+        "fit": head.fit,
+        "seconds": {"features": round(new.feature_seconds, 3), "fit": round(head.fit_seconds, 3)},
+        "feature_cache_hit": new.cache_hit,
     }
     reasons = []
     # "improves": better than before, or already perfect and still perfect (retraining on the
     # same samples again, or adding them to the replay memory, must not be refused for that)
     if not (after_new > before_new or after_new == 1.0):
-        reasons.append(f"accuracy on the {int(hold_new.sum())} held-out new samples did not improve "
+        reasons.append(f"accuracy on the {len(yh)} held-out new samples did not improve "
                        f"({100 * before_new:.1f}% -> {100 * after_new:.1f}%)")
-    if before_old is not None and before_old - after_old > margin + 1e-12:
+    if before_old is not None and before_old - after_old > cfg.margin + 1e-12:
         reasons.append(f"accuracy on the replay hold-out of earlier classes dropped "
                        f"{100 * (before_old - after_old):.1f} points ({100 * before_old:.1f}% -> {100 * after_old:.1f}%), "
-                       f"more than the {100 * margin:.1f}-point margin")
+                       f"more than the {100 * cfg.margin:.1f}-point margin")
     if reasons:
-        raise RetrainRefused(f"{path}: retrain refused, head v{m['head']['version']} stays: " + "; ".join(reasons) + ".")
+        raise RetrainRefused(f"{bundle.path}: retrain refused, head v{bundle.manifest['head']['version']} stays: "
+                             + "; ".join(reasons) + ".")
+    return metrics
 
-    # accepted: write version N+1, then commit it with the manifest
-    version = max(h["version"] for h in m["heads"]) + 1
+
+def _write_version(bundle: Bundle, head: LinearHead, new: Samples, replay: dict, cfg: RetrainConfig,
+                   version: int) -> tuple[str, str]:
+    """Write head version N+1 and its replay memory (each whole, under a new name); nothing is committed yet."""
     head_rel, replay_rel = f"heads/head-{version:04d}.onnx", f"replay/replay-{version:04d}.npz"
-    write_head_onnx(path / head_rel, fit.weight, fit.bias,
-                    metadata={"labels": labels, "version": version, "edgeft_version": __version__})
-    per_class = replay_per_class or m.get("replay", {}).get("per_class", 100)
-    Xn, yn, hn = _merge_replay(Xr, yr, hold_r, X_new, y_new, hold_new, per_class)
-    _save_npz(path / replay_rel, features=Xn.astype(np.float32), labels=yn, holdout=hn)
+    head.write_onnx(bundle.path / head_rel,
+                    metadata={"labels": new.labels, "version": version, "edgeft_version": __version__})
+    per_class = cfg.replay_per_class or bundle.manifest.get("replay", {}).get("per_class", 100)
+    Xn, yn, hn = _merge_replay(replay["features"], replay["labels"], replay["holdout"], new.X, new.y, new.hold,
+                               per_class)
+    _save_npz(bundle.path / replay_rel, features=Xn.astype(np.float32), labels=yn, holdout=hn)
+    return head_rel, replay_rel
 
-    data_hash = ds.fingerprint()
-    entry = {"version": version, "file": head_rel, "replay": replay_rel, "labels": labels, "created": _now(),
-             "source": "device retrain", "data": {"source": str(data), "fingerprint": data_hash, "rows": len(ds),
-                                                  "counts": ds.counts()},
-             "added_classes": new_labels, "metrics": metrics}
-    new_manifest = dict(m)
-    new_manifest["labels"] = labels
-    new_manifest["head"] = {"version": version, "file": head_rel, "replay": replay_rel}
-    new_manifest["heads"] = [*m["heads"], entry]
+
+def _next_manifest(m: dict, new: Samples, data, metrics: dict, version: int, written: tuple[str, str],
+                   path: Path) -> dict:
+    head_rel, replay_rel = written
+    entry = {"version": version, "file": head_rel, "replay": replay_rel, "labels": new.labels, "created": _now(),
+             "source": "device retrain", "data": {"source": str(data), "fingerprint": new.ds.fingerprint(),
+                                                  "rows": len(new.ds), "counts": new.ds.counts()},
+             "added_classes": new.added, "metrics": metrics}
     files = dict(m["files"])
-    for rel in (head_rel, replay_rel):
+    for rel in written:
         files[rel] = {"sha256": sha256(path / rel), "bytes": (path / rel).stat().st_size}
-    new_manifest["files"] = files
-    pruned = _prune(new_manifest, keep)
+    return {**m, "labels": new.labels, "head": {"version": version, "file": head_rel, "replay": replay_rel},
+            "heads": [*m["heads"], entry], "files": files}
+
+
+def _commit(path: Path, manifest: dict, written: tuple[str, str], keep: int) -> list[str]:
+    """Replace the manifest in one rename (the commit point), then delete versions beyond `keep`."""
+    pruned = _prune(manifest, keep)
     try:
-        check_manifest(new_manifest, path / MANIFEST)  # never commit a manifest the device would refuse
+        check_manifest(manifest, path / MANIFEST)  # never commit a manifest the device would refuse
     except BundleError:
-        for rel in (head_rel, replay_rel):
+        for rel in written:
             (path / rel).unlink(missing_ok=True)
         raise
-    atomic.write_json(path / MANIFEST, new_manifest)  # the commit point
+    atomic.write_json(path / MANIFEST, manifest)  # the commit point
     for rel in pruned:
         (path / rel).unlink(missing_ok=True)
-    return {"accepted": True, "version": version, "previous_version": m["head"]["version"], "labels": labels,
-            "added_classes": new_labels, "pruned": pruned, "metrics": metrics,
+    return pruned
+
+
+def _config(config: RetrainConfig | None, options: dict) -> RetrainConfig:
+    if config is not None and options:
+        raise UsageError(f"retrain: pass a RetrainConfig or options ({', '.join(sorted(options))}), not both.")
+    if config is not None:
+        return config
+    try:
+        return RetrainConfig(**options)
+    except TypeError as e:  # an option RetrainConfig does not have
+        raise ConfigError(f"retrain: {e}.") from None
+
+
+def retrain(path: str | Path, data: str | Path, config: RetrainConfig | None = None, *, public_key=None,
+            **options) -> dict:
+    """Fit, guard, and (if accepted) commit head version N+1. Returns the report; raises RetrainRefused.
+
+    `options` are RetrainConfig's fields (margin=0.05, add_classes=True, ...), or pass a config."""
+    cfg = _config(config, options)
+    t0 = time.perf_counter()
+    path = Path(path)
+    bundle = Bundle(path, public_key=public_key)
+    m = bundle.manifest
+    new = _read_samples(bundle, data, cfg)
+    replay = _load_replay(bundle)
+    head = _fit_head(new, replay, cfg)
+    metrics = _guard(bundle, head, new, replay, cfg)
+    # accepted: write version N+1, then commit it with the manifest
+    version = max(h["version"] for h in m["heads"]) + 1
+    written = _write_version(bundle, head, new, replay, cfg, version)
+    pruned = _commit(path, _next_manifest(m, new, data, metrics, version, written, path), written, cfg.keep)
+    return {"accepted": True, "version": version, "previous_version": m["head"]["version"], "labels": new.labels,
+            "added_classes": new.added, "pruned": pruned, "metrics": metrics,
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
