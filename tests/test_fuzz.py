@@ -8,7 +8,7 @@ or 1 for a refused bundle, and `error: ...` on stderr); never a traceback, and n
 changed or left half-written.
 
 Every input these tests once found a bug with is kept as an `@example` here, or as a
-regression test beside the stage it broke (tests/test_data.py, test_device.py, test_recipe.py,
+regression test beside the stage it broke (tests/test_data.py, test_device_inputs.py, test_recipe.py,
 test_train.py, test_bundle.py); a new find belongs there too, with a name saying what it checks.
 
 EDGEFT_FUZZ_SCALE=10 runs ten times more examples (the default keeps the file near 30 s).
@@ -803,58 +803,80 @@ NESTED = {
 }
 
 
+def _drop(draw, m, base):
+    if m:
+        del m[draw(st.sampled_from(sorted(m)))]
+
+
+def _set(draw, m, base):
+    m[draw(st.sampled_from(sorted(REQUIRED)) | st.text(max_size=6))] = draw(small_json)
+
+
+def _schema(draw, m, base):
+    m["schema"] = draw(st.one_of(st.integers(-3, 5), st.sampled_from([True, 10**30, 1.0, "1", None])))
+
+
+def _nested(draw, m, base):
+    area = draw(st.sampled_from(sorted(NESTED)))
+    if isinstance(m.get(area), dict):
+        key = draw(st.sampled_from(sorted(NESTED[area])))
+        if rarely(draw, 4):
+            m[area].pop(key, None)
+        else:
+            m[area][key] = draw(NESTED[area][key] if mostly(draw, 4) else small_json)
+
+
+def _files(draw, m, base):
+    files = m.get("files")
+    if not isinstance(files, dict):
+        return
+    if files and draw(st.booleans()):
+        del files[draw(st.sampled_from(sorted(files)))]
+    else:
+        files[draw(st.sampled_from(PATHS))] = draw(st.one_of(st.sampled_from(list(base["files"].values())),
+                                                             st.just({"sha256": "0" * 64}), st.just({}), small_json))
+
+
+def _labels(draw, m, base):
+    m["labels"] = draw(st.lists(st.one_of(st.sampled_from(LABELS), st.text(max_size=4), st.integers(),
+                                          st.none(), st.lists(st.integers(), max_size=1)), max_size=5))
+
+
+def _heads(draw, m, base):
+    if not isinstance(m.get("heads"), list):
+        return
+    entry = {"version": draw(st.sampled_from([0, 1, 2, None, "1", 1.5])),
+             "file": draw(st.sampled_from(PATHS)), "source": "device retrain"}
+    if draw(st.booleans()):
+        entry["labels"] = draw(st.sampled_from([LABELS, LABELS[:1], [], [1, 2, 3], "abc"]))
+    if rarely(draw, 3):
+        m["heads"] = draw(st.lists(small_json, max_size=2))
+    elif not m["heads"] or draw(st.booleans()):
+        m["heads"].append(entry)
+    else:
+        first = m["heads"][0]
+        m["heads"][0] = draw(small_json) if rarely(draw, 2) else {**(first if isinstance(first, dict) else {}), **entry}
+
+
+MUTATIONS = {"drop": _drop, "set": _set, "schema": _schema, "nested": _nested, "files": _files,
+             "labels": _labels, "heads": _heads}
+OPS = ["drop", "set", "schema", "nested", "nested", "nested", "files", "files", "labels", "heads", "whole", "bytes"]
+
+
 @st.composite
 def manifests(draw, base: dict):
     """The tiny bundle's manifest (a dict, or raw bytes), mutated one to three times."""
     m = copy.deepcopy(base)
     for _ in range(draw(st.integers(1, 3))):
-        op = draw(st.sampled_from(["drop", "set", "schema", "nested", "nested", "nested", "files", "files",
-                                   "labels", "heads", "whole", "bytes"]))
+        op = draw(st.sampled_from(OPS))
         if not isinstance(m, dict):
             break
-        if op == "drop" and m:
-            key = draw(st.sampled_from(sorted(m)))
-            del m[key]
-        elif op == "set":
-            key = draw(st.sampled_from(sorted(REQUIRED)) | st.text(max_size=6))
-            m[key] = draw(small_json)
-        elif op == "schema":
-            m["schema"] = draw(st.one_of(st.integers(-3, 5), st.sampled_from([True, 10**30, 1.0, "1", None])))
-        elif op == "nested":
-            area = draw(st.sampled_from(sorted(NESTED)))
-            if isinstance(m.get(area), dict):
-                key = draw(st.sampled_from(sorted(NESTED[area])))
-                if rarely(draw, 4):
-                    m[area].pop(key, None)
-                else:
-                    m[area][key] = draw(NESTED[area][key] if mostly(draw, 4) else small_json)
-        elif op == "files" and isinstance(m.get("files"), dict):
-            files = m["files"]
-            if files and draw(st.booleans()):
-                del files[draw(st.sampled_from(sorted(files)))]
-            else:
-                rel = draw(st.sampled_from(PATHS))
-                files[rel] = draw(st.one_of(st.sampled_from(list(base["files"].values())),
-                                            st.just({"sha256": "0" * 64}), st.just({}), small_json))
-        elif op == "labels":
-            m["labels"] = draw(st.lists(st.one_of(st.sampled_from(LABELS), st.text(max_size=4), st.integers(),
-                                                  st.none(), st.lists(st.integers(), max_size=1)), max_size=5))
-        elif op == "heads" and isinstance(m.get("heads"), list):
-            entry = {"version": draw(st.sampled_from([0, 1, 2, None, "1", 1.5])),
-                     "file": draw(st.sampled_from(PATHS)), "source": "device retrain"}
-            if draw(st.booleans()):
-                entry["labels"] = draw(st.sampled_from([LABELS, LABELS[:1], [], [1, 2, 3], "abc"]))
-            if rarely(draw, 3):
-                m["heads"] = draw(st.lists(small_json, max_size=2))
-            elif not m["heads"] or draw(st.booleans()):
-                m["heads"].append(entry)
-            else:
-                first = m["heads"][0]
-                m["heads"][0] = draw(small_json) if rarely(draw, 2) else {**(first if isinstance(first, dict) else {}), **entry}
-        elif op == "whole":
+        if op == "whole":
             m = draw(small_json)
         elif op == "bytes":
             return draw(raw_data)
+        else:
+            MUTATIONS[op](draw, m, base)
     return m
 
 
