@@ -83,7 +83,7 @@ def _mark(folder: Path, step: str, fp: str, result: dict | None = None) -> None:
     atomic.write_json(folder / STEP_FILE, {"step": step, "fingerprint": fp, "result": result or {}})
 
 
-def load_recipe(path: str | Path, output: str | Path | None = None) -> dict:
+def load_recipe(path: str | Path, output: str | Path | None = None) -> dict:  # noqa: C901, PLR0912 -- one flat check per rule of the recipe format, in the order a reader meets them
     path = Path(path)
     doc = read_toml(path)
     for key, value in doc.items():
