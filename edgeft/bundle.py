@@ -50,8 +50,12 @@ def _rows(ds, n):
 
 def build(source: str | Path, device: str, output: str | Path, *, calibration: str | Path | None = None,  # noqa: C901, PLR0912, PLR0915 -- the whole build in one function still: the split issue 14 asks for is not done (owner: build)
           data: str | Path | None = None, archive: bool = False, overwrite: bool = False,
-          thresholds: Thresholds | None = None, replay: int = REPLAY_PER_CLASS, sign_key: str | Path | None = None) -> dict:
-    """Build the bundle; return its manifest. Fails (ParityError) without writing if parity breaks."""
+          thresholds: Thresholds | None = None, replay: int = REPLAY_PER_CLASS, sign_key: str | Path | None = None,
+          keep_examples: bool = False) -> dict:
+    """Build the bundle; return its manifest. Fails (ParityError) without writing if parity breaks.
+
+    keep_examples: parity.json and reference/items.json hold the input texts (image names) of
+    their rows; by default they name rows by index and hash only (edgeft.certify.holds)."""
     from .data import load_dataset
     from .export import export
     from .runs import (
@@ -162,7 +166,10 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
                 feats = loaded.model.features(**tensors)
                 logits = loaded.model.head(feats)
             np.savez(tmp / "reference" / "outputs.npz", logits=logits.numpy(), features=feats.numpy())
-            (tmp / "reference" / "items.json").write_text(json.dumps([str(x) for x in ref_items], indent=1))
+            from .runtime.stats import row_id
+
+            (tmp / "reference" / "items.json").write_text(json.dumps(
+                [str(x) if keep_examples else {"id": row_id(x)} for x in ref_items], indent=1))
 
             manifest = {
                 "schema": 2 if (engine != "onnxruntime" or one_row) else 1,
@@ -214,7 +221,7 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
             # the finished bundle, loaded as a device loads it, against PyTorch on validation rows
             bundle = Bundle(tmp, providers=["CPUExecutionProvider"])
             got = bundle.logits(items, batch_size=1 if modality == "text" else 32)
-            parity = compare(ref, got, y, loaded.labels, items)
+            parity = compare(ref, got, y, loaded.labels, items, examples=keep_examples)
             parity["checks"] = checks(parity, t)
             parity["passed"] = all(c["passed"] for c in parity["checks"])
             parity["precision"] = precision
@@ -227,8 +234,13 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
                 manifest["files"]["reference/outputs.npz"] = _file_entry(tmp / "reference" / "outputs.npz")
             parity["export_fp32"] = {k: exported["parity"][k] for k in ("max_abs_diff", "agreement")} if exported["parity"] else None
             (tmp / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
+            from .certify import holds
+
+            for rel, entry in manifest["files"].items():  # what kind of data each file holds
+                entry["holds"] = holds(rel, keep_examples)
             manifest["parity"] = {k: parity.get(k) for k in ("rows", "max_abs_diff", "mean_abs_diff", "agreement",
-                                                            "accuracy", "reference_accuracy", "accuracy_drop")}
+                                                            "accuracy", "reference_accuracy", "accuracy_drop",
+                                                            "bounds")}
             manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
             # parity.json is written after the hashes: hash it too, then the manifest is final
             manifest["files"]["parity.json"] = _file_entry(tmp / "parity.json")

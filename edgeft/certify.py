@@ -123,3 +123,25 @@ def judging_rows(labels: list[str], *, held_out=None, training=None, calibrated:
         rows.add([items[i] for i in pick], [index.get(names[i]) if names[i] is not None else None for i in pick],
                  "parity-data")
     return rows
+
+
+def holds(rel: str, keep_examples: bool = False) -> str:
+    """What kind of data a bundle file holds, for the manifest (issue: what a bundle reveals)."""
+    name = rel.rsplit("/", 1)[-1]
+    if rel.startswith("heads/") or name.startswith("backbone") or rel.endswith((".onnx", ".ort", ".xml", ".bin")):
+        return "model weights (trained on the training rows)"
+    if rel.startswith("replay/"):
+        return "features and labels of training and validation rows (derived data: not the rows, but from them)"
+    if rel == "reference/inputs.npz":
+        return ("examples: preprocessed reference rows (token ids map back to text, pixels are the images), "
+                "for device check")
+    if rel == "reference/outputs.npz":
+        return "statistics: the model's outputs and features of the reference rows at build"
+    if rel == "reference/items.json":
+        return "examples: the reference rows' texts or image names" if keep_examples else "row ids (hashes) only"
+    if rel == "parity.json":
+        return ("statistics of the parity check, with example inputs" if keep_examples
+                else "statistics of the parity check; rows by index and hash")
+    if name in ("tokenizer.json", "preprocessor.json"):
+        return "preprocessing (vocabulary, sizes, normalisation)"
+    return "other"

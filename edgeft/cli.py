@@ -209,8 +209,10 @@ def export(source, output, opset, data, overwrite):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="Write a JUnit XML report (one test case per check).")
 @click.option("--public-key", type=click.Path(dir_okay=False), help="Bundles: refuse unless the owner's signature verifies with this key.")
+@click.option("--parity-data", help="More inputs (labels optional: .txt one per line, CSV/JSONL, image folder) that judge agreement.")
+@click.option("--certify", is_flag=True, help="Judge agreement on its one-sided 95% lower bound: too few rows fail, and the message says how many would pass.")
 def verify(artifact, reference, data, text_column, label_column, max_abs_diff, min_agreement,
-           max_accuracy_drop, json_path, junit_path, public_key):
+           max_accuracy_drop, json_path, junit_path, public_key, parity_data, certify):
     """Check an exported model against its PyTorch reference; exit 1 when a check fails.
 
     \b
@@ -224,7 +226,8 @@ def verify(artifact, reference, data, text_column, label_column, max_abs_diff, m
 
     report = run_verify(artifact, reference, data, text_column=text_column, label_column=label_column,
                         max_abs_diff=max_abs_diff, min_agreement=min_agreement,
-                        max_accuracy_drop=max_accuracy_drop, public_key=public_key)
+                        max_accuracy_drop=max_accuracy_drop, public_key=public_key, parity_data=parity_data,
+                        certify=certify)
     if json_path:
         atomic.write_json(json_path, report)
     if junit_path:
@@ -249,7 +252,9 @@ def verify(artifact, reference, data, text_column, label_column, max_abs_diff, m
 @click.option("--sign", "sign_key", type=click.Path(dir_okay=False, exists=True), help="Sign the bundle with this private key (see edgeft keys generate).")
 @click.option("--archive", is_flag=True, help="Also write BUNDLE.tar.gz.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
-def build(source, device, output, calibration, data, replay, min_agreement, max_drop, sign_key, archive, overwrite):
+@click.option("--keep-examples", is_flag=True, help="Keep the input texts/image names of parity and reference rows in the bundle (by default rows are named by hash).")
+def build(source, device, output, calibration, data, replay, min_agreement, max_drop, sign_key, archive, overwrite,
+          keep_examples):
     """Build a verified bundle of a run or model directory for one device.
 
     \b
@@ -269,12 +274,13 @@ def build(source, device, output, calibration, data, replay, min_agreement, max_
     t = Thresholds.for_precision(profile.resolved(target)["precision"]).override(
         min_agreement=min_agreement, max_accuracy_drop=max_drop)
     m = run_build(source, device, output, calibration=calibration, data=data, archive=archive,
-                  overwrite=overwrite, thresholds=t, replay=replay, sign_key=sign_key)
+                  overwrite=overwrite, thresholds=t, replay=replay, sign_key=sign_key, keep_examples=keep_examples)
     size = sum(f["bytes"] for f in m["files"].values()) / 1e6
     p = m["parity"]
     click.echo(f"build  ok  {m['build_seconds']:.1f} s  {m['device']['profile']} ({m['target']['name']}, {m['precision']})  "
-               f"{size:.1f} MB  agreement {p['agreement']:.2%}  accuracy {p['accuracy']:.4f} "
-               f"(PyTorch {p['reference_accuracy']:.4f})  -> {output}")
+               f"{size:.1f} MB  agreement {p['agreement']:.2%} on {p['rows']} rows"
+               + (f" (at least {p['bounds']['agreement_lower']:.2%} at 95%)" if p.get("bounds") else "")
+               + f"  accuracy {p['accuracy']:.4f} (PyTorch {p['reference_accuracy']:.4f})  -> {output}")
     q = m.get("quantization")
     if q:
         missed = [f"{t['mode']} (agreement {t['agreement']:.1%})" for t in q["tried"]
@@ -389,6 +395,11 @@ def device_check(bundle, providers, as_json, public_key, emulate):
             click.echo(f"{c['name']:<14} {'pass' if c['passed'] else 'FAIL'}  {c['message']}")
         click.echo(f"providers {', '.join(report['providers'])}  head v{report['head_version']}  "
                    f"precision {report['precision']}")
+        built = (b.manifest.get("parity") or {}).get("bounds")
+        if built:  # what the build's gate measured on all its rows, beside this check's few
+            from .runtime.stats import describe
+
+            click.echo(f"build  {describe(built)} (PyTorch against this bundle on the build host)")
         if report.get("emulated"):
             e = report["emulated"]
             click.echo(f"emulated {e['describes']} ({report.get('machine')}, onnxruntime {report.get('onnxruntime')}, "

@@ -52,15 +52,29 @@ def _candidate(artifact: Path, ref_pre, public_key=None):
 
 def verify(artifact: str | Path, reference: str | Path, data: str | Path, *, text_column="text",
            label_column="label", max_abs_diff=None, min_agreement=None, max_accuracy_drop=None,
-           limit: int | None = None, public_key=None) -> dict:
+           limit: int | None = None, public_key=None, parity_data: str | Path | None = None,
+           certify: bool = False) -> dict:
+    """`data`: labelled rows (accuracy and agreement); `parity_data`: more inputs, labels
+    optional, that judge agreement (edgeft.certify.parity_inputs). Every figure carries its
+    one-sided 95% bound (edgeft.runtime.stats); with `certify`, agreement below 100% is judged
+    on its lower bound, so too few rows cannot pass and the message says how many would."""
+    from .certify import Rows, parity_inputs
     from .runs import load_labelled, load_model, predict_logits
+    from .runtime.stats import stratified
 
     t0 = time.perf_counter()
     artifact = Path(artifact)
     ref = load_model(reference)
     run, precision, artifact_labels, kind = _candidate(artifact, ref.pre, public_key)
     ds = load_labelled(data, ref, text_column, label_column)
-    items, labels = ds.items[:limit] if limit else ds.items, ds.labels[:limit] if limit else ds.labels
+    index = {n: i for i, n in enumerate(ref.labels)}
+    pick = stratified(ds.labels, limit) if limit else range(len(ds))  # across classes, never the head
+    rows = Rows()
+    rows.add([ds.items[i] for i in pick], [index[ds.labels[i]] for i in pick], "data")
+    if parity_data is not None:
+        extra, names = parity_inputs(parity_data, ref.spec.modality, text_column)
+        rows.add(extra, [index.get(n) if n is not None else None for n in names], "parity-data")
+    items = rows.items
     t = Thresholds.for_precision(precision).override(
         max_abs_diff=max_abs_diff, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
 
@@ -68,15 +82,16 @@ def verify(artifact: str | Path, reference: str | Path, data: str | Path, *, tex
     t1 = time.perf_counter()
     got = run(items)
     candidate_seconds = time.perf_counter() - t1
-    index = {n: i for i, n in enumerate(ref.labels)}
-    report = compare(ref_logits, got, [index[v] for v in labels], ref.labels, items)
-    found = checks(report, t)
+    report = compare(ref_logits, got, rows.labels(), ref.labels, items)
+    report["sources"] = rows.counts()
+    found = checks(report, t, certify=certify)
     artifact_labels = artifact_labels or ref.labels
     found.insert(0, {"name": "labels", "passed": artifact_labels == ref.labels, "value": artifact_labels,
                      "limit": ref.labels, "message": "labels and their order match the reference"
                      if artifact_labels == ref.labels else f"artifact labels {artifact_labels} != reference {ref.labels}"})
     report.update({
         "artifact": str(artifact), "kind": kind, "reference": str(reference), "data": str(data),
+        "parity_data": str(parity_data) if parity_data is not None else None, "certified": certify,
         "precision": precision, "thresholds": t.__dict__, "checks": found,
         "passed": all(c["passed"] for c in found),
         "candidate_ms_per_row": round(1000 * candidate_seconds / max(len(items), 1), 3),
@@ -93,6 +108,10 @@ def write_junit(report: dict, path: str | Path) -> None:
     props = ET.SubElement(suite, "properties")
     for key in ("artifact", "reference", "data", "precision", "rows"):
         ET.SubElement(props, "property", name=key, value=str(report[key]))
+    b = report.get("bounds") or {}
+    for key in ("confidence", "agreement_lower", "accuracy_drop_upper", "labelled_rows", "flips", "harmful_flips"):
+        if b.get(key) is not None:
+            ET.SubElement(props, "property", name=key, value=str(b[key]))
     for c in report["checks"]:
         case = ET.SubElement(suite, "testcase", classname="edgeft.verify", name=c["name"], time="0")
         if not c["passed"]:
@@ -104,15 +123,24 @@ def write_junit(report: dict, path: str | Path) -> None:
 
 
 def table(report: dict) -> str:
-    lines = [f"{'check':<15} {'value':>12} {'limit':>12}  result"]
+    conf = (report.get("bounds") or {}).get("confidence", 0.95)
+    lines = [f"{'check':<15} {'value':>12} {f'{conf:.0%} bound':>12} {'limit':>12}  result"]
     for c in report["checks"]:
+        bound = "-"
         if c["name"] == "labels":
             v, lim = "-", "-"
         elif c["name"] == "max_abs_diff":
             v, lim = f"{c['value']:.2e}", f"{c['limit']:.0e}"
         else:
             v, lim = f"{100 * c['value']:.2f}%", f"{100 * c['limit']:.2f}%"
-        lines.append(f"{c['name']:<15} {v:>12} {lim:>12}  {'pass' if c['passed'] else 'FAIL'}")
-    lines.append(f"accuracy {report['accuracy']:.4f} (reference {report['reference_accuracy']:.4f})  "
-                 f"mean |Δ| {report['mean_abs_diff']:.2e}  rows {report['rows']}  precision {report['precision']}")
+            bound = f"{100 * c['bound']:.2f}%" if c.get("bound") is not None else "-"
+        lines.append(f"{c['name']:<15} {v:>12} {bound:>12} {lim:>12}  {'pass' if c['passed'] else 'FAIL'}")
+    judged = " + ".join(f"{n} {s}" for s, n in (report.get("sources") or {}).items())
+    lines.append(f"accuracy {report['accuracy']:.4f} (reference {report['reference_accuracy']:.4f}) on "
+                 f"{report.get('labelled_rows', report['rows'])} labelled rows  mean |Δ| {report['mean_abs_diff']:.2e}  "
+                 f"rows {report['rows']}{f' ({judged})' if judged else ''}  precision {report['precision']}")
+    for c in report["checks"]:
+        if c.get("rows_needed"):
+            lines.append(f"{c['name']}: {c['rows_needed']} rows with no further flip would certify "
+                         f"{100 * c['limit']:.2f}% (--parity-data adds unlabelled inputs)")
     return "\n".join(lines)

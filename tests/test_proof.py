@@ -217,3 +217,64 @@ def test_emulated_arm_check_of_an_int8_bundle(device_bundles, cpu):
     assert r["against"] == "the bundle's outputs at build time" and r["passed"], r["checks"]
     # int8 kernels differ in rounding, never by much against the features' own scale
     assert r["x86_features_max_abs_diff"] <= 0.05 * r["x86_features_max_abs"]
+
+
+# ---- a gate that certifies ------------------------------------------------------------------
+
+def test_verify_refuses_on_the_bound_with_too_few_rows_and_passes_with_parity_data(device_bundles, tmp_path):
+    """The tiny int8 bundle keeps every answer on its 24 validation rows (point estimate 100%),
+    but 24 rows cannot certify 99% at 95% confidence; 900 unlabelled inputs can."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from edgeft.cli import main
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import text_rows
+
+    root = device_bundles["text"].parent
+    args = ["verify", str(device_bundles["text"]), "--reference", str(root / "text-run"), "--certify",
+            "--data", str(root / "text-data" / "val.csv"), "--min-agreement", "0.99", "--max-drop", "1"]
+    point = [a for a in args if a != "--certify"]
+    r = CliRunner().invoke(main, point)  # the point estimate alone passes
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, [*args, "--json", str(tmp_path / "few.json"), "--junit", str(tmp_path / "few.xml")])
+    rep = json.loads((tmp_path / "few.json").read_text())
+    agreement = next(c for c in rep["checks"] if c["name"] == "agreement")
+    assert rep["agreement"] == 1.0 and rep["rows"] == 24
+    assert r.exit_code == 1 and not agreement["passed"], r.output
+    assert agreement["bound"] == pytest.approx(0.05 ** (1 / 24)) and agreement["rows_needed"] == 299
+    assert "299 rows" in r.output and "--parity-data" in r.output
+    assert 'name="agreement_lower"' in (tmp_path / "few.xml").read_text()
+
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("\n".join(t for t, _ in text_rows(300, 11)) + "\n", encoding="utf-8")
+    r = CliRunner().invoke(main, [*args, "--parity-data", str(inputs), "--json", str(tmp_path / "many.json")])
+    rep = json.loads((tmp_path / "many.json").read_text())
+    assert rep["sources"] == {"data": 24, "parity-data": 900} and rep["rows"] == 924
+    assert rep["labelled_rows"] == 24  # the unlabelled inputs judge agreement, not accuracy
+    assert r.exit_code == 0, r.output
+    assert rep["bounds"]["agreement_lower"] >= 0.99
+
+
+# ---- what a bundle reveals ------------------------------------------------------------------
+
+def test_a_default_bundle_holds_none_of_its_validation_texts_or_image_names(device_bundles):
+    import csv
+
+    root = device_bundles["text"].parent
+    texts = [r["text"] for r in csv.DictReader(open(root / "text-data" / "val.csv", encoding="utf-8"))]
+    names = [p.name for p in (root / "image-data").rglob("*.png")]
+    assert texts and names
+    for kind, needles in (("text", texts), ("image", names)):
+        blob = b"".join(p.read_bytes() for p in sorted(device_bundles[kind].rglob("*")) if p.is_file())
+        found = [n for n in needles if n.encode("utf-8") in blob]
+        assert not found, (kind, found[:3])
+        import json
+
+        m = json.loads((device_bundles[kind] / "manifest.json").read_text())
+        assert all("holds" in e for e in m["files"].values())
+        assert m["files"]["reference/items.json"]["holds"] == "row ids (hashes) only"
