@@ -223,7 +223,8 @@ def test_emulated_arm_check_of_an_int8_bundle(device_bundles, cpu):
 
 def test_verify_refuses_on_the_bound_with_too_few_rows_and_passes_with_parity_data(device_bundles, tmp_path):
     """The tiny int8 bundle keeps every answer on its 24 validation rows (point estimate 100%),
-    but 24 rows cannot certify 99% at 95% confidence; 900 unlabelled inputs can."""
+    but 24 rows cannot certify 98% at 95% confidence (149 without a flip could); 900 unlabelled
+    inputs can (the tiny int8 model flips about 0.5% of them)."""
     import json
     import sys
     from pathlib import Path
@@ -237,7 +238,7 @@ def test_verify_refuses_on_the_bound_with_too_few_rows_and_passes_with_parity_da
 
     root = device_bundles["text"].parent
     args = ["verify", str(device_bundles["text"]), "--reference", str(root / "text-run"), "--certify",
-            "--data", str(root / "text-data" / "val.csv"), "--min-agreement", "0.99", "--max-drop", "1"]
+            "--data", str(root / "text-data" / "val.csv"), "--min-agreement", "0.98", "--max-drop", "1"]
     point = [a for a in args if a != "--certify"]
     r = CliRunner().invoke(main, point)  # the point estimate alone passes
     assert r.exit_code == 0, r.output
@@ -246,8 +247,8 @@ def test_verify_refuses_on_the_bound_with_too_few_rows_and_passes_with_parity_da
     agreement = next(c for c in rep["checks"] if c["name"] == "agreement")
     assert rep["agreement"] == 1.0 and rep["rows"] == 24
     assert r.exit_code == 1 and not agreement["passed"], r.output
-    assert agreement["bound"] == pytest.approx(0.05 ** (1 / 24)) and agreement["rows_needed"] == 299
-    assert "299 rows" in r.output and "--parity-data" in r.output
+    assert agreement["bound"] == pytest.approx(0.05 ** (1 / 24)) and agreement["rows_needed"] == 149
+    assert "149 rows" in r.output and "--parity-data" in r.output
     assert 'name="agreement_lower"' in (tmp_path / "few.xml").read_text()
 
     inputs = tmp_path / "inputs.txt"
@@ -257,7 +258,7 @@ def test_verify_refuses_on_the_bound_with_too_few_rows_and_passes_with_parity_da
     assert rep["sources"] == {"data": 24, "parity-data": 900} and rep["rows"] == 924
     assert rep["labelled_rows"] == 24  # the unlabelled inputs judge agreement, not accuracy
     assert r.exit_code == 0, r.output
-    assert rep["bounds"]["agreement_lower"] >= 0.99
+    assert rep["bounds"]["agreement_lower"] >= 0.98
 
 
 # ---- what a bundle reveals ------------------------------------------------------------------

@@ -57,16 +57,22 @@ class Gate:
         found = checks(rep, self.thresholds)
         verdict = {"passed": all(c["passed"] for c in found), "agreement": rep["agreement"],
                    "accuracy_drop": rep.get("accuracy_drop"), "bytes": file_bytes(path),
-                   "failed": [c["message"] for c in found if not c["passed"]]}
+                   "failed": [c["message"] for c in found if not c["passed"]],
+                   "rows": rep["rows"], "bounds": rep["bounds"]}
         if label:
-            log.info("%s: agreement %.2f%%, accuracy drop %.2f points%s", label, 100 * verdict["agreement"],
+            log.info("%s: agreement %.2f%% on %d rows (at least %.2f%% at 95%%), accuracy drop %.2f points%s", label,
+                     100 * verdict["agreement"], rep["rows"], 100 * rep["bounds"]["agreement_lower"],
                      100 * (verdict["accuracy_drop"] or 0.0), "" if verdict["passed"] else " (misses the budget)")
         return verdict
 
 
 def select_rows(ds, labels: list[str], n: int) -> tuple[list, list[int] | None]:
-    """The rows that judge: the first `n` of `ds`, with their label indices (None unless all are labelled)."""
-    items, names = ds.items[:n], ds.labels[:n]
+    """The rows that judge: up to `n` of `ds` drawn across classes (seeded; never the head of a
+    file), with their label indices (None unless all are labelled)."""
+    from ..runtime.stats import stratified
+
+    pick = stratified(ds.labels, n)
+    items, names = [ds.items[i] for i in pick], [ds.labels[i] for i in pick]
     if not all(v is not None for v in names):
         return items, None
     index = {name: i for i, name in enumerate(labels)}
