@@ -23,11 +23,12 @@ import numpy as np
 from . import __version__
 from .errors import ParityError, UsageError, refuse_existing
 from .parity import Thresholds, checks, compare
-from .plugins import find_profile
+from .profiles import find_profile
 from .quantize import default_variants
 from .quantize import get as get_mode
 from .runtime import atomic
-from .runtime.bundle import MANIFEST, Bundle, sha256
+from .runtime.bundle import Bundle
+from .runtime.manifest import MANIFEST, sha256
 from .targets import BuildContext
 
 log = logging.getLogger(__name__)
@@ -200,8 +201,7 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
                 "files": {},
             }
             if target.package is not None:
-                ctx = BuildContext(tmp, profile, target, manifest, tmp / backbone_file, exported["inputs"],
-                                   modality, spec)
+                ctx = BuildContext(tmp, profile, target, manifest, exported["inputs"], modality, spec)
                 target.package(ctx)
 
             manifest["files"] = {str(p.relative_to(tmp)): _file_entry(p) for p in sorted(tmp.rglob("*")) if p.is_file()}

@@ -268,7 +268,7 @@ def build(source, device, output, calibration, data, replay, min_agreement, max_
     """
     from .bundle import build as run_build
     from .parity import Thresholds
-    from .plugins import find_profile
+    from .profiles import find_profile
 
     profile, target = find_profile(device)
     t = Thresholds.for_precision(profile.resolved(target)["precision"]).override(
@@ -299,8 +299,8 @@ def devices(as_json):
     Example:
       edgeft devices
     """
-    from .plugins import all_profiles, registry
-    from .targets import read_profile
+    from .plugins import registry
+    from .profiles import all_profiles, read_profile
 
     reg = registry()
     profiles = {name: read_profile(path) for name, path in all_profiles().items()}
@@ -622,7 +622,7 @@ def device_install(archive, target, public_key, max_size_mb, replace):
     limit; checks the signature (with --public-key or when the device policy requires it)
     and every hash before the bundle is moved into place in one rename.
     """
-    from .runtime.trust import install
+    from .runtime.install import install
 
     path = install(archive, target, public_key, (max_size_mb << 20) if max_size_mb else None, replace)
     click.echo(f"install  ok  -> {path}")

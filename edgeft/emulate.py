@@ -78,7 +78,7 @@ def profile_cpu(manifest: dict) -> str | None:
     arch, cpu = dev.get("arch"), dev.get("cpu")
     if arch is None and dev.get("profile"):
         try:
-            from .plugins import find_profile
+            from .profiles import find_profile
 
             profile, _ = find_profile(dev["profile"])
             arch, cpu = getattr(profile, "arch", None), getattr(profile, "cpu", None)

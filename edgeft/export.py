@@ -28,7 +28,7 @@ from .errors import ModelError, ParityError, UsageError, refuse_existing
 from .parity import Thresholds, checks, compare
 from .runs import Loaded, load_model, validation_data
 from .runtime import atomic
-from .runtime.bundle import file_entry
+from .runtime.manifest import file_entry
 from .runtime.session import write_meta
 
 log = logging.getLogger(__name__)

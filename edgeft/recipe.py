@@ -221,7 +221,7 @@ def _device_steps(step: _Steps, r: dict, out: Path, device: str, name: str, trai
     """build (and verify, when the recipe has a [verify] table) one device; its summary row."""
     from .bundle import build
     from .parity import Thresholds
-    from .plugins import find_profile
+    from .profiles import find_profile
 
     b, verify_cfg, run_dir = r["build"], r["verify"], out / "run"
     bundle_dir = out / "bundles" / name

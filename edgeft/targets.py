@@ -1,37 +1,80 @@
-"""Device targets (registered by plugins) and device profiles (TOML files naming a device)."""
+"""Device targets and runtime engines, registered by plugins; what a target's package step gets.
+
+Device profiles (TOML files naming one real device) are read in edgeft/profiles.py.
+"""
 
 from __future__ import annotations
 
+import copy
+import json
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .errors import ProfileError, did_you_mean
+from .errors import ProfileError
 
 PRECISIONS = ("fp32", "int8", "int8-static", "fp16", "bf16")
-ENGINES = ("onnxruntime", "openvino")
-HINTS = ("latency", "throughput", "cumulative_throughput")
 
 
 @dataclass(frozen=True)
 class BuildContext:
-    """What a target's `package` function gets while a bundle is being built."""
+    """What a target's `package(ctx)` gets while a bundle is being built: read the settings,
+    add files, record target info. The bundle's manifest itself is edgeft's to write."""
 
     bundle: Path  # the bundle folder being written (a temporary name until it is complete)
-    profile: Profile
+    profile: Any  # the edgeft.profiles.Profile being built for
     target: Target
-    manifest: dict  # add keys under manifest["target_files"] / manifest["extras"]
-    backbone: Path  # the backbone ONNX file in the bundle
+    _manifest: dict = field(repr=False)  # the manifest being built; plugins use the methods below
     inputs: list[str]
     modality: str
     preprocessing: dict
 
+    @property
+    def backbone(self) -> Path:
+        """The backbone file in the bundle (what the device loads)."""
+        return self.bundle / self._manifest["backbone"]
+
+    @property
+    def head(self) -> Path:
+        """The build-time head file in the bundle."""
+        return self.bundle / self._manifest["head"]["file"]
+
+    @property
+    def precision(self) -> str:
+        return self._manifest["precision"]
+
+    @property
+    def runtime(self) -> dict:
+        """The bundle's runtime settings (a copy): providers, threads, static_shapes, batch_size,
+        max_length, engine, and the engine's own settings (e.g. "openvino")."""
+        return copy.deepcopy(self._manifest["runtime"])
+
     def add_file(self, relpath: str, role: str) -> Path:
-        """Declare a file the package step writes; it is hashed into the manifest."""
-        self.manifest.setdefault("extras", {})[relpath] = {"role": role}
+        """Declare a file the package step writes (return its path; write it there); it is hashed
+        into the manifest with the rest of the bundle."""
+        self._manifest.setdefault("extras", {})[relpath] = {"role": role}
         path = self.bundle / relpath
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
+
+    def set_target_info(self, info: dict) -> None:
+        """What the target records about its files for the device or a person (manifest
+        "target_info"); JSON values only."""
+        try:
+            json.dumps(info, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ProfileError(f"target {self.target.name}: target info must be JSON ({e}).") from None
+        self._manifest["target_info"] = copy.deepcopy(info)
+
+    def set_backbone(self, relpath: str) -> None:
+        """Make a file the package step added the backbone the device loads; the previous
+        backbone file leaves the bundle."""
+        if relpath not in self._manifest.get("extras", {}) or not (self.bundle / relpath).is_file():
+            raise ProfileError(f"target {self.target.name}: set_backbone({relpath!r}) needs a file added with add_file.")
+        old = self.backbone
+        self._manifest["backbone"] = relpath
+        old.unlink()
 
 
 @dataclass(frozen=True)
@@ -47,7 +90,7 @@ class Target:
     retrain_memory_mb: int = 512
     retrain_max_samples: int = 5000
     package: Callable[[BuildContext], None] | None = None
-    # what runs the backbone on the device: onnxruntime (backbone.onnx) or openvino (IR)
+    # what runs the backbone on the device: an Engine some plugin registers (onnxruntime is built in)
     engine: str = "onnxruntime"
     # quantization variants tried per precision (each gated, the fastest passing one kept);
     # None: edgeft's defaults (edgeft.quantize.default_variants)
@@ -56,116 +99,29 @@ class Target:
     def __post_init__(self):
         if self.precision not in self.precisions:
             raise ProfileError(f"target {self.name}: default precision {self.precision!r} is not among {self.precisions}.")
-        if self.engine not in ENGINES:
-            raise ProfileError(f"target {self.name}: engine {self.engine!r} is not one of {', '.join(ENGINES)}.")
-
-
-ARCHES = ("arm64", "x86-64")
 
 
 @dataclass(frozen=True)
-class Profile:
-    """A real device. Unknown keys are errors: a person writes these files."""
+class Engine:
+    """What runs a bundle's backbone on the device; a bundle's manifest names it (runtime.engine).
+
+    `load(bundle, manifest, providers, threads)` returns the backbone as a callable
+    `model(arrays) -> {"features": array, ...}`, optionally with `describe() -> list[str]` (what
+    runs it, for reports). It may raise BundleError (one line naming the file) or
+    MissingDependencyError (saying what to install). Keep its imports torch-free: devices run it.
+    """
 
     name: str
-    target: str
+    load: Callable[[Path, dict, list[str] | None, int | None], Any]
     description: str = ""
-    precision: str | None = None  # None: the target's default
-    threads: int | None = None
-    providers: tuple[str, ...] | None = None
-    memory_mb: int | None = None  # budget for on-device retraining
-    max_length: int | None = None  # text: longest sequence the device runs
-    image_size: int | None = None
-    static_shapes: bool | None = None  # None: the target's choice
-    batch_size: int = 1
-    retrain_max_samples: int | None = None
-    # OpenVINO: the device plugin (CPU, GPU, NPU, AUTO:GPU,CPU), streams and performance hint
-    accelerator: str | None = None
-    streams: int | None = None
-    performance_hint: str | None = None
-    # the instruction set: arch "arm64" or "x86-64"; cpu the core QEMU emulates for `device check --emulate`
-    arch: str | None = None
-    cpu: str | None = None
-    path: str = ""
-
-    def __post_init__(self):
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise ProfileError(f"{self.path or self.name}: precision: {self.precision!r} is not one of "
-                               f"{', '.join(PRECISIONS)}.{did_you_mean(self.precision, PRECISIONS)}")
-        if self.performance_hint is not None and self.performance_hint not in HINTS:
-            raise ProfileError(f"{self.path or self.name}: performance_hint: {self.performance_hint!r} is not one of "
-                               f"{', '.join(HINTS)}.{did_you_mean(str(self.performance_hint), HINTS)}")
-        if self.arch is not None and self.arch not in ARCHES:
-            raise ProfileError(f"{self.path or self.name}: arch: {self.arch!r} is not one of {', '.join(ARCHES)}."
-                               f"{did_you_mean(str(self.arch), ARCHES)}")
-        for key in ("threads", "memory_mb", "max_length", "image_size", "batch_size", "retrain_max_samples", "streams"):
-            v = getattr(self, key)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ProfileError(f"{self.path or self.name}: {key}: expected a positive integer, got {v!r}.")
-
-    def resolved(self, target: Target) -> dict:
-        """The settings a build uses: profile overrides over target defaults."""
-        precision = self.precision or target.precision
-        if precision not in target.precisions:
-            raise ProfileError(f"{self.path}: precision {precision!r} is not supported by target {target.name} "
-                               f"({', '.join(target.precisions)}).")
-        return {
-            "precision": precision,
-            "providers": list(self.providers or target.providers),
-            "threads": self.threads,
-            "static_shapes": target.static_shapes if self.static_shapes is None else self.static_shapes,
-            "batch_size": self.batch_size,
-            "max_length": self.max_length,
-            "image_size": self.image_size,
-            "opset": target.opset,
-            "engine": target.engine,
-            "accelerator": self.accelerator or "CPU",
-            "streams": self.streams,
-            "performance_hint": self.performance_hint or "latency",
-            "retrain": {
-                "memory_mb": self.memory_mb or target.retrain_memory_mb,
-                "max_samples": self.retrain_max_samples or target.retrain_max_samples,
-            },
-        }
-
-
-PROFILE_KEYS = {f.name for f in fields(Profile)} - {"path"}
-
-
-def read_profile(path: str | Path) -> Profile:
-    from .config import read_toml
-
-    path = Path(path)
-    doc = read_toml(path)
-    flat: dict = {}
-    for key, value in doc.items():
-        if isinstance(value, dict):  # tables only group keys: [runtime], [limits]
-            for k, v in value.items():
-                flat[k] = v
-        else:
-            flat[key] = value
-    for key in flat:
-        if key.replace("-", "_") not in PROFILE_KEYS:
-            raise ProfileError(f"{path}: unknown key '{key}'.{did_you_mean(key, sorted(PROFILE_KEYS))} "
-                               f"Known keys: {', '.join(sorted(PROFILE_KEYS))}.")
-    flat = {k.replace("-", "_"): v for k, v in flat.items()}
-    flat.setdefault("name", path.stem)
-    if "target" not in flat:
-        raise ProfileError(f"{path}: missing key 'target' (the plugin target, e.g. \"cpu\").")
-    if "providers" in flat:
-        p = flat["providers"]
-        if not isinstance(p, list) or not p or not all(isinstance(x, str) for x in p):
-            raise ProfileError(f"{path}: providers: expected a list of execution provider names, got {p!r}.")
-        flat["providers"] = tuple(p)
-    for key in ("name", "target", "description", "accelerator", "performance_hint", "arch", "cpu"):
-        if key in flat and not isinstance(flat[key], str):
-            raise ProfileError(f"{path}: {key}: expected a string, got {flat[key]!r}.")
-    if "static_shapes" in flat and not isinstance(flat["static_shapes"], bool):
-        raise ProfileError(f"{path}: static_shapes: expected true or false, got {flat['static_shapes']!r}.")
-    return Profile(**flat, path=str(path))
+    # True: pad each batch to a power of two, for an engine that compiles every input shape
+    # once (a last batch of 13 runs as 16, so new counts never compile again)
+    pow2_batches: bool = False
+    plugin: str = ""  # filled in by the plugin manager
 
 
 @dataclass
 class Registry:
     targets: dict[str, Target] = field(default_factory=dict)
+    engines: dict[str, Engine] = field(default_factory=dict)
     profile_dirs: list[Path] = field(default_factory=list)

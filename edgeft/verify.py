@@ -17,7 +17,8 @@ import numpy as np
 from .errors import UsageError
 from .parity import Thresholds, checks, compare
 from .runtime import atomic
-from .runtime.bundle import MANIFEST, Bundle
+from .runtime.bundle import Bundle
+from .runtime.manifest import MANIFEST
 from .runtime.preprocess import load_preprocessor
 from .runtime.session import OnnxModel
 

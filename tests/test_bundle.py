@@ -19,8 +19,10 @@ from tolerance import softmax_sum_tolerance, validation_tolerance
 from edgeft.bundle import build
 from edgeft.cli import main
 from edgeft.errors import BundleError, ParityError, ProfileError
-from edgeft.plugins import all_profiles, find_profile, registry
-from edgeft.runtime.bundle import Bundle, read_manifest, sha256
+from edgeft.plugins import registry
+from edgeft.profiles import all_profiles, find_profile
+from edgeft.runtime.bundle import Bundle
+from edgeft.runtime.manifest import read_manifest, sha256
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILES = sorted(p.stem for p in (REPO / "devices").glob("*.toml"))
@@ -241,8 +243,7 @@ def test_devices_command_lists_targets_and_profiles():
 
 
 THIRD_PARTY = '''
-from edgeft import hookimpl
-from edgeft.targets import Target
+from edgeft.hookspecs import Target, hookimpl
 
 
 def package(ctx):
@@ -327,7 +328,7 @@ def test_device_check_of_a_quantized_bundle_compares_with_the_build(bundles):
 
 def test_profile_that_is_a_folder(tmp_path):
     from edgeft.errors import ConfigError
-    from edgeft.targets import read_profile
+    from edgeft.profiles import read_profile
 
     d = tmp_path / "my-device.toml"
     d.mkdir()
@@ -337,7 +338,7 @@ def test_profile_that_is_a_folder(tmp_path):
 
 @pytest.mark.parametrize("value", ['"CPUExecutionProvider"', "[1]", "5"])
 def test_profile_providers_must_be_a_list_of_names(tmp_path, value):
-    from edgeft.targets import read_profile
+    from edgeft.profiles import read_profile
 
     f = tmp_path / "p.toml"
     f.write_text(f'target = "cpu"\nproviders = {value}\n')

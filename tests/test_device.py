@@ -23,8 +23,9 @@ from click.testing import CliRunner
 
 from edgeft.cli import main
 from edgeft.errors import BundleError, DataError
-from edgeft.runtime.bundle import Bundle, read_manifest
+from edgeft.runtime.bundle import Bundle
 from edgeft.runtime.head import fit_softmax, head_logits, read_head_onnx, write_head_onnx
+from edgeft.runtime.manifest import read_manifest
 from edgeft.runtime.retrain import RetrainRefused, history, retrain
 from edgeft.runtime.session import OnnxModel
 

@@ -21,7 +21,8 @@ from tiny import TINY_HEAD, TINY_LABELS, png_header
 
 from edgeft.cli import main
 from edgeft.errors import BundleError, DataError, EdgeftError
-from edgeft.runtime.bundle import MANIFEST, Bundle
+from edgeft.runtime.bundle import Bundle
+from edgeft.runtime.manifest import MANIFEST
 from edgeft.runtime.preprocess import ImagePreprocessor
 
 BOMB = png_header(30000, 30000)  # 900 megapixels declared in a few bytes

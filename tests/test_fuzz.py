@@ -43,10 +43,12 @@ from edgeft.config import METRICS, TrainConfig, load_train_config
 from edgeft.data import IMAGE_SUFFIXES, Dataset, load_dataset
 from edgeft.errors import BundleError, ConfigError, DataError, EdgeftError
 from edgeft.methods import METHODS
+from edgeft.profiles import PROFILE_KEYS, Profile, read_profile
 from edgeft.recipe import TABLES, load_recipe
-from edgeft.runtime.bundle import MANIFEST, REQUIRED, Bundle
+from edgeft.runtime.bundle import Bundle
+from edgeft.runtime.manifest import MANIFEST, REQUIRED
 from edgeft.runtime.preprocess import ImagePreprocessor
-from edgeft.targets import PRECISIONS, PROFILE_KEYS, Profile, read_profile
+from edgeft.targets import PRECISIONS
 
 SCALE = float(os.environ.get("EDGEFT_FUZZ_SCALE", "1"))
 

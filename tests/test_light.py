@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +88,59 @@ def test_device_side_imports_nothing_from_the_build_side():
                 todo.append(dep)
     build_side = {m: by for m, by in seen.items() if not m.startswith("edgeft.runtime") and m not in SHARED}
     assert build_side == {}, f"the device side reaches the build side (module: imported by): {build_side}"
+
+
+def _edgeft_names(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.add(node.module or "")
+    return {n for n in names if n == "edgeft" or n.startswith("edgeft.")}
+
+
+def test_plugins_import_only_the_plugin_contract():
+    files = sorted((EDGEFT.parent / "plugins").glob("*/*.py"))
+    assert len(files) >= 5  # the four built-in targets and the openvino engine
+    beyond = {str(p.relative_to(EDGEFT.parent)): n for p in files for n in _edgeft_names(p) if n != "edgeft.hookspecs"}
+    assert beyond == {}, f"plugins import edgeft beyond edgeft.hookspecs: {beyond}"
+
+
+CHECKOUT_PROBE = """
+import json, sys
+# no installed edgeft: drop what `pip install -e` puts on the import path
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "") + repr(f)]
+sys.path[:] = [p for p in sys.path if "plugins" not in p]
+import edgeft
+from edgeft.plugins import registry
+reg = registry()
+print(json.dumps({"edgeft": edgeft.__file__, "targets": {t.name: t.plugin for t in reg.targets.values()},
+                  "engines": sorted(reg.engines)}))
+"""
+
+
+def test_a_source_checkout_that_pip_never_installed_has_its_targets(tmp_path):
+    import shutil
+
+    for part in ("edgeft", "plugins", "devices"):
+        shutil.copytree(EDGEFT.parent / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run([sys.executable, "-c", CHECKOUT_PROBE], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    d = json.loads(out.stdout)
+    assert d["edgeft"].startswith(str(tmp_path))
+    assert d["targets"] == {"cpu": "cpu", "jetson": "jetson", "mobile": "mobile", "openvino": "openvino"}
+    assert d["engines"] == ["onnxruntime", "openvino"]
+
+
+def test_a_builtin_that_is_also_an_entry_point_registers_once(tmp_path):
+    """An install whose metadata still lists a built-in as an entry point (under any name) gets it once."""
+    info = tmp_path / "edgeft_again-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: edgeft-again\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[edgeft]\ncpu = edgeft_cpu\ncpu-again = edgeft_cpu\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "edgeft.cli", "devices", "--json"], env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["targets"]["cpu"]["plugin"] == "cpu"

@@ -20,7 +20,8 @@ from tiny import new_class_rows, write_csv
 from edgeft.cli import main
 from edgeft.errors import BundleError
 from edgeft.runtime.bundle import Bundle
-from edgeft.runtime.trust import OWNER_MANIFEST, SIGNATURE, generate_keys, install, sign
+from edgeft.runtime.install import install
+from edgeft.runtime.trust import OWNER_MANIFEST, SIGNATURE, generate_keys, sign
 
 pytest.importorskip("model_signing")
 

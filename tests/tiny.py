@@ -171,8 +171,9 @@ def make_tiny_bundle(d: Path) -> tuple[Path, dict, Path]:
     import numpy as np
 
     import edgeft
-    from edgeft.runtime.bundle import MANIFEST, Bundle
+    from edgeft.runtime.bundle import Bundle
     from edgeft.runtime.head import write_head_onnx
+    from edgeft.runtime.manifest import MANIFEST
     from edgeft.runtime.preprocess import ImagePreprocessor
 
     b = d / "bundle"

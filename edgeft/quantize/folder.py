@@ -19,7 +19,7 @@ from ..errors import DataError, ParityError, UsageError, refuse_existing
 from ..onnx_graph import fuse
 from ..parity import checks, compare
 from ..runtime import atomic
-from ..runtime.bundle import file_entry
+from ..runtime.manifest import file_entry
 from ..runtime.preprocess import load_preprocessor
 from ..runtime.session import read_meta, write_meta
 from . import registry

@@ -27,10 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError, require
-from ..runtime.openvino import PRECISION_HINTS
+from ..plugins import import_builtin
 from .gate import VERDICT
 from .nncf import accuracy_control, load_nncf, model_type, progress_to_stderr
 from .registry import Mode, names, register
+
+# the runtime engine lives in the openvino plugin (a device needs no build side)
+ENGINE = import_builtin("edgeft_openvino.engine")
+PRECISION_HINTS = ENGINE.PRECISION_HINTS
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +60,12 @@ def runtime_settings(settings: dict, precision: str) -> dict:
 
 def open_ir(path: Path, settings: dict, build: bool = False):
     """The IR as a model(arrays) -> {"features"}; at build time on this machine's CPU."""
-    from ..runtime.openvino import OpenVinoModel
-
     s = dict(settings)
     if build:  # the build host checks the IR on its own CPU
         s["device"] = "CPU"
         if s.get("inference_precision") not in ("f32", "bf16"):
             s["inference_precision"] = "f32"
-    return OpenVinoModel(path, s)
+    return ENGINE.OpenVinoModel(path, s)
 
 
 def _quantizers(model) -> set[str]:

@@ -26,9 +26,10 @@ import numpy as np
 
 from ..errors import BundleError, ConfigError, DataError, EdgeftError, UsageError, did_you_mean
 from . import atomic
-from .bundle import MANIFEST, Bundle, check_manifest, read_manifest, sha256
+from .bundle import Bundle
 from .dataset import Dataset, load_dataset
 from .head import LinearHead, fit_softmax, head_logits, read_head_onnx
+from .manifest import MANIFEST, check_manifest, file_entry, read_manifest
 from .retrain_config import RetrainConfig
 from .version import __version__
 
@@ -219,7 +220,7 @@ def _next_manifest(m: dict, new: Samples, data, metrics: dict, version: int, wri
              "added_classes": new.added, "metrics": metrics}
     files = dict(m["files"])
     for rel in written:
-        files[rel] = {"sha256": sha256(path / rel), "bytes": (path / rel).stat().st_size}
+        files[rel] = file_entry(path / rel)
     return {**m, "labels": new.labels, "head": {"version": version, "file": head_rel, "replay": replay_rel},
             "heads": [*m["heads"], entry], "files": files}
 

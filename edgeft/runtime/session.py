@@ -77,6 +77,10 @@ class OnnxModel:
                               f"the model declares: {declared}. Does the preprocessing fit this model?") from None
         return dict(zip(self.outputs, results, strict=True))
 
+    def describe(self) -> list[str]:
+        """What runs it, for reports: the execution providers of its session."""
+        return self.session.get_providers()
+
     def metadata(self) -> dict:
         meta = self.session.get_modelmeta().custom_metadata_map
         return json.loads(meta["edgeft"]) if "edgeft" in meta else {}

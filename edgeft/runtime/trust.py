@@ -1,4 +1,4 @@
-"""Signed bundles, device policy, and safe archive installs. No torch.
+"""Signed bundles and the device's policy. No torch. (Installing an archive: runtime/install.py.)
 
 What the owner signs (OpenSSF model-signing, Sigstore bundle format, an EC key, offline):
 every file of the bundle as built, including `owner-manifest.json`, a frozen copy of the
@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import stat
-import tarfile
-import tempfile
 from pathlib import Path
 
 from ..errors import BundleError, MissingDependencyError, UsageError
+from . import atomic
+from .manifest import MANIFEST, check_files, read_manifest
 
 SIGNATURE = "owner.sig"
 OWNER_MANIFEST = "owner-manifest.json"
@@ -32,7 +30,6 @@ UNSIGNED = ("manifest.json", SIGNATURE, "cache")  # what the device may change
 POLICY_ENV = "EDGEFT_POLICY"
 DEFAULT_POLICY = Path("/etc/edgeft/policy.toml")
 OWNER_KEYS = ("backbone", "preprocessing", "precision", "inputs", "modality", "task", "target", "device")
-MAX_ARCHIVE_BYTES = 4 << 30  # 4 GiB unpacked
 
 
 def _model_signing():
@@ -76,9 +73,6 @@ def _hashing_config(hashing, bundle: Path):
 
 def sign(bundle: str | Path, key: str | Path) -> Path:
     """Freeze the owner manifest and sign the bundle's files with `key` (PEM, EC)."""
-    from . import atomic
-    from .bundle import MANIFEST, check_files, read_manifest
-
     bundle = Path(bundle)
     m = read_manifest(bundle)
     check_files(bundle, m)
@@ -130,8 +124,6 @@ def verify_signature(bundle: str | Path, public_key: str | Path) -> None:
 
 def _check_against_owner(bundle: Path) -> None:
     """The live manifest keeps what the owner decided; only device heads may follow."""
-    from .bundle import MANIFEST
-
     owner = json.loads((bundle / OWNER_MANIFEST).read_text())
     live = json.loads((bundle / MANIFEST).read_text())
     for key in OWNER_KEYS:
@@ -177,55 +169,3 @@ def enforce(bundle: str | Path, public_key: str | Path | None = None) -> None:
     key = public_key or (policy.get("public_key") if policy.get("require_signature") else None)
     if key:
         verify_signature(bundle, key)
-
-
-def install(archive: str | Path, target: str | Path, public_key: str | Path | None = None,
-            max_bytes: int | None = None, replace: bool = False) -> Path:
-    """Unpack a .tar.gz bundle safely, verify it, and move it into place in one rename."""
-    from . import atomic
-    from .bundle import Bundle
-
-    archive, target = Path(archive), Path(target)
-    if target.exists() and not replace:
-        raise UsageError(f"{target}: already exists; pass --replace to swap the installed bundle.")
-    limit = max_bytes or int(load_policy().get("max_archive_mb", 0)) << 20 or MAX_ARCHIVE_BYTES
-    try:
-        tar = tarfile.open(archive, "r:*")
-    except (OSError, tarfile.TarError) as e:
-        raise BundleError(f"{archive}: not a readable archive ({e}).") from None
-    with tar, tempfile.TemporaryDirectory(dir=target.parent if target.parent.exists() else None,
-                                          prefix=f".{target.name}.unpack.") as tmp:
-        members, total = [], 0
-        for m in tar.getmembers():
-            name = m.name
-            p = Path(name)
-            if p.is_absolute() or ".." in p.parts or name.startswith(("/", "\\")):
-                raise BundleError(f"{archive}: member '{name}' would write outside the target folder.")
-            if m.issym() or m.islnk():
-                raise BundleError(f"{archive}: member '{name}' is a link; bundles hold regular files only.")
-            if not (m.isfile() or m.isdir()):
-                raise BundleError(f"{archive}: member '{name}' is a device, FIFO or other special file.")
-            total += m.size
-            if total > limit:
-                raise BundleError(f"{archive}: unpacks to more than {limit >> 20} MB (the limit); refused.")
-            members.append(m)
-        roots = {Path(m.name).parts[0] for m in members if Path(m.name).parts}
-        if len(roots) != 1:
-            raise BundleError(f"{archive}: expected one top-level bundle folder, found {len(roots)}.")
-        for m in members:  # regular files and folders only, checked above; no owner or mode tricks
-            dest = Path(tmp) / m.name
-            if m.isdir():
-                dest.mkdir(parents=True, exist_ok=True)
-                continue
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            src = tar.extractfile(m)
-            with open(dest, "wb") as f:
-                shutil.copyfileobj(src, f)
-            os.chmod(dest, stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
-        unpacked = Path(tmp) / roots.pop()
-        enforce(unpacked, public_key)
-        Bundle(unpacked)  # hashes and models load: only a working bundle is installed
-        with atomic.directory(target, replace=replace) as final:
-            final.rmdir()
-            shutil.move(str(unpacked), str(final))
-    return target

@@ -1,7 +1,6 @@
 """Built-in target `cpu`: x86-64 and ARM64 Linux CPUs with onnxruntime's CPU provider."""
 
-from edgeft import hookimpl
-from edgeft.targets import Target
+from edgeft.hookspecs import Target, hookimpl
 
 
 @hookimpl

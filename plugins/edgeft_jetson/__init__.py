@@ -9,12 +9,11 @@ preprocessing produces.
 import json
 import shlex
 
-from edgeft import hookimpl
-from edgeft.targets import BuildContext, Target
+from edgeft.hookspecs import BuildContext, Target, hookimpl
 
 
 def _shapes(ctx: BuildContext) -> tuple[str, str, str, dict]:
-    r = ctx.manifest["runtime"]
+    r = ctx.runtime
     batch = max(1, r["batch_size"])
     if ctx.modality == "text":
         longest = r.get("max_length") or ctx.preprocessing["max_length"]
@@ -28,7 +27,7 @@ def _shapes(ctx: BuildContext) -> tuple[str, str, str, dict]:
 
 def package(ctx: BuildContext) -> None:
     lo, opt, hi, ranges = _shapes(ctx)
-    precision = ctx.manifest["precision"]
+    precision = ctx.precision
     flag = {"fp16": "--fp16", "int8-static": "--int8 --fp16", "fp32": ""}.get(precision, "")
     backbone = ctx.backbone.name
     script = ctx.add_file("jetson/build_engine.sh", "TensorRT engine build script (run on the device)")
@@ -56,7 +55,7 @@ echo "engine written to jetson/backbone.plan"
         "trt_profile_opt_shapes": opt,
         "trt_profile_max_shapes": hi,
     }, indent=2) + "\n")
-    ctx.manifest["target_info"] = {"tensorrt_shapes": ranges, "engine_script": "jetson/build_engine.sh"}
+    ctx.set_target_info({"tensorrt_shapes": ranges, "engine_script": "jetson/build_engine.sh"})
 
 
 @hookimpl

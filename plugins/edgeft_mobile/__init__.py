@@ -12,16 +12,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edgeft import hookimpl
-from edgeft.errors import BundleError
-from edgeft.targets import BuildContext, Target
+from edgeft.hookspecs import BuildContext, BundleError, Target, hookimpl
 
 
 def fix_shapes(ctx: BuildContext) -> None:
     import onnx
     from onnxruntime.tools.onnx_model_utils import make_dim_param_fixed
 
-    r = ctx.manifest["runtime"]
+    r = ctx.runtime
     model = onnx.load(str(ctx.backbone))
     make_dim_param_fixed(model.graph, "batch", r["batch_size"])
     if ctx.modality == "text":
@@ -30,9 +28,9 @@ def fix_shapes(ctx: BuildContext) -> None:
 
 
 def package(ctx: BuildContext) -> None:
-    if ctx.manifest["runtime"]["static_shapes"]:
+    if ctx.runtime["static_shapes"]:
         fix_shapes(ctx)
-    head = ctx.bundle / ctx.manifest["head"]["file"]
+    head = ctx.head
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "src"
         src.mkdir()
@@ -51,7 +49,7 @@ def package(ctx: BuildContext) -> None:
         config = next(out.glob("*.config"))
         shutil.copy2(config, ctx.add_file("mobile/required_operators.config",
                                           "operators for a reduced ONNX Runtime build (--include_ops_by_config)"))
-    ctx.manifest["target_info"] = {"ort_format": "mobile/backbone.ort", "static_shapes": ctx.manifest["runtime"]["static_shapes"]}
+    ctx.set_target_info({"ort_format": "mobile/backbone.ort", "static_shapes": ctx.runtime["static_shapes"]})
 
 
 @hookimpl

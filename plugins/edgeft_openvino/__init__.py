@@ -14,16 +14,14 @@ Needs the `openvino` extra to build (openvino + nncf); a device needs only openv
 
 import json
 import shlex
+from pathlib import Path
 
-from edgeft import hookimpl
-from edgeft.targets import BuildContext, Target
-
-INSTALL = 'pip install -c constraints.txt "edgeft[openvino]"'
+from edgeft.hookspecs import BuildContext, BundleError, Engine, Target, hookimpl
 
 
 def package(ctx: BuildContext) -> None:
     """A benchmark_app command for the device, with the bundle's own shapes and settings."""
-    ov = ctx.manifest["runtime"].get("openvino", {})
+    ov = ctx.runtime.get("openvino", {})
     shapes = ""
     if ctx.modality == "text":
         widths = ctx.preprocessing.get("buckets") or [ctx.preprocessing["max_length"]]
@@ -43,9 +41,25 @@ def package(ctx: BuildContext) -> None:
                       "(pip install openvino-dev or the OpenVINO runtime's samples).\nset -euo pipefail\n"
                       'cd "$(dirname "$0")/.."\n' + " ".join(shlex.quote(a) for a in args) + "\n")
     script.chmod(0o755)
-    ctx.manifest["target_info"] = {"openvino": ov, "buckets": ctx.preprocessing.get("buckets"),
-                                   "benchmark": "openvino/benchmark.sh"}
+    ctx.set_target_info({"openvino": ov, "buckets": ctx.preprocessing.get("buckets"),
+                         "benchmark": "openvino/benchmark.sh"})
     ctx.add_file("openvino/settings.json", "OpenVINO compile settings").write_text(json.dumps(ov, indent=2) + "\n")
+
+
+def load_backbone(bundle: Path, manifest: dict, providers: list[str] | None, threads: int | None):
+    """The bundle's IR as an OpenVINO model with the manifest's runtime.openvino settings."""
+    from .engine import OpenVinoModel
+
+    settings = manifest["runtime"].get("openvino")
+    if not isinstance(settings, dict):
+        raise BundleError(f"{bundle / 'manifest.json'}: runtime.openvino must be an object of OpenVINO settings.")
+    return OpenVinoModel(bundle / manifest["backbone"], {**settings, **({"threads": threads} if threads else {})})
+
+
+@hookimpl
+def register_engines(register):
+    # OpenVINO compiles each input shape once: batches padded to powers of two never compile again
+    register(Engine("openvino", load_backbone, "OpenVINO: an IR backbone (backbone.xml + .bin)", pow2_batches=True))
 
 
 @hookimpl

@@ -1,4 +1,5 @@
-"""An OpenVINO backbone (IR: backbone.xml + backbone.bin) for bundles of the `openvino` target.
+"""The `openvino` runtime engine: an OpenVINO backbone (IR: backbone.xml + backbone.bin) for
+bundles of the `openvino` target.
 
 Imported only for such bundles, so a device without OpenVINO runs every other bundle. The
 head stays what it is on every target (numpy fit, ONNX file); only the features come from
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BundleError, MissingDependencyError
+from edgeft.hookspecs import BundleError, MissingDependencyError
 
 INSTALL = 'pip install -c constraints.txt "edgeft[openvino]" (on a device, pip install openvino is enough)'
 MAX_SHAPES = 24  # compiled shapes kept (batches 1..32 in powers of two x 3 widths = 18); then LRU
@@ -70,7 +71,7 @@ def compile_config(settings: dict) -> dict:
 
 
 class OpenVinoModel:
-    """`model(arrays)` -> {output name: array}, like runtime.session.OnnxModel."""
+    """`model(arrays)` -> {output name: array}, like edgeft.runtime.session.OnnxModel."""
 
     def __init__(self, path: str | Path, settings: dict | None = None):
         ov = load_openvino()
