@@ -41,6 +41,8 @@ class Profile:
     # the instruction set: arch "arm64" or "x86-64"; cpu the core QEMU emulates for `device check --emulate`
     arch: str | None = None
     cpu: str | None = None
+    # mobile: also ship backbone.onnx beside mobile/backbone.ort (by default only the .ort)
+    keep_onnx: bool = False
     path: str = ""
 
     def __post_init__(self):
@@ -77,6 +79,7 @@ class Profile:
             "accelerator": self.accelerator or "CPU",
             "streams": self.streams,
             "performance_hint": self.performance_hint or "latency",
+            "keep_onnx": self.keep_onnx,
             "retrain": {
                 "memory_mb": self.memory_mb or target.retrain_memory_mb,
                 "max_samples": self.retrain_max_samples or target.retrain_max_samples,
@@ -113,8 +116,9 @@ def read_profile(path: str | Path) -> Profile:
     for key in ("name", "target", "description", "accelerator", "performance_hint", "arch", "cpu"):
         if key in flat and not isinstance(flat[key], str):
             raise ProfileError(f"{path}: {key}: expected a string, got {flat[key]!r}.")
-    if "static_shapes" in flat and not isinstance(flat["static_shapes"], bool):
-        raise ProfileError(f"{path}: static_shapes: expected true or false, got {flat['static_shapes']!r}.")
+    for key in ("static_shapes", "keep_onnx"):
+        if key in flat and not isinstance(flat[key], bool):
+            raise ProfileError(f"{path}: {key}: expected true or false, got {flat[key]!r}.")
     return Profile(**flat, path=str(path))
 
 

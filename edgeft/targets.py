@@ -41,6 +41,12 @@ class BuildContext:
         return self.bundle / self._manifest["head"]["file"]
 
     @property
+    def settings(self) -> dict:
+        """The profile's settings over the target's defaults (a copy): precision, providers,
+        threads, static_shapes, batch_size, max_length, keep_onnx, retrain limits..."""
+        return self.profile.resolved(self.target)
+
+    @property
     def precision(self) -> str:
         return self._manifest["precision"]
 

@@ -25,7 +25,7 @@ from tiny import (  # noqa: E402
 
 
 def make_bundles(out: Path) -> dict[str, Path]:
-    """{"text": bundle, "image": bundle}; training data and runs live beside them in `out`."""
+    """{"text": bundle, "mobile": bundle, "image": bundle}; training data and runs live beside them in `out`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("EDGEFT_CACHE", str(out / "cache"))
     from edgeft.bundle import build
@@ -40,6 +40,9 @@ def make_bundles(out: Path) -> dict[str, Path]:
                       method="lora", pooling="mean", epochs=8, batch_size=8, lr=5e-3, head_lr=3e-2, patience=8,
                       progress=False))
     build(out / "text-run", "x86-64-server", out / "text")
+    phone = out / "phone.toml"  # the mobile target: its bundle's backbone is the .ort alone
+    phone.write_text('description = "test phone"\ntarget = "mobile"\nprecision = "fp32"\nmax_length = 32\n')
+    build(out / "text-run", str(phone), out / "mobile")
 
     resnet = make_tiny_resnet(out / "tiny-resnet")
     images = make_images(out / "image-data", IMAGE_STYLES, n=12)
@@ -49,7 +52,7 @@ def make_bundles(out: Path) -> dict[str, Path]:
     profile = out / "image-box.toml"
     profile.write_text('description = "test image box"\ntarget = "cpu"\nprecision = "fp32"\n')
     build(out / "image-run", str(profile), out / "image")
-    return {"text": out / "text", "image": out / "image"}
+    return {"text": out / "text", "mobile": out / "mobile", "image": out / "image"}
 
 
 if __name__ == "__main__":

@@ -86,9 +86,11 @@ def test_target_files(bundles):
     ops = (mobile / "mobile" / "required_operators.config").read_text()
     assert "ai.onnx" in ops and "Gemm" in ops
     # fixed shapes on the phone: batch 1, sequences padded to the profile's max_length (64)
-    dims = ort.InferenceSession(str(mobile / "backbone.onnx")).get_inputs()[0].shape
-    assert dims == [1, 64]
     m = bundles["android-arm64"][0]
+    # one backbone format on the phone: the .ort is the backbone (it is not stored twice)
+    assert m["backbone"] == "mobile/backbone.ort" and not (mobile / "backbone.onnx").exists()
+    dims = ort.InferenceSession(str(mobile / m["backbone"])).get_inputs()[0].shape
+    assert dims == [1, 64]
     assert m["preprocessing"]["pad_to"] == 64 and m["runtime"]["static_shapes"]
     b = Bundle(mobile)
     texts = ["pump leak", "motor fuse relay", "belt roller"]

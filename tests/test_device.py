@@ -250,6 +250,22 @@ def test_image_bundle_predict_and_retrain(built, tmp_path):
     assert Bundle(dst).check()["passed"]
 
 
+def test_mobile_bundle_ships_one_backbone_and_the_device_retrains_it(built, tmp_path):
+    dst = tmp_path / "phone"
+    shutil.copytree(built["mobile"], dst)
+    m = read_manifest(dst)
+    assert m["backbone"] == "mobile/backbone.ort" and "backbone.onnx" not in m["files"]
+    assert not (dst / "backbone.onnx").exists()
+    r = CliRunner().invoke(main, ["device", "check", str(dst)])
+    assert r.exit_code == 0, r.output
+    res = retrain(dst, write_csv(tmp_path / "n.csv", new_class_rows(20, seed=2)), add_classes=True, margin=1.0)
+    assert res["added_classes"] == ["valve"]
+    b = Bundle(dst)
+    assert b.check()["passed"] and b.labels[-1] == "valve"
+    r = CliRunner().invoke(main, ["device", "predict", str(dst), "pump leak", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["label"] in b.labels
+
+
 def _retrain_cmd(bundle: Path, data: Path) -> list[str]:
     return [sys.executable, "-m", "edgeft.cli", "device", "retrain", str(bundle), "--data", str(data), "--add-classes"]
 
@@ -296,6 +312,39 @@ def _strict_json(text: str):
         raise ValueError(f"{name} is not JSON")
 
     return json.loads(text, parse_constant=refuse)
+
+
+def test_a_folder_that_is_not_a_bundle_is_bad_input(tmp_path):
+    for cmd in (["predict", str(tmp_path), "pump leak"], ["check", str(tmp_path)], ["history", str(tmp_path)]):
+        r = CliRunner().invoke(main, ["device", *cmd])
+        assert r.exit_code == 2 and r.stderr == f"error: {tmp_path}: not a bundle (no manifest.json).\n", r.output
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\t"])
+def test_an_empty_input_is_bad_input(bundle, text):
+    r = CliRunner().invoke(main, ["device", "predict", str(bundle), "pump leak", text])
+    assert r.exit_code == 2 and r.stderr == "error: input 2: empty text; give a text to classify.\n", r.output
+    with pytest.raises(DataError, match="input 1: empty text"):
+        Bundle(bundle).predict([text])
+
+
+def test_retrain_options_are_validated_once(bundle, tmp_path):
+    from edgeft.errors import ConfigError
+    from edgeft.runtime.retrain import RetrainConfig
+
+    data = write_csv(tmp_path / "n.csv", new_class_rows(20, seed=2))
+    before = snapshot(bundle)
+    for bad, match in (({"margin": 2}, "margin: expected a share from 0 to 1"), ({"keep": 0}, "keep: expected a positive"),
+                       ({"margin": float("nan")}, "margin"), ({"holdout": 1.0}, "holdout"), ({"marign": 0.1}, "marign")):
+        with pytest.raises(ConfigError, match=match):
+            retrain(bundle, data, **bad)
+    with pytest.raises(ConfigError, match="margin"):
+        RetrainConfig(margin=-0.1)
+    r = CliRunner().invoke(main, ["device", "retrain", str(bundle), "--data", str(data), "--margin", "2"])
+    assert r.exit_code == 2 and r.stderr.startswith("error: margin: ") and r.stderr.count("\n") == 1
+    assert snapshot(bundle) == before
+    help_text = " ".join(CliRunner().invoke(main, ["device", "retrain", "--help"]).output.split())
+    assert f"[default: {RetrainConfig.margin}]" in help_text and f"[default: {RetrainConfig.keep}]" in help_text
 
 
 def test_manifest_json_is_strict_json(built, bundle, tmp_path):

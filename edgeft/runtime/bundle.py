@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BundleError
+from ..errors import BundleError, DataError
 from ..plugins import registry
 from ..targets import Engine
 from .manifest import MANIFEST, check_files, read_manifest
@@ -103,6 +103,11 @@ class Bundle:
         return self.head_outputs(self.features(items, batch_size))["logits"]
 
     def predict(self, items: list, batch_size: int = 32) -> list[dict]:
+        """Label, confidence and every class's probability per input; an empty input is bad input."""
+        for i, item in enumerate(items, start=1):
+            if not str(item).strip():
+                what = "text" if self.manifest["modality"] == "text" else "image path"
+                raise DataError(f"input {i}: empty {what}; give a {what} to classify.")
         probs = self.head_outputs(self.features(items, batch_size))["probs"]
         return [{"label": self.labels[int(p.argmax())], "confidence": float(p.max()),
                  "probs": {n: float(v) for n, v in zip(self.labels, p, strict=True)}} for p in probs]

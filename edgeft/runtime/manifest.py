@@ -29,6 +29,12 @@ REQUIRED = {  # key: type; a manifest missing one, or with the wrong type, is re
 }
 
 
+class NotABundleError(BundleError):
+    """A folder that is no bundle at all: bad input (exit 2), not a bundle that failed a check."""
+
+    exit_code = 2
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -40,7 +46,7 @@ def sha256(path: Path) -> str:
 def read_manifest(bundle: str | Path) -> dict:
     path = Path(bundle) / MANIFEST
     if not path.is_file():
-        raise BundleError(f"{bundle}: not a bundle (no {MANIFEST}).")
+        raise NotABundleError(f"{bundle}: not a bundle (no {MANIFEST}).")
     try:
         m = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -2,7 +2,9 @@
 
 Adds ORT-format models (`.ort`, what a reduced, minimal ONNX Runtime build loads) and
 `required_operators.config` (pass it to ONNX Runtime's build with --include_ops_by_config
-to compile only the operators this model needs). With fixed shapes the backbone takes
+to compile only the operators this model needs). The bundle's backbone is then
+`mobile/backbone.ort` alone (ONNX Runtime loads either format; the build's parity check runs
+the .ort); a profile with `keep_onnx = true` ships `backbone.onnx` beside it. With fixed shapes the backbone takes
 batch 1 and sequences padded to the profile's max_length, which NNAPI and CoreML prefer.
 """
 
@@ -50,6 +52,8 @@ def package(ctx: BuildContext) -> None:
         shutil.copy2(config, ctx.add_file("mobile/required_operators.config",
                                           "operators for a reduced ONNX Runtime build (--include_ops_by_config)"))
     ctx.set_target_info({"ort_format": "mobile/backbone.ort", "static_shapes": ctx.runtime["static_shapes"]})
+    if not ctx.settings["keep_onnx"]:  # one backbone format: the phone loads the .ort
+        ctx.set_backbone("mobile/backbone.ort")
 
 
 @hookimpl
