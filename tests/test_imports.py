@@ -5,8 +5,9 @@ try), because a lazy import only hides a cycle until the day its function runs f
 imports under `if TYPE_CHECKING:` are left out, since they never run. The graph is read from
 the source with `ast`, so nothing is imported to build it.
 
-The device side is edgeft/runtime/: it may import edgeft.runtime.* and the package's own
-`edgeft/__init__.py`, which Python runs anyway before any edgeft.runtime module (so importing
+The device side is edgeft/runtime/: it may import edgeft.runtime.*, the modules it shares with
+the build side (SHARED: the error tree and the plugin contract, which may import no further
+themselves), and the package's own `edgeft/__init__.py`, which Python runs anyway before any edgeft.runtime module (so importing
 `edgeft.__version__` from it costs nothing more), provided that `__init__` stays torch-free:
 the last test holds it to importing no torch, transformers, peft or accelerate, directly or
 through the edgeft modules it imports at module level.
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 ROOTS = [REPO / "edgeft", *sorted(p for p in (REPO / "plugins").glob("edgeft_*") if p.is_dir())]
@@ -129,13 +128,22 @@ def _show(graph, cycle: list[str]) -> str:
     return " -> ".join(f"{a} (line {graph[a][b]})" for a, b in zip(cycle, cycle[1:], strict=False)) + f" -> {cycle[-1]}"
 
 
+# shared by both sides: the error tree, and the plugin contract (the device asks the plugin
+# registry for the engine a bundle names)
+SHARED = ("edgeft.errors", "edgeft.hookspecs", "edgeft.targets", "edgeft.plugins")
+
+
+def _device_side(mod: str) -> bool:
+    return mod in ("edgeft", "edgeft.runtime", *SHARED) or mod.startswith("edgeft.runtime.")
+
+
 def _device_side_violations(graph, modules=MODULES) -> list[str]:
     bad = []
     for mod, edges in sorted(graph.items()):
-        if not mod.startswith("edgeft.runtime"):
+        if mod == "edgeft" or not _device_side(mod):
             continue
         for target, line in sorted(edges.items()):
-            inside = target == "edgeft" or target == "edgeft.runtime" or target.startswith("edgeft.runtime.")
+            inside = _device_side(target)
             if (target == "edgeft" or target.startswith("edgeft.")) and not inside:
                 where = modules.get(mod) or Path(*mod.split(".")).with_suffix(".py")
                 bad.append(f"{where.relative_to(REPO) if where.is_absolute() else where}:{line}: {mod} imports {target}")
@@ -168,39 +176,15 @@ def test_the_graph_sees_lazy_relative_and_package_imports():
         "edgeft/runtime/z.py:3: edgeft.runtime.z imports edgeft.data"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 14: known cycles being removed by the refactor: edgeft.quantize <-> edgeft.openvino_build, "
-    "edgeft.train <-> edgeft.runs, edgeft.runtime.bundle <-> edgeft.runtime.trust. "
-    "Remove this marker when the last one is gone (strict: an XPASS fails the suite)."))
 def test_no_import_cycle():
     graph = import_graph()
     found = cycles(graph)
     assert not found, "import cycles:\n" + "\n".join(_show(graph, c) for c in found)
 
 
-def test_no_import_cycle_beyond_the_known_ones():
-    """Until the marked test above passes: no new cycle joins the known ones."""
-    known = [{"edgeft.quantize", "edgeft.openvino_build"}, {"edgeft.train", "edgeft.runs"},
-             {"edgeft.runtime.bundle", "edgeft.runtime.trust"}]
-    graph = import_graph()
-    new = [c for c in cycles(graph) if set(c) not in known]
-    assert not new, "new import cycles:\n" + "\n".join(_show(graph, c) for c in new)
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 14: known: runtime.retrain imports edgeft.data, runtime.bundle imports edgeft.parity, "
-    "and runtime modules import edgeft.errors. Remove this marker when they are gone."))
 def test_device_side_imports_nothing_from_the_build_side():
     bad = _device_side_violations(import_graph())
     assert not bad, "edgeft/runtime reaches into the build side:\n" + "\n".join(bad)
-
-
-def test_device_side_reaches_no_further_than_the_known_ones():
-    """Until the marked test above passes: the device side reaches into no other build-side module."""
-    graph = import_graph()
-    known = ("imports edgeft.errors", "imports edgeft.data", "imports edgeft.parity")
-    new = [v for v in _device_side_violations(graph) if not v.endswith(known)]
-    assert not new, "edgeft/runtime reaches into the build side:\n" + "\n".join(new)
 
 
 def test_package_init_is_torch_free():

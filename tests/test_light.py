@@ -46,48 +46,6 @@ def test_train_help_shows_an_example():
 
 
 EDGEFT = Path(__file__).resolve().parent.parent / "edgeft"
-# what the device side may import besides edgeft.runtime: the error tree and the plugin contract
-SHARED = {"edgeft", "edgeft.errors", "edgeft.hookspecs", "edgeft.targets", "edgeft.plugins"}
-
-
-def _module_file(name: str) -> Path | None:
-    rel = Path(*name.split(".")[1:])
-    for p in (EDGEFT / rel / "__init__.py", (EDGEFT / rel).with_suffix(".py")):
-        if p.is_file():
-            return p
-    return None
-
-
-def _edgeft_imports(name: str) -> set[str]:
-    """Every edgeft module `name` imports, at the top or inside functions, and the packages around them."""
-    path = _module_file(name)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*parts, *([base] if base else [])])
-            found.add(base)
-            found |= {f"{base}.{a.name}" for a in node.names if _module_file(f"{base}.{a.name}")}
-    found = {m for m in found if m == "edgeft" or m.startswith("edgeft.")}
-    return found | {".".join(m.split(".")[:i]) for m in found for i in range(1, m.count(".") + 1)}
-
-
-def test_device_side_imports_nothing_from_the_build_side():
-    todo = ["edgeft.runtime"] + [f"edgeft.runtime.{p.stem}" for p in (EDGEFT / "runtime").glob("*.py")]
-    seen: dict[str, str] = {}
-    while todo:
-        name = todo.pop()
-        for dep in _edgeft_imports(name):
-            if dep not in seen and _module_file(dep):
-                seen[dep] = name
-                todo.append(dep)
-    build_side = {m: by for m, by in seen.items() if not m.startswith("edgeft.runtime") and m not in SHARED}
-    assert build_side == {}, f"the device side reaches the build side (module: imported by): {build_side}"
 
 
 def _edgeft_names(path: Path) -> set[str]:
