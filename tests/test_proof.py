@@ -169,8 +169,7 @@ def test_device_bench_on_a_file_of_inputs(device_bundles, tmp_path):
 def test_profiles_say_their_isa_and_arm_ones_name_the_emulated_core():
     from edgeft.emulate import CPUS, profile_cpu
     from edgeft.errors import ProfileError
-    from edgeft.plugins import find_profile
-    from edgeft.profiles import read_profile
+    from edgeft.profiles import find_profile, read_profile
 
     pi4, _ = find_profile("raspberry-pi-4")
     pi5, _ = find_profile("raspberry-pi-5")
