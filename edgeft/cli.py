@@ -13,8 +13,11 @@ import sys
 import click
 
 from . import __version__
+from .config import ExportConfig
 from .errors import EdgeftError
 from .runtime.retrain_config import RetrainConfig
+
+_STDOUT = "\0stdout"  # verify --json without a FILE
 
 
 class Group(click.Group):
@@ -28,6 +31,41 @@ class Group(click.Group):
                 raise
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
+
+
+def _late_option(name):
+    """A global option given after the subcommand (`edgeft device check BUNDLE -v`) counts the same."""
+
+    def callback(ctx, param, value):
+        if not value:
+            return
+        obj = ctx.ensure_object(dict)
+        if name == "verbose":
+            obj["verbose"] = obj.get("verbose", 0) + value
+        else:
+            obj[name] = True
+        if name != "debug":
+            _setup_logging(obj.get("verbose", 0), obj.get("quiet", False))
+
+    return callback
+
+
+class Command(click.Command):
+    """Every subcommand also takes the global options --debug, -v and -q."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params += [
+            click.Option(["--debug"], is_flag=True, expose_value=False, callback=_late_option("debug"),
+                         help="Show full tracebacks (also accepted before the command)."),
+            click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=_late_option("verbose"),
+                         help="More log output on stderr."),
+            click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_late_option("quiet"),
+                         help="Only warnings and errors on stderr."),
+        ]
+
+
+Group.command_class = Command
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -53,12 +91,71 @@ def main(ctx, debug, verbose, quiet):
     Start with:  edgeft demo
     Then:        edgeft train --model minilm --data train.csv --method lora --output run/
     """
-    ctx.obj = {"debug": debug}
+    ctx.obj = {"debug": debug, "verbose": verbose, "quiet": quiet}
     # edgeft never downloads: models come from local folders or packages installed offline.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     _setup_logging(verbose, quiet)
+
+
+# ---------------------------------------------------------------- options shared by commands
+
+
+def _options(*decorators):
+    def apply(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return apply
+
+
+data_columns = _options(
+    click.option("--text-column", default="text", show_default=True, help="Column with the text (or image path)."),
+    click.option("--label-column", default="label", show_default=True, help="Column with the label."),
+)
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
+public_key_option = click.option(
+    "--public-key", type=click.Path(dir_okay=False),
+    help="Refuse the bundle unless the owner's signature verifies with this key.")
+
+
+def output_option(help: str, **kw):
+    return click.option("--output", "-o", required=True, help=help, **kw)
+
+
+def threshold_options(reference: str, agreement_default: str, drop_default: str):
+    """--min-agreement and --max-drop, against `reference` (PyTorch, or the fp32 export)."""
+    return _options(
+        click.option("--min-agreement", type=float,
+                     help=f"Smallest share of rows keeping {reference}'s top-1 label.  [default: {agreement_default}]"),
+        click.option("--max-drop", "max_drop", type=float,
+                     help=f"Accuracy budget: largest accuracy drop vs {reference} (0.005 = 0.5 point).  "
+                          f"[default: {drop_default}]"),
+    )
+
+
+def json_options(what: str):
+    """The one convention for machine-readable output: --json prints it, --json-file FILE writes it."""
+    return _options(
+        click.option("--json", "as_json", is_flag=True, help=f"Print {what} as JSON on stdout (and nothing else there)."),
+        click.option("--json-file", type=click.Path(dir_okay=False), help=f"Write {what} as JSON to this file."),
+    )
+
+
+def emit_json(data, as_json: bool, json_file: str | None) -> bool:
+    """Write `data` to --json-file and print it for --json; True when stdout got the JSON."""
+    if json_file:
+        from .runtime import atomic
+
+        atomic.write_json(json_file, data)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    return as_json
+
+
+# ---------------------------------------------------------------- commands
 
 
 @main.command(context_settings={"show_default": True})
@@ -131,10 +228,9 @@ def train(config_path, **options):
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", required=True, help="Labelled data to evaluate on (same format as training).")
-@click.option("--text-column", default="text", show_default=True)
-@click.option("--label-column", default="label", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
-def evaluate(run, data, text_column, label_column, as_json):
+@data_columns
+@json_options("the full report")
+def evaluate(run, data, text_column, label_column, as_json, json_file):
     """Evaluate a training run on held-out labelled data (PyTorch).
 
     \b
@@ -144,17 +240,15 @@ def evaluate(run, data, text_column, label_column, as_json):
     from .runs import evaluate as run_evaluate
 
     report = run_evaluate(run, data, text_column, label_column)
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-        return
-    click.echo(_report_table(report))
+    if not emit_json(report, as_json, json_file):
+        click.echo(_report_table(report))
 
 
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
-@click.option("--output", "-o", required=True, help="Model directory to write.")
+@output_option("Model directory to write.")
 @click.option("--data", help="Labelled rows to check merged against unmerged on.  [default: the run's validation data]")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
+@overwrite_option
 def merge(run, output, data, overwrite):
     """Fold LoRA adapters into the base weights; write a self-contained model directory.
 
@@ -173,10 +267,10 @@ def merge(run, output, data, overwrite):
 
 @main.command()
 @click.argument("source", type=click.Path(exists=True, file_okay=False))
-@click.option("--output", "-o", required=True, help="Folder for backbone.onnx, head.onnx, model.onnx.")
-@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset.")
+@output_option("Folder for backbone.onnx, head.onnx, model.onnx.")
+@click.option("--opset", type=int, default=ExportConfig.opset, show_default=True, help="ONNX opset.")
 @click.option("--data", help="Labelled rows for the parity check.  [default: the run's validation data]")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
+@overwrite_option
 def export(source, output, opset, data, overwrite):
     """Export a model directory (or a run) to ONNX and check it against PyTorch.
 
@@ -201,18 +295,19 @@ def export(source, output, opset, data, overwrite):
 @click.argument("artifact", type=click.Path(exists=True))
 @click.option("--reference", required=True, type=click.Path(exists=True, file_okay=False), help="The PyTorch reference: a run or a merged model directory.")
 @click.option("--data", required=True, help="Labelled rows both run on.")
-@click.option("--text-column", default="text", show_default=True)
-@click.option("--label-column", default="label", show_default=True)
+@data_columns
 @click.option("--max-abs-diff", type=float, help="Largest allowed |Δ logits|.  [default: 1e-4 for fp32, unchecked for int8/fp16]")
-@click.option("--min-agreement", type=float, help="Smallest share of rows with the reference's top-1 label.  [default: 1.0 fp32, 0.99 quantized]")
-@click.option("--max-drop", "max_accuracy_drop", type=float, help="Largest accuracy drop (0.01 = 1 point).  [default: unchecked fp32, 0.005 quantized]")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
+@threshold_options("the reference", "1.0 fp32, 0.99 quantized", "unchecked fp32, 0.005 quantized")
+# --json FILE was the old spelling of --json-file FILE: still read, with a notice (CI files in the wild)
+@click.option("--json", "as_json", is_flag=False, flag_value=_STDOUT, default=None, metavar="",
+              help="Print the full report as JSON on stdout (and nothing else there).")
+@click.option("--json-file", type=click.Path(dir_okay=False), help="Write the full report as JSON to this file.")
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="Write a JUnit XML report (one test case per check).")
-@click.option("--public-key", type=click.Path(dir_okay=False), help="Bundles: refuse unless the owner's signature verifies with this key.")
+@public_key_option
 @click.option("--parity-data", help="More inputs (labels optional: .txt one per line, CSV/JSONL, image folder) that judge agreement.")
 @click.option("--certify", is_flag=True, help="Judge agreement on its one-sided 95% lower bound: too few rows fail, and the message says how many would pass.")
 def verify(artifact, reference, data, text_column, label_column, max_abs_diff, min_agreement,
-           max_accuracy_drop, json_path, junit_path, public_key, parity_data, certify):
+           max_drop, as_json, json_file, junit_path, public_key, parity_data, certify):
     """Check an exported model against its PyTorch reference; exit 1 when a check fails.
 
     \b
@@ -220,38 +315,39 @@ def verify(artifact, reference, data, text_column, label_column, max_abs_diff, m
       edgeft verify export/maint --reference models/maint \\
              --data examples/maintenance/test.csv --junit report.xml
     """
-    from .runtime import atomic
     from .verify import table, write_junit
     from .verify import verify as run_verify
 
+    if as_json not in (None, _STDOUT):
+        click.echo(f"notice: --json {as_json} is the old spelling; write the file with --json-file {as_json} "
+                   "(--json alone prints the report).", err=True)
+        json_file, as_json = json_file or as_json, None
     report = run_verify(artifact, reference, data, text_column=text_column, label_column=label_column,
                         max_abs_diff=max_abs_diff, min_agreement=min_agreement,
-                        max_accuracy_drop=max_accuracy_drop, public_key=public_key, parity_data=parity_data,
+                        max_accuracy_drop=max_drop, public_key=public_key, parity_data=parity_data,
                         certify=certify)
-    if json_path:
-        atomic.write_json(json_path, report)
     if junit_path:
         write_junit(report, junit_path)
-    click.echo(table(report))
+    if not emit_json(report, as_json is not None, json_file):
+        click.echo(table(report))
     if not report["passed"]:
         failed = "; ".join(c["message"] for c in report["checks"] if not c["passed"])
         click.echo(f"verify  FAILED  {failed}", err=True)
         sys.exit(1)
-    click.echo(f"verify  ok  {report['rows']} rows  {report['seconds']:.1f} s")
+    click.echo(f"verify  ok  {report['rows']} rows  {report['seconds']:.1f} s", err=as_json is not None)
 
 
 @main.command()
 @click.argument("source", type=click.Path(exists=True, file_okay=False))
 @click.option("--device", required=True, help="A profile name from devices/ (see edgeft devices) or a path to your own .toml.")
-@click.option("--output", "-o", required=True, help="Bundle folder to write.")
+@output_option("Bundle folder to write.")
 @click.option("--calibration", help="Real samples that calibrate int8 (static, NNCF) and rank nodes for the search.  [default: the training rows]")
 @click.option("--data", help="Labelled rows for the parity check.  [default: the run's validation data]")
 @click.option("--replay", type=int, default=100, show_default=True, help="Training features kept per class for on-device retraining (0: none).")
-@click.option("--min-agreement", type=float, help="Parity: smallest share of answers equal to PyTorch's.  [default: 1.0 fp32, 0.99 quantized]")
-@click.option("--max-drop", type=float, help="Accuracy budget: largest drop vs PyTorch on the parity rows (0.005 = 0.5 point).  [default: 0.005 quantized]")
+@threshold_options("PyTorch", "1.0 fp32, 0.99 quantized", "0.005 quantized")
 @click.option("--sign", "sign_key", type=click.Path(dir_okay=False, exists=True), help="Sign the bundle with this private key (see edgeft keys generate).")
 @click.option("--archive", is_flag=True, help="Also write BUNDLE.tar.gz.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
+@overwrite_option
 @click.option("--keep-examples", is_flag=True, help="Keep the input texts/image names of parity and reference rows in the bundle (by default rows are named by hash).")
 def build(source, device, output, calibration, data, replay, min_agreement, max_drop, sign_key, archive, overwrite,
           keep_examples):
@@ -291,8 +387,8 @@ def build(source, device, output, calibration, data, replay, min_agreement, max_
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print targets and profiles as JSON.")
-def devices(as_json):
+@json_options("targets and profiles")
+def devices(as_json, json_file):
     """List device targets from every installed plugin, and the device profiles.
 
     \b
@@ -304,14 +400,14 @@ def devices(as_json):
 
     reg = registry()
     profiles = {name: read_profile(path) for name, path in all_profiles().items()}
-    if as_json:
-        click.echo(json.dumps({
-            "targets": {t.name: {"plugin": t.plugin, "description": t.description, "precision": t.precision,
-                                 "precisions": list(t.precisions), "providers": list(t.providers),
-                                 "opset": t.opset, "static_shapes": t.static_shapes} for t in reg.targets.values()},
-            "profiles": {n: {"target": p.target, "description": p.description, "precision": p.precision,
-                             "path": p.path} for n, p in profiles.items()},
-        }, indent=2))
+    listing = {
+        "targets": {t.name: {"plugin": t.plugin, "description": t.description, "precision": t.precision,
+                             "precisions": list(t.precisions), "providers": list(t.providers),
+                             "opset": t.opset, "static_shapes": t.static_shapes} for t in reg.targets.values()},
+        "profiles": {n: {"target": p.target, "description": p.description, "precision": p.precision,
+                         "path": p.path} for n, p in profiles.items()},
+    }
+    if emit_json(listing, as_json, json_file):
         return
     click.echo("targets")
     for t in sorted(reg.targets.values(), key=lambda t: t.name):
@@ -331,9 +427,10 @@ def device():
 @click.argument("inputs", nargs=-1)
 @click.option("--file", "file_", type=click.File("r", encoding="utf-8"), help="One input per line (- for standard input).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input per line: label, confidence, probs.")
+@click.option("--json-file", type=click.Path(dir_okay=False), help="Write the answers as a JSON list to this file.")
 @click.option("--top", type=int, default=1, show_default=True, help="Labels to print per input.")
-@click.option("--public-key", type=click.Path(dir_okay=False), help="Refuse the bundle unless the owner's signature verifies with this key.")
-def device_predict(bundle, inputs, file_, as_json, top, public_key):
+@public_key_option
+def device_predict(bundle, inputs, file_, as_json, json_file, top, public_key):
     """Predict labels for texts or image paths with the bundle's active head.
 
     \b
@@ -349,9 +446,14 @@ def device_predict(bundle, inputs, file_, as_json, top, public_key):
     if not items:
         raise click.UsageError("give inputs as arguments or with --file.")
     b = Bundle(bundle, public_key=public_key)
-    for item, r in zip(items, b.predict(items), strict=True):
+    answers = [{"input": item, **r} for item, r in zip(items, b.predict(items), strict=True)]
+    if json_file:
+        from .runtime import atomic
+
+        atomic.write_json(json_file, answers)
+    for item, r in zip(items, answers, strict=True):
         if as_json:
-            click.echo(json.dumps({"input": item, **r}))
+            click.echo(json.dumps(r))
         else:
             best = sorted(r["probs"].items(), key=lambda kv: -kv[1])[:top]
             click.echo("\t".join([*(f"{n} {p:.3f}" for n, p in best), item]))
@@ -360,12 +462,12 @@ def device_predict(bundle, inputs, file_, as_json, top, public_key):
 @device.command("check")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--providers", help="Comma-separated execution providers.  [default: the bundle's]")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--public-key", type=click.Path(dir_okay=False), help="Refuse the bundle unless the owner's signature verifies with this key.")
+@json_options("the report")
+@public_key_option
 @click.option("--emulate", is_flag=False, flag_value="profile", default=None, metavar="CPU",
               help="Run the check with ONNX Runtime's aarch64 kernels under QEMU: cortex-a72 (Pi 4), cortex-a76 (Pi 5); "
                    "alone: the bundle profile's cpu. Set up once with tools/arm64-emulator.sh.")
-def device_check(bundle, providers, as_json, public_key, emulate):
+def device_check(bundle, providers, as_json, json_file, public_key, emulate):
     """Check the bundle on this device's runtime against the PyTorch outputs stored at build.
 
     \b
@@ -388,9 +490,7 @@ def device_check(bundle, providers, as_json, public_key, emulate):
         report = emulated_check(bundle, cpu)
     else:
         report = b.check()
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-    else:
+    if not emit_json(report, as_json, json_file):
         for c in report["checks"]:
             click.echo(f"{c['name']:<14} {'pass' if c['passed'] else 'FAIL'}  {c['message']}")
         click.echo(f"providers {', '.join(report['providers'])}  head v{report['head_version']}  "
@@ -417,9 +517,9 @@ def device_check(bundle, providers, as_json, public_key, emulate):
 @click.option("--runs", type=int, default=100, show_default=True, help="Timed batch-1 calls, cycling through the inputs.")
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed calls first.")
 @click.option("--threads", type=int, help="Intra-op threads.  [default: the bundle's]")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--public-key", type=click.Path(dir_okay=False), help="Refuse the bundle unless the owner's signature verifies with this key.")
-def device_bench(bundle, file_, runs, warmup, threads, as_json, public_key):
+@json_options("the report")
+@public_key_option
+def device_bench(bundle, file_, runs, warmup, threads, as_json, json_file, public_key):
     """Measure the bundle on this device: load time, p50/p99 batch-1 latency, peak RSS.
 
     \b
@@ -433,7 +533,8 @@ def device_bench(bundle, file_, runs, warmup, threads, as_json, public_key):
 
     items = [line.rstrip("\n") for line in file_ if line.strip()] if file_ is not None else None
     r = bench(bundle, items=items, runs=runs, warmup=warmup, threads=threads, public_key=public_key)
-    click.echo(json.dumps(r, indent=2) if as_json else summary(r))
+    if not emit_json(r, as_json, json_file):
+        click.echo(summary(r))
 
 
 @device.command("retrain")
@@ -442,11 +543,12 @@ def device_bench(bundle, file_, runs, warmup, threads, as_json, public_key):
 @click.option("--add-classes", is_flag=True, help="Allow labels the model does not know yet: they become new classes.")
 @click.option("--margin", type=float, default=RetrainConfig.margin, show_default=True, help="Largest accuracy drop on the replay hold-out of earlier classes (0.02 = 2 points).")
 @click.option("--keep", type=int, default=RetrainConfig.keep, show_default=True, help="Head versions to keep; older ones are deleted.")
-@click.option("--text-column", default=RetrainConfig.text_column, show_default=True)
-@click.option("--label-column", default=RetrainConfig.label_column, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--public-key", type=click.Path(dir_okay=False), help="Refuse the bundle unless the owner's signature verifies with this key.")
-def device_retrain(bundle, data, add_classes, margin, keep, text_column, label_column, as_json, public_key):
+@click.option("--text-column", default=RetrainConfig.text_column, show_default=True, help="Column with the text (or image path).")
+@click.option("--label-column", default=RetrainConfig.label_column, show_default=True, help="Column with the label.")
+@json_options("the report")
+@public_key_option
+def device_retrain(bundle, data, add_classes, margin, keep, text_column, label_column, as_json, json_file,
+                   public_key):
     """Retrain the head on this device from labelled samples (numpy + onnxruntime only).
 
     \b
@@ -467,8 +569,7 @@ def device_retrain(bundle, data, add_classes, margin, keep, text_column, label_c
     config = RetrainConfig(add_classes=add_classes, margin=margin, keep=keep, text_column=text_column,
                            label_column=label_column)
     r = retrain(bundle, data, config, public_key=public_key)
-    if as_json:
-        click.echo(json.dumps(r, indent=2))
+    if emit_json(r, as_json, json_file):
         return
     mt = r["metrics"]
     new, old = mt["new_holdout_accuracy"], mt["replay_holdout_accuracy"]
@@ -480,8 +581,8 @@ def device_retrain(bundle, data, add_classes, margin, keep, text_column, label_c
 
 @device.command("history")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("--json", "as_json", is_flag=True)
-def device_history(bundle, as_json):
+@json_options("the versions")
+def device_history(bundle, as_json, json_file):
     """List the bundle's head versions with their metrics.
 
     \b
@@ -491,8 +592,7 @@ def device_history(bundle, as_json):
     from .runtime.retrain import history
 
     rows = history(bundle)
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
+    if emit_json(rows, as_json, json_file):
         return
     click.echo(f"{'':2}{'version':<8} {'created':<21} {'source':<16} {'classes':>7} {'new acc':>8} {'old acc':>8}  added")
     for h in rows:
@@ -505,7 +605,7 @@ def device_history(bundle, as_json):
 @device.command("rollback")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--to", "version", type=int, help="Head version to make active.  [default: the one before the active one]")
-@click.option("--public-key", type=click.Path(dir_okay=False), help="Refuse the bundle unless the owner's signature verifies with this key.")
+@public_key_option
 def device_rollback(bundle, version, public_key):
     """Make an earlier head version active again.
 
@@ -524,15 +624,13 @@ def device_rollback(bundle, version, public_key):
 @click.option("--mode", required=True, type=click.Choice(["dynamic", "static", "nncf", "fp16", "weight-only"]), help="dynamic: int8 weights and activations; static: int8 QDQ calibrated on real samples; nncf: int8 QDQ by NNCF's recipe for the model type (needs the openvino extra); fp16: half precision; weight-only: int8 weights, float activations.")
 @click.option("--calibration", help="Real rows (labels optional) that calibrate static/nncf and rank nodes for the search.  [default: the export's validation rows]")
 @click.option("--per-channel/--no-per-channel", default=True, show_default=True, help="int8: one scale per output channel (keeps more answers than one per tensor).")
-@click.option("--output", "-o", required=True, help="Folder to write, laid out like the export.")
-@click.option("--text-column", default="text", show_default=True)
-@click.option("--label-column", default="label", show_default=True)
-@click.option("--min-agreement", type=float, help="Smallest share of rows keeping the fp32 top-1 label.  [default: 0.99]")
-@click.option("--max-drop", "max_accuracy_drop", type=float, help="Accuracy budget: largest accuracy drop vs fp32 on the validation rows (0.005 = 0.5 point).  [default: 0.005]")
+@output_option("Folder to write, laid out like the export.")
+@data_columns
+@threshold_options("the fp32 export", "0.99", "0.005")
 @click.option("--search/--no-search", default=True, show_default=True, help="When int8 misses the budget, keep the nodes it hurts most in float (dynamic, static) or run NNCF's accuracy control (nncf) until it holds.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
+@overwrite_option
 def quantize(export_dir, mode, calibration, per_channel, output, text_column, label_column, min_agreement,
-             max_accuracy_drop, search, overwrite):
+             max_drop, search, overwrite):
     """Quantize an export's backbone (int8 or fp16) and check it against the fp32 export.
 
     \b
@@ -551,7 +649,7 @@ def quantize(export_dir, mode, calibration, per_channel, output, text_column, la
 
     r = run_quantize(QuantizeConfig(export_dir, mode, output, calibration=calibration, text_column=text_column,
                                     label_column=label_column, per_channel=per_channel, overwrite=overwrite,
-                                    min_agreement=min_agreement, max_drop=max_accuracy_drop, search=search))
+                                    min_agreement=min_agreement, max_drop=max_drop, search=search))
     b, p, lat = r["files"]["backbone.onnx"], r["parity"], r["latency"]
     drop = f"  accuracy drop {100 * p['accuracy_drop']:.1f} pt" if "accuracy_drop" in p else ""
     click.echo(f"quantize  ok  {r['seconds']:.1f} s  {mode}  backbone.onnx {b['bytes'] / 1e6:.1f} MB "
@@ -569,7 +667,7 @@ def keys():
 
 
 @keys.command("generate")
-@click.option("--output", "-o", required=True, help="Folder for owner.key (private, mode 0600) and owner.pub.")
+@output_option("Folder for owner.key (private, mode 0600) and owner.pub.")
 def keys_generate(output):
     """Make an EC P-256 key pair for signing bundles (offline).
 
@@ -608,7 +706,7 @@ def sign_cmd(bundle, key):
 @device.command("install")
 @click.argument("archive", type=click.Path(exists=True, dir_okay=False))
 @click.argument("target", type=click.Path(file_okay=False))
-@click.option("--public-key", type=click.Path(dir_okay=False), help="Refuse the bundle unless the owner's signature verifies with this key.")
+@public_key_option
 @click.option("--max-size-mb", type=int, help="Refuse archives that unpack past this size.  [default: 4096, or the policy's]")
 @click.option("--replace", is_flag=True, help="Swap out an installed bundle at TARGET.")
 def device_install(archive, target, public_key, max_size_mb, replace):

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError, UsageError, did_you_mean
 
 if TYPE_CHECKING:
     from .parity import Thresholds
@@ -93,6 +93,19 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`edgeft export` (and a recipe's [export] table)."""
+
+    opset: int = 17  # what every built-in target's runtime reads; 9-21 is what the exporter writes
+    data: str | None = None  # labelled rows for the parity check; None: the run's validation rows
+
+    def __post_init__(self):
+        if isinstance(self.opset, bool) or not isinstance(self.opset, int) or not 9 <= self.opset <= 21:
+            raise UsageError(f"--opset: {self.opset} is outside what edgeft exports (9 to 21); "
+                             f"{ExportConfig.opset} is the default.")
 
 
 def read_toml(path: str | Path) -> dict:

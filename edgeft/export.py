@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import ModelError, ParityError, UsageError, refuse_existing
+from .config import ExportConfig
+from .errors import ModelError, ParityError, refuse_existing
 from .parity import Thresholds, checks, compare
 from .runs import Loaded, load_model, validation_data
 from .runtime import atomic
@@ -33,7 +34,6 @@ from .runtime.session import write_meta
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 17
 PARITY_ROWS = 64
 FILES = ("backbone.onnx", "head.onnx", "model.onnx")
 
@@ -94,21 +94,43 @@ def _set_metadata(path: Path, meta: dict) -> None:
     onnx.save(m, str(path))
 
 
-def export(source: str | Path, output: str | Path, opset: int = DEFAULT_OPSET, data: str | Path | None = None,
-           overwrite: bool = False) -> dict:
-    """Export, check parity on validation rows (or `data`), write export.json; return it."""
+def _write_onnx(tmp: Path, loaded: Loaded, meta: dict, opset: int) -> None:
+    """backbone.onnx, head.onnx, model.onnx (the two fused) with their metadata, and the preprocessing."""
     import onnx
 
     from .onnx_graph import fuse
 
+    model, spec = loaded.model, loaded.spec
+    example = _example_inputs(loaded)
+    names = list(example)
+    args = tuple(torch.from_numpy(example[n]) for n in names)
+    axes = {n: ({0: "batch", 1: "sequence"} if spec.modality == "text" else {0: "batch"}) for n in names}
+    _quiet_export(_Backbone(model.backbone, names).eval(), args, tmp / "backbone.onnx", names, ["features"],
+                  {**axes, "features": {0: "batch"}}, opset)
+    feats = torch.zeros(2, spec.feature_dim)
+    _quiet_export(_Head(model.head).eval(), (feats,), tmp / "head.onnx", ["features"], ["logits", "probs"],
+                  {"features": {0: "batch"}, "logits": {0: "batch"}, "probs": {0: "batch"}}, opset)
+    fused = fuse(onnx.load(str(tmp / "backbone.onnx")), onnx.load(str(tmp / "head.onnx")))
+    onnx.save(fused, str(tmp / "model.onnx"))
+    for f in FILES:
+        _set_metadata(tmp / f, {**meta, "part": f.removesuffix(".onnx")})
+    if spec.modality == "text":
+        (tmp / "tokenizer.json").write_text(loaded.pre.tokenizer.to_str())
+    (tmp / "preprocessor.json").write_text(json.dumps(loaded.pre.spec(), indent=2))
+    (tmp / "labels.json").write_text(json.dumps({"labels": loaded.labels}, indent=2))
+
+
+def export(source: str | Path, output: str | Path, opset: int = ExportConfig.opset, data: str | Path | None = None,
+           overwrite: bool = False) -> dict:
+    """Export, check parity on validation rows (or `data`), write export.json; return it."""
     t0 = time.perf_counter()
     output = Path(output)
     refuse_existing(output, overwrite)
-    if not 9 <= int(opset) <= 21:
-        raise UsageError(f"--opset: {opset} is outside what edgeft exports (9 to 21); {DEFAULT_OPSET} is the default.")
+    opset = ExportConfig(opset, data).opset
     loaded = load_model(source)
     loaded.merge_lora()
-    model, spec = loaded.model.eval(), loaded.spec
+    loaded.model.eval()
+    spec = loaded.spec
     if data:
         from .runs import load_labelled
 
@@ -116,32 +138,14 @@ def export(source: str | Path, output: str | Path, opset: int = DEFAULT_OPSET, d
     else:
         ds = validation_data(loaded.info.get("validation"))
 
-    example = _example_inputs(loaded)
-    names = list(example)
-    args = tuple(torch.from_numpy(example[n]) for n in names)
-    axes = {n: ({0: "batch", 1: "sequence"} if spec.modality == "text" else {0: "batch"}) for n in names}
     meta = {
         "edgeft_version": __version__, "task": "classification", "modality": spec.modality,
-        "labels": loaded.labels, "inputs": names, "preprocessing": loaded.pre.spec(),
+        "labels": loaded.labels, "inputs": list(_example_inputs(loaded)), "preprocessing": loaded.pre.spec(),
         "feature_dim": spec.feature_dim, "pooling": spec.pooling, "base_model": spec.source,
         "precision": "fp32", "opset": int(opset),
     }
-
     with atomic.directory(output, replace=overwrite) as tmp:
-        _quiet_export(_Backbone(model.backbone, names).eval(), args, tmp / "backbone.onnx", names, ["features"],
-                      {**axes, "features": {0: "batch"}}, opset)
-        feats = torch.zeros(2, spec.feature_dim)
-        _quiet_export(_Head(model.head).eval(), (feats,), tmp / "head.onnx", ["features"], ["logits", "probs"],
-                      {"features": {0: "batch"}, "logits": {0: "batch"}, "probs": {0: "batch"}}, opset)
-        fused = fuse(onnx.load(str(tmp / "backbone.onnx")), onnx.load(str(tmp / "head.onnx")))
-        onnx.save(fused, str(tmp / "model.onnx"))
-        for f in FILES:
-            _set_metadata(tmp / f, {**meta, "part": f.removesuffix(".onnx")})
-        if spec.modality == "text":
-            (tmp / "tokenizer.json").write_text(loaded.pre.tokenizer.to_str())
-        (tmp / "preprocessor.json").write_text(json.dumps(loaded.pre.spec(), indent=2))
-        (tmp / "labels.json").write_text(json.dumps({"labels": loaded.labels}, indent=2))
-
+        _write_onnx(tmp, loaded, meta, opset)
         parity = None
         if ds is not None:
             parity = export_parity(tmp, loaded, ds)

@@ -25,7 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .config import load_train_config, read_toml
+from .config import ExportConfig, load_train_config, read_toml
 from .errors import ConfigError, EdgeftError, did_you_mean
 from .runtime import atomic
 
@@ -209,7 +209,7 @@ def _train_to_export(step: _Steps, r: dict, out: Path) -> dict:
     step.summary["train"] = trained
     merged = step("merge", model_dir, {"run": trained, "from": str(run_dir)},
                   lambda f: merge(run_dir, f))
-    opset = r["export"].get("opset", 17)
+    opset = ExportConfig(**r["export"]).opset
     exported = step("export", export_dir, {"model": merged, "opset": opset, "from": str(model_dir)},
                     lambda f: {k: v for k, v in export(model_dir, f, opset=opset).items()
                                if k in ("parity", "files", "seconds")})

@@ -181,6 +181,21 @@ def test_verify_passes_a_good_export(merged_text_export, text_model_dir, text_da
     suite = ET.parse(tmp_path / "r.xml").getroot()
     assert suite.tag == "testsuite" and suite.get("failures") == "0"
     assert [c.get("name") for c in suite.iter("testcase")] == ["labels", "max_abs_diff", "agreement"]
+    # `--json FILE` is the old spelling of `--json-file FILE`: it still writes the file, with a notice
+    assert r.stderr.splitlines()[0] == (f"notice: --json {tmp_path / 'r.json'} is the old spelling; write the file "
+                                        f"with --json-file {tmp_path / 'r.json'} (--json alone prints the report).")
+
+
+def test_verify_json_convention(text_export, text_model_dir, text_data, tmp_path):
+    args = (text_export, "--reference", text_model_dir, "--data", text_data["val"])
+    r = _verify(*args, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["passed"]  # stdout holds the JSON and nothing else
+    assert r.stderr.strip().startswith("verify  ok")
+    r = _verify(*args, "--json-file", tmp_path / "v.json", "-q")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines()[-1].startswith("verify  ok") and r.stderr == ""
+    assert json.loads((tmp_path / "v.json").read_text())["rows"] == 18
 
 
 def test_verify_fails_a_damaged_model(merged_text_export, text_model_dir, text_data, tmp_path):
