@@ -23,8 +23,9 @@ METHODS = ("head", "lora", "full", "bitfit", "partial", "gradual")
 # LoRA learns best with a separate, larger lr for the fresh head (1e-2) than for the
 # adapters (1e-3); full fine-tuning needs a small body lr or it forgets its pretraining.
 DEFAULTS = {
-    # head epochs cost almost nothing on cached features: many small steps, stopped early
-    "head": dict(lr=0.0, head_lr=3e-3, epochs=100, batch_size=32),
+    # head epochs cost almost nothing on cached features: many small steps, stopped early;
+    # no body lr: the backbone does not train
+    "head": dict(head_lr=3e-3, epochs=100, batch_size=32),
     "lora": dict(lr=1e-3, head_lr=1e-2, epochs=5, batch_size=16),
     "full": dict(lr=5e-5, head_lr=1e-3, epochs=4, batch_size=16),
     "bitfit": dict(lr=1e-3, head_lr=1e-2, epochs=5, batch_size=16),

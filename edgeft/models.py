@@ -25,6 +25,7 @@ EFFNET_META = "edgeft_backbone.json"  # marks an EfficientNet-Lite model directo
 EFFNET_NORM = {"scale": 1.0, "mean": [127.0] * 3, "std": [128.0] * 3}
 EFFNET_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 POOLINGS = ("mean", "cls", "pooler", "max")
+NO_POOLER = "the folder has no pooler weights (choose another with --pooling)"
 
 
 def _minilm():
@@ -75,6 +76,7 @@ class ModelSpec:
     pooling: str
     feature_dim: int = 0
     preprocessing: dict = field(default_factory=dict)
+    pooling_reason: str = ""  # why this pooling: the option, the model's own config, or a fallback
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,6 +176,45 @@ def resolve(model: str) -> tuple[str, Path]:
     raise ModelError(f"{p}: no config.json; expected a Hugging Face model directory.")
 
 
+def _weight_names(path: Path) -> set[str] | None:
+    """Names of the weights in a folder's safetensors files (headers only), or None without them."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return set(json.loads(index.read_text()).get("weight_map", {}))
+    file = path / "model.safetensors"
+    if not file.exists():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(file), "np") as f:
+        return set(f.keys())
+
+
+def _is_pooler(name: str) -> bool:
+    return name.startswith("pooler.") or ".pooler." in name
+
+
+def _text_pooling(path: Path, mtype: str, pooling: str | None) -> tuple[str, str]:
+    """(pooling, why): the option, the sentence-transformers config, or the model's pooler when
+    its weights are there; a folder without pooler weights gets mean pooling (a pooler would be
+    initialised at random on every load)."""
+    names = _weight_names(path) if pooling in (None, "pooler") and mtype in ("bert", "roberta") else None
+    no_pooler = names is not None and not any(_is_pooler(n) for n in names)
+    if pooling == "pooler" and no_pooler:
+        raise ModelError(f"{path}: --pooling pooler, but the folder has no pooler weights (pooler.dense.*); "
+                         "they would be random on every load. Use --pooling mean (or cls).")
+    if pooling:
+        return pooling, "--pooling"
+    st = _sentence_transformers_pooling(path)
+    if st:
+        return st, "1_Pooling/config.json"
+    if mtype not in ("bert", "roberta"):
+        return "mean", "default for this model type"
+    if no_pooler:
+        return "mean", NO_POOLER
+    return "pooler", "the model's pooler"
+
+
 def _sentence_transformers_pooling(path: Path) -> str | None:
     cfg = path / "1_Pooling" / "config.json"
     if not cfg.exists():
@@ -258,8 +299,8 @@ def load_spec(model: str, pooling: str | None = None, max_length: int = 128,
         return ModelSpec(model, str(path), "hf-image", "image", mtype, pooling or default, 0, pre)
     limit = getattr(config, "max_position_embeddings", 512) or 512
     pre = {"kind": "text", "max_length": int(min(max_length, limit)), "tokenizer": "tokenizer.json"}
-    default = _sentence_transformers_pooling(path) or ("pooler" if mtype in ("bert", "roberta") else "mean")
-    return ModelSpec(model, str(path), "hf-text", "text", mtype, pooling or default, 0, pre)
+    chosen, why = _text_pooling(path, mtype, pooling)
+    return ModelSpec(model, str(path), "hf-text", "text", mtype, chosen, 0, pre, why)
 
 
 def _effnet_meta(path: Path) -> dict:
@@ -330,15 +371,19 @@ def build_backbone(spec: ModelSpec) -> tuple[nn.Module, int]:
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # "some weights were not used" is expected for heads
+    # what was missing is checked below from the loading report; the rest ("some weights were
+    # not used": a checkpoint's own head) is expected
+    if not log.isEnabledFor(logging.DEBUG):
+        hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    kw = {"local_files_only": True}
+    kw = {"local_files_only": True, "output_loading_info": True}
     if spec.modality == "text":
         kw["attn_implementation"] = "eager"  # exports cleanly and lets ORT fuse attention
     try:
-        model = AutoModel.from_pretrained(path, **kw)
+        model, report = AutoModel.from_pretrained(path, **kw)
     except Exception as e:
         raise ModelError(f"{path}: cannot load the model ({type(e).__name__}: {e}).") from None
+    _check_loaded(path, model, spec, sorted(report.get("missing_keys") or []))
     if spec.modality == "text":
         if spec.pooling == "pooler" and getattr(model, "pooler", None) is None:
             raise ModelError(f"{path}: --pooling pooler, but this model has no pooler; use mean or cls.")
@@ -348,6 +393,22 @@ def build_backbone(spec: ModelSpec) -> tuple[nn.Module, int]:
         h, w = spec.preprocessing["size"]
         dim = backbone.eval()(torch.zeros(1, 3, h, w)).shape[-1]
     return backbone, int(dim)
+
+
+def _check_loaded(path: Path, model, spec: ModelSpec, missing: list[str]) -> None:
+    """Nothing a run uses may be initialised at random on load: weights the folder lacks are an
+    error, except a pooler the chosen pooling never reads, which is removed."""
+    pooler = [k for k in missing if _is_pooler(k)]
+    if pooler and spec.pooling == "pooler":
+        raise ModelError(f"{path}: --pooling pooler, but the folder lacks {', '.join(pooler)}; they would be "
+                         "random on every load. Use --pooling mean (or cls).")
+    if pooler and getattr(model, "pooler", None) is not None:
+        model.pooler = None  # never computed, never saved
+    other = [k for k in missing if not _is_pooler(k)]
+    if other:
+        more = f" and {len(other) - 3} more" if len(other) > 3 else ""
+        raise ModelError(f"{path}: the folder lacks weights the model needs ({', '.join(other[:3])}{more}); "
+                         "they would be random on every load. Use a complete model folder.")
 
 
 def build_preprocessor(spec: ModelSpec):

@@ -53,6 +53,12 @@ def _save(fig, plt, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _rates(lrs: dict) -> str:
+    if "backbone" not in lrs:
+        return f"head lr {lrs['head']:g} (backbone frozen)"
+    return f"lr {lrs['backbone']:g} (head {lrs['head']:g})"
+
+
 def model_card(cfg, spec, summary: dict, plan) -> str:
     best = summary["best"]
     p = summary["parameters"]
@@ -71,12 +77,12 @@ def model_card(cfg, spec, summary: dict, plan) -> str:
 
 A {len(summary['labels'])}-class {spec.modality} classifier fine-tuned with edgeft {summary['edgeft_version']}.
 
-- **Base model:** {spec.source} ({spec.family}, {spec.model_type}); features: {spec.pooling} pooling, {spec.feature_dim} dimensions
+- **Base model:** {spec.source} ({spec.family}, {spec.model_type}); features: {spec.pooling} pooling{f" ({spec.pooling_reason})" if spec.pooling_reason else ""}, {spec.feature_dim} dimensions
 - **Method:** {method}; {p['trainable']:,} of {p['total']:,} parameters trained ({100 * p['ratio']:.2f}%)
-- **Training data:** {data['train']['source']}, {data['train']['rows']} rows
-- **Validation data:** {data['val']['source']}, {data['val']['rows']} rows
+- **Training data:** {data['train']['source']}, {data['train']['rows']} rows (fingerprint {data['train']['fingerprint']})
+- **Validation data:** {data['val']['source']}, {data['val']['rows']} rows (fingerprint {data['val']['fingerprint']})
 - **Labels:** {', '.join(summary['labels'])}
-- **Schedule:** {len(summary['epochs'])} of {cfg.epochs} epochs{' (stopped early)' if summary['stopped_early'] else ''}, batch {cfg.batch_size}, lr {cfg.lr} (head {cfg.head_lr}), warmup {cfg.warmup:.0%} then linear decay, seed {cfg.seed}
+- **Schedule:** {len(summary['epochs'])} of {cfg.epochs} epochs{' (stopped early)' if summary['stopped_early'] else ''}, batch {cfg.batch_size}, {_rates(summary['trained']['learning_rates'])}, warmup {cfg.warmup:.0%} then linear decay, seed {cfg.seed}
 
 ## Result on the validation data (best epoch: {best['epoch']}, chosen by {best['metric']})
 

@@ -27,7 +27,14 @@ from .checkpoints import STATE_FILE
 from .config import TrainConfig
 from .data import Augment, Dataset, check_labels, label_names, load_dataset, stratified_split
 from .errors import DataError, UsageError
-from .models import ModelSpec, build_preprocessor, build_task_model, check_modality, load_spec
+from .models import (
+    NO_POOLER,
+    ModelSpec,
+    build_preprocessor,
+    build_task_model,
+    check_modality,
+    load_spec,
+)
 from .runtime import atomic
 from .runtime.metrics import classification_report
 
@@ -510,9 +517,12 @@ class Trainer:
             "macro_f1": report["macro_f1"],
             "stopped_early": p.stopped_early,
             "data": {
-                "train": {"source": train_ds.source, "rows": len(train_ds), "counts": train_ds.counts()},
-                "val": {"source": val_ds.source, "rows": len(val_ds), "counts": val_ds.counts()},
+                "train": {"source": train_ds.source, "rows": len(train_ds), "counts": train_ds.counts(),
+                          "fingerprint": train_ds.fingerprint()},
+                "val": {"source": val_ds.source, "rows": len(val_ds), "counts": val_ds.counts(),
+                        "fingerprint": val_ds.fingerprint()},
             },
+            "trained": self.record(),
             "timing": {
                 "total_seconds": round(time.perf_counter() - t_start, 3),
                 "feature_seconds": round(self.feature_seconds, 3),
@@ -525,11 +535,30 @@ class Trainer:
         }
 
 
+    def record(self) -> dict:
+        """What ran, as opposed to what was asked: the learning rates of what trained, the pooling
+        and why, the epochs run (the options themselves are in run.json's config)."""
+        cfg, p = self.cfg, self.progress
+        lrs = {"head": cfg.head_lr}
+        if any(not n.startswith("head.") for n in self.plan.trainable):
+            lrs["backbone"] = cfg.lr
+        return {
+            "learning_rates": lrs, "schedule": f"warmup {cfg.warmup:g} of the steps, then linear decay to 0",
+            "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay,
+            "epochs": {"max": cfg.epochs, "ran": len(p.history), "best": p.best["epoch"],
+                       "stopped_early": p.stopped_early},
+            "pooling": self.spec.pooling, "pooling_reason": self.spec.pooling_reason,
+            "seed": cfg.seed,
+        }
+
+
 def _check_inputs(cfg: TrainConfig):
     """Everything that can be wrong with the input, checked before anything is written."""
     train_ds, val_ds, labels = _prepare_data(cfg)
     spec = load_spec(cfg.model, cfg.pooling, cfg.max_length, cfg.image_size)
     check_modality(spec, train_ds.kind, train_ds.source)
+    if spec.pooling_reason == NO_POOLER:
+        log.warning("%s: %s pooling, because %s", cfg.model, spec.pooling, NO_POOLER)
     if cfg.augment and spec.modality != "image":
         raise UsageError("--augment applies to image data only.")
     state = {
@@ -596,5 +625,7 @@ def _write_outputs(t: Trainer, summary: dict) -> None:
         "training": training_source(cfg.to_dict()),
         "trained_keys": keys,
         "parameters": summary["parameters"],
+        "trained": summary["trained"],
+        "data": {k: {"rows": v["rows"], "fingerprint": v["fingerprint"]} for k, v in summary["data"].items()},
     })
     atomic.write_json(run / STATE_FILE, {**json.loads((run / STATE_FILE).read_text()), "status": "complete"})

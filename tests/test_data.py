@@ -275,6 +275,14 @@ BAD_FILES = [
      ["line 3: empty text in column 'text'"]),
     ("empty-text-jsonl", "t.jsonl", '{"text": "ok", "label": "a"}\n{"text": "", "label": "b"}\n', {},
      ["line 2: empty text in column 'text'"]),
+    ("invisible-text", "t.csv", "text,label\nfine,a\n\u200b\u200b,b\n", {},
+     ["line 3: empty text in column 'text'"]),
+    ("unicode-space-text-jsonl", "t.jsonl", '{"text": "ok", "label": "a"}\n{"text": "\\u3000\\t\\ufeff", "label": "b"}\n',
+     {}, ["line 2: empty text in column 'text'"]),
+    ("control-char-text-jsonl", "t.jsonl", '{"text": "ok", "label": "a"}\n{"text": "\\u0000 \\u0007", "label": "b"}\n',
+     {}, ["line 2: empty text in column 'text'"]),
+    ("invisible-label", "t.csv", "text,label\nfine,a\nno label here,\u2060\n", {},
+     ["line 3: empty label in column 'label'"]),
     ("null-text-jsonl", "t.jsonl", '{"text": "ok", "label": "a"}\n{"text": null, "label": "b"}\n', {},
      ["line 2: empty text in column 'text'"]),
     ("text-not-a-string-jsonl", "t.jsonl", '{"text": 12, "label": "a"}\n', {},
@@ -507,7 +515,7 @@ def test_cli_missing_text_column(run_train, tiny_bert, tmp_path):
 def test_cli_empty_text(run_train, tiny_bert, tmp_path):
     data = jsonl(
         tmp_path / "train.jsonl",
-        [{"text": "pump leak", "label": "pump"}, {"text": " ", "label": "motor"}],
+        [{"text": "pump leak", "label": "pump"}, {"text": " \u200b\u00a0", "label": "motor"}],
     )
     out = tmp_path / "run"
     r = run_train(f"--model {tiny_bert} --data {data} --output {out} --epochs 1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -331,3 +332,95 @@ def test_cli_config_file_value_of_the_wrong_type(tmp_path):
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert r.stderr.startswith(f"error: {f}: ") and len(r.stderr.splitlines()) == 1, r.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def bert_without_pooler(tmp_path_factory) -> Path:
+    """A user's own BERT folder in save_pretrained layout with no pooler weights and no
+    1_Pooling/config.json (as paraphrase-MiniLM-L3-v2 ships)."""
+    from tiny import make_tiny_bert
+    from transformers import BertConfig, BertModel
+
+    d = make_tiny_bert(tmp_path_factory.mktemp("bert-no-pooler"))
+    torch.manual_seed(0)
+    BertModel(BertConfig.from_pretrained(d), add_pooling_layer=False).save_pretrained(d)
+    assert not any(k.startswith("pooler.") for k in load_file(str(d / "model.safetensors")))
+    return d
+
+
+def test_a_folder_without_pooler_weights_trains_with_mean_pooling_and_loads_the_same(
+        bert_without_pooler, text_data, tmp_path, caplog):
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="edgeft"):
+        train(cfg_for(bert_without_pooler, text_data["train"], out, val=str(text_data["val"]), method="head"))
+    assert "mean pooling, because the folder has no pooler weights" in caplog.text
+    info = json.loads((out / "run.json").read_text())
+    assert info["model"]["pooling"] == info["trained"]["pooling"] == "mean"
+    assert "no pooler weights" in info["trained"]["pooling_reason"]
+    items = ["pump seal leak", "belt roller track", "motor fuse"]
+    from edgeft.runs import predict_logits
+
+    first, second = load_run(out), load_run(out)
+    assert first.model.backbone.model.pooler is None  # nothing initialised at random on load
+    a = predict_logits(first.model, first.pre, items)
+    b = predict_logits(second.model, second.pre, items)
+    assert torch.equal(a, b)
+    assert evaluate(out, text_data["val"])["accuracy"] == evaluate(out, text_data["val"])["accuracy"]
+
+
+def test_pooler_pooling_on_a_folder_without_pooler_weights_refuses(bert_without_pooler, text_data, tmp_path):
+    from click.testing import CliRunner
+
+    from edgeft.cli import main
+    from edgeft.errors import ModelError
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["train", "--model", str(bert_without_pooler), "--data", str(text_data["train"]),
+                                  "--pooling", "pooler", "--output", str(out)])
+    assert r.exit_code == 2
+    assert r.output.strip() == (f"error: {bert_without_pooler}: --pooling pooler, but the folder has no pooler "
+                                "weights (pooler.dense.*); they would be random on every load. "
+                                "Use --pooling mean (or cls).")
+    assert not out.exists()
+    # the loading report catches it too, where the folder's weights cannot be listed beforehand
+    spec = load_spec(str(bert_without_pooler))
+    spec.pooling = "pooler"
+    with pytest.raises(ModelError, match=r"lacks pooler\.dense\.bias, pooler\.dense\.weight; .* --pooling mean"):
+        build_task_model(spec, 3)
+
+
+def test_records_say_what_ran(tiny_bert, text_data, tmp_path):
+    out = tmp_path / "run"
+    train(cfg_for(tiny_bert, text_data["train"], out, val=str(text_data["val"]), method="head", epochs=3))
+    info = json.loads((out / "run.json").read_text())
+    t = info["trained"]
+    assert t["learning_rates"] == {"head": methods.DEFAULTS["head"]["head_lr"]}
+    assert t["epochs"]["max"] == 3 and t["epochs"]["ran"] == 3 and t["pooling"] == "pooler"
+    assert info["config"]["lr"] is None  # the head method has no body learning rate
+    card = (out / "README.md").read_text()
+    assert not re.search(r"lr 0\.0(?![0-9])", card) and "head lr 0.003 (backbone frozen)" in card
+    for split in ("train", "val"):
+        fp = info["data"][split]["fingerprint"]
+        assert len(fp) == 16 and f"fingerprint {fp}" in card
+    assert info["data"]["train"]["rows"] == 48
+    lora = tmp_path / "lora"
+    train(cfg_for(tiny_bert, text_data["train"], lora, val=str(text_data["val"]), method="lora", epochs=1,
+                  pooling="mean"))
+    assert json.loads((lora / "run.json").read_text())["trained"]["learning_rates"] == {"backbone": 1e-3, "head": 1e-2}
+    assert "lr 0.001 (head 0.01)" in (lora / "README.md").read_text()
+
+
+def test_global_options_after_the_command_and_json_file(tiny_bert, text_data, tmp_path):
+    from click.testing import CliRunner
+
+    from edgeft.cli import main
+
+    r = CliRunner().invoke(main, ["evaluate", str(tmp_path), "--data", str(text_data["val"])])
+    assert r.exit_code == 2 and r.output.startswith("error: ") and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["evaluate", str(tmp_path), "--data", str(text_data["val"]), "--debug"])
+    assert isinstance(r.exception, UsageError)  # --debug after the command keeps the traceback
+    r = CliRunner().invoke(main, ["devices", "-v", "-q", "--json-file", str(tmp_path / "d.json")])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("targets") and "cpu" in json.loads((tmp_path / "d.json").read_text())["targets"]
+    r = CliRunner().invoke(main, ["devices", "--json"])
+    assert "cpu" in json.loads(r.stdout)["targets"]

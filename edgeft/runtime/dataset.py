@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import json
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,14 @@ class Dataset:
 
     def counts(self) -> dict[str, int]:
         return dict(sorted(Counter(self.labels).items()))
+
+
+def blank(value) -> bool:
+    """Nothing to read: empty, white space only, or only invisible characters (zero-width
+    spaces, byte-order marks, control characters), which tokenizers drop."""
+    if value is None:
+        return True
+    return isinstance(value, str) and all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in value)
 
 
 def _read_text(path: Path) -> str:
@@ -122,7 +131,7 @@ def _rows_jsonl(path: Path, text: str):
 
 
 def _label(value, path, line, label_column, required):
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if blank(value):
         if required:
             raise DataError(f"{path}: line {line}: empty label in column '{label_column}'.")
         return None
@@ -170,7 +179,7 @@ def load_dataset(
             if require_labels:
                 _column(path, header, label_column, "label")
         value = row.get(col)
-        if value is None or (isinstance(value, str) and not value.strip()):
+        if blank(value):
             what = "image path" if kind == "image" else "text"
             raise DataError(f"{path}: line {line}: empty {what} in column '{col}'.")
         if not isinstance(value, str):
