@@ -186,8 +186,8 @@ def test_verify_passes_a_good_export(merged_text_export, text_model_dir, text_da
                                         f"with --json-file {tmp_path / 'r.json'} (--json alone prints the report).")
 
 
-def test_verify_json_convention(text_export, text_model_dir, text_data, tmp_path):
-    args = (text_export, "--reference", text_model_dir, "--data", text_data["val"])
+def test_verify_json_convention(merged_text_export, text_model_dir, text_data, tmp_path):
+    args = (merged_text_export, "--reference", text_model_dir, "--data", text_data["val"])
     r = _verify(*args, "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["passed"]  # stdout holds the JSON and nothing else
