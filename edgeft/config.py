@@ -22,6 +22,7 @@ class TrainConfig:
     data: str = ""
     output: str = ""
     method: str = "head"
+    head: str = "softmax"  # the head family a bundle of this run answers with (softmax | ridge, see ridge_head.py)
     val: str | None = None
     text_column: str = "text"
     label_column: str = "label"
@@ -61,6 +62,8 @@ class TrainConfig:
 
         if self.method not in METHODS:
             raise ConfigError(f"method: unknown method '{self.method}'; choose from {', '.join(METHODS)}.{did_you_mean(self.method, METHODS)}")
+        if self.head not in ("softmax", "ridge"):
+            raise ConfigError(f"head: expected softmax or ridge, got {self.head!r}.")
         if self.metric not in METRICS:
             raise ConfigError(f"metric: unknown metric '{self.metric}'; choose from {', '.join(METRICS)}.{did_you_mean(self.metric, METRICS)}")
         for name in ("epochs", "batch_size", "lora_r", "train_layers", "unfreeze_every"):

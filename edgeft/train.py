@@ -585,6 +585,14 @@ def train(cfg: TrainConfig) -> dict:
     if not t.main:  # only the main process writes the run directory
         return {}
     summary = t.summary(t_start)
+    if cfg.head == "ridge" and isinstance(t.strategy, HeadOnly):  # the closed-form head, same cached features
+        from .ridge_head import fit_on_features
+
+        feats = t.strategy.feats
+        summary["ridge"] = fit_on_features(feats["train"].numpy(), t.train_in.y.numpy(), feats["val"].numpy(),
+                                           t.val_in.y.numpy(), labels)
+        log.info("ridge head: accuracy %.4f on the validation rows (lambda %g, one solve in %.2f s)",
+                 summary["ridge"]["accuracy"], summary["ridge"]["lambda"], summary["ridge"]["seconds"])
     _write_outputs(t, summary)
     return summary
 

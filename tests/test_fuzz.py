@@ -907,7 +907,7 @@ def test_manifest_examples(scratch, tiny_bundle):
     """Hand-picked manifests with a known answer."""
     base, m0, _ = tiny_bundle
     cases = {
-        "newer schema": ({**m0, "schema": 3}, "newer than this edgeft reads"),
+        "newer schema": ({**m0, "schema": 4}, "newer than this edgeft reads"),
         "escape": ({**m0, "files": {**m0["files"], "../../etc/passwd": {"sha256": "0" * 64}}}, "points outside the bundle"),
         "absolute": ({**m0, "files": {**m0["files"], "/etc/passwd": {"sha256": "0" * 64}}}, "points outside the bundle"),
         "bad hash": ({**m0, "files": {**m0["files"], HEAD: {"sha256": "0" * 64}}}, "does not match its sha256"),

@@ -19,9 +19,12 @@ from pathlib import Path
 from ..errors import BundleError
 
 MANIFEST = "manifest.json"
-SCHEMA = 2  # the newest this edgeft reads. 2: runtime.engine (openvino) and runtime.max_batch, which
+SCHEMA = 3  # the newest this edgeft reads. 2: runtime.engine (openvino) and runtime.max_batch, which
 # an edgeft that reads only 1 would ignore (it would run backbone.xml with onnxruntime, or batch a
-# dynamic-int8 backbone), so bundles that use them say 2 and older devices ask for an upgrade
+# dynamic-int8 backbone), so bundles that use them say 2 and older devices ask for an upgrade.
+# 3: head families (a head version with "family": "ridge" and its "statistics" file): an edgeft
+# that reads only 2 would retrain such a head as softmax from a replay memory of hold-out rows
+FAMILIES = ("softmax", "ridge")
 REQUIRED = {  # key: type; a manifest missing one, or with the wrong type, is refused
     "schema": int, "edgeft_version": str, "task": str, "modality": str, "labels": list,
     "preprocessing": dict, "inputs": list, "precision": str, "runtime": dict, "files": dict,
@@ -88,6 +91,24 @@ def _is_version(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
+def _check_head_files(h: dict, key: str, files: dict, path) -> None:
+    """One 'heads' entry's files (head, replay, and a closed-form family's statistics): hashed unless pruned."""
+    pruned = h.get("pruned", False)
+    if not isinstance(pruned, bool):
+        raise BundleError(f"{path}: '{key}.pruned' must be true or false, got {pruned!r}.")
+    family = h.get("family", "softmax")
+    if family not in FAMILIES:
+        raise BundleError(f"{path}: '{key}.family' must be one of {', '.join(FAMILIES)}, got {family!r}.")
+    if family != "softmax" and "statistics" not in h:
+        raise BundleError(f"{path}: '{key}' is a {family} head and must name its 'statistics' file.")
+    for name in ("file", "replay", "statistics"):
+        rel = h.get(name)
+        if rel is None and name != "file":
+            continue
+        if not isinstance(rel, str) or (not pruned and rel not in files):
+            raise BundleError(f"{path}: '{key}.{name}' must name a file listed (and hashed) in 'files'.")
+
+
 def _check_heads(m: dict, path) -> None:
     """'heads': one object per head version (unique integer above 0, a hashed file unless pruned,
     string labels); 'head' names one of them."""
@@ -103,15 +124,7 @@ def _check_heads(m: dict, path) -> None:
         if v in versions:
             raise BundleError(f"{path}: head version {v} is listed twice in 'heads'.")
         versions.add(v)
-        pruned = h.get("pruned", False)
-        if not isinstance(pruned, bool):
-            raise BundleError(f"{path}: '{key}.pruned' must be true or false, got {pruned!r}.")
-        for name in ("file", "replay"):
-            rel = h.get(name)
-            if rel is None and name == "replay":
-                continue
-            if not isinstance(rel, str) or (not pruned and rel not in files):
-                raise BundleError(f"{path}: '{key}.{name}' must name a file listed (and hashed) in 'files'.")
+        _check_head_files(h, key, files, path)
         for name in ("labels", "added_classes"):
             if name in h and (not isinstance(h[name], list) or not all(isinstance(x, str) for x in h[name])):
                 raise BundleError(f"{path}: '{key}.{name}' must be a list of strings.")
@@ -121,9 +134,12 @@ def _check_heads(m: dict, path) -> None:
     if not _is_version(v) or v not in versions:
         raise BundleError(f"{path}: 'head.version' must be the version of one entry of 'heads' "
                           f"({', '.join(map(str, sorted(versions))) or 'none listed'}), got {v!r}.")
-    rel = m["head"].get("replay")
-    if rel is not None and (not isinstance(rel, str) or rel not in files):
-        raise BundleError(f"{path}: 'head.replay' must name a file listed (and hashed) in 'files'.")
+    for name in ("replay", "statistics"):
+        rel = m["head"].get(name)
+        if rel is not None and (not isinstance(rel, str) or rel not in files):
+            raise BundleError(f"{path}: 'head.{name}' must name a file listed (and hashed) in 'files'.")
+    if m["head"].get("family", "softmax") != next(h for h in m["heads"] if h["version"] == v).get("family", "softmax"):
+        raise BundleError(f"{path}: 'head.family' differs from the family of head version {v} in 'heads'.")
 
 
 def check_files(bundle: str | Path, manifest: dict, only: list[str] | None = None) -> None:

@@ -262,6 +262,10 @@ def retrain(path: str | Path, data: str | Path, config: RetrainConfig | None = N
     bundle = Bundle(path, public_key=public_key)
     m = bundle.manifest
     new = _read_samples(bundle, data, cfg)
+    if m["head"].get("family", "softmax") == "ridge":  # the closed-form family: statistics, not replay rows
+        from .ridge_bundle import retrain as retrain_ridge
+
+        return retrain_ridge(bundle, new, data, cfg, t0, refused=RetrainRefused, prune=_prune)
     replay = _load_replay(bundle)
     head = _fit_head(new, replay, cfg)
     metrics = _guard(bundle, head, new, replay, cfg)
@@ -293,11 +297,12 @@ def _prune(manifest: dict, keep: int) -> list[str]:
     live = [h for h in manifest["heads"] if not h.get("pruned")]
     excess = len(live) - max(keep, 1)
     victims = [h for h in sorted(live, key=lambda h: h["version"]) if h["version"] != active][:max(excess, 0)]
-    still_used = {h.get(k) for h in live if h not in victims for k in ("file", "replay")}
+    kinds = ("file", "replay", "statistics")
+    still_used = {h.get(k) for h in live if h not in victims for k in kinds}
     removed = []
     for h in victims:
         h["pruned"] = True
-        for k in ("file", "replay"):
+        for k in kinds:
             rel = h.get(k)
             if rel and rel not in still_used and rel in manifest["files"]:
                 del manifest["files"][rel]
@@ -326,7 +331,8 @@ def rollback(path: str | Path, version: int | None = None, public_key=None) -> d
     if not isinstance(past, list):
         raise BundleError(f"{path / MANIFEST}: 'rollbacks' must be a list, got {type(past).__name__}.")
     new = dict(m)
-    new["head"] = {"version": version, "file": h["file"], **({"replay": h["replay"]} if h.get("replay") else {})}
+    new["head"] = {"version": version, "file": h["file"],
+                   **{k: h[k] for k in ("replay", "statistics", "family") if h.get(k)}}
     new["labels"] = labels
     new["rollbacks"] = [*past, {"from": active, "to": version, "at": _now()}]
     _check_rollback(path, new, version)

@@ -1,0 +1,550 @@
+"""A closed-form class-incremental head: class-balanced random ReLU features + ridge (RanPAC-style).
+
+numpy only; the device's second head family beside the softmax head (runtime/head.py).
+
+    h = relu(x @ P + p)                 a fixed random projection of the features, width D
+    logits = h @ W + b                  W, b: a ridge solve from per-class statistics
+
+The projection is fixed for a bundle's whole lineage: P = R / s (R ~ N(0, 1/d) from a seed,
+s the per-feature scale of the first training rows) and p = u - (m / s) @ R, so the
+standardisation (x - m) / s is folded in and the ONNX graph is MatMul, Add, Relu, MatMul, Add.
+Its sha256 names the lineage: statistics with the same projection hash sum exactly.
+
+Per class c the statistics are n_c (rows), s_c = sum h (D,) and the Gram matrix
+G_c = sum h h^T (D, D). The solve weighs every class the same (a class of 40 rows counts as
+much as one of 400):
+
+    A = sum_c [h;1][h;1]^T / n_c     (D+1, D+1: an unregularised intercept column)
+    T[:, c] = [s_c; n_c] / n_c
+    [W; b] = solve(A + lambda diag(1..1, 0), T)
+
+Storage (exact either way, chosen per class by size): a class with n_c <= D rows keeps its
+projected rows H_c (n_c x D, float32: h is computed in float32, as ONNX Runtime computes it, so
+keeping it in float32 loses nothing), a larger one its Gram matrix (upper triangle, float64)
+and its sum. Adding rows to a class adds to its statistics exactly; adding a class adds its own;
+two devices' statistics of one lineage pool exactly (`Statistics.merge`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FAMILY = "ridge"
+DEFAULT_WIDTH = 1000
+DEFAULT_SEED = 0
+LAMBDAS = tuple(float(v) for v in np.geomspace(0.01, 100.0, 9))  # the grid the device chooses from
+OFFSETS = (-0.3, -0.2, -0.15, -0.1, -0.05, 0.0, 0.05, 0.1)  # logit offsets tried for a class a retrain adds
+STATS_FORMAT = 1
+
+
+# ---------------------------------------------------------------- the projection
+
+
+@dataclass(frozen=True)
+class Projection:
+    """h = relu(x @ matrix + bias): float32, standardisation folded in."""
+
+    matrix: np.ndarray  # (d_in, D) float32
+    bias: np.ndarray  # (D,) float32
+    seed: int | None = None
+
+    @property
+    def width(self) -> int:
+        return int(self.matrix.shape[1])
+
+    @property
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.matrix, dtype="<f4").tobytes())
+        h.update(np.ascontiguousarray(self.bias, dtype="<f4").tobytes())
+        return h.hexdigest()
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        """(n, d_in) -> (n, D) float32, computed as the ONNX graph computes it (float32 MatMul, Add, Relu)."""
+        Z = np.asarray(X, dtype=np.float32) @ self.matrix
+        Z += self.bias
+        return np.maximum(Z, 0, out=Z)
+
+
+def make_projection(X: np.ndarray, width: int = DEFAULT_WIDTH, seed: int = DEFAULT_SEED) -> Projection:
+    """A random projection for features like X: R ~ N(0, 1/d), u ~ N(0, 1) over standardised X."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or len(X) < 2:
+        raise ValueError("a projection needs at least 2 feature rows")
+    if width < 1:
+        raise ValueError(f"width must be at least 1, got {width}")
+    d = X.shape[1]
+    rng = np.random.default_rng(seed)
+    R = rng.standard_normal((d, width)) / np.sqrt(d)
+    u = rng.standard_normal(width)
+    mean, scale = X.mean(0), X.std(0)
+    scale[scale < 1e-6] = 1.0  # a constant feature carries nothing: leave it unscaled
+    P = R / scale[:, None]
+    p = u - (mean / scale) @ R
+    return Projection(P.astype(np.float32), p.astype(np.float32), seed)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def _tri(D: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(D)
+
+
+@dataclass
+class ClassStats:
+    """One class: its projected rows (while few) or its Gram matrix and sum (float64)."""
+
+    count: int = 0
+    rows: np.ndarray | None = None  # (count, D) float32, while count <= D
+    gram: np.ndarray | None = None  # (D, D) float64 otherwise
+    total: np.ndarray | None = None  # (D,) float64, with gram
+
+    def add(self, H: np.ndarray, width: int) -> None:
+        H = np.asarray(H, dtype=np.float32)
+        if not len(H):
+            return
+        if self.gram is None and self.count + len(H) <= width:
+            self.rows = H.copy() if self.rows is None else np.concatenate([self.rows, H])
+        else:
+            if self.gram is None:
+                self._to_gram(width)
+            H64 = H.astype(np.float64)
+            self.gram += H64.T @ H64
+            self.total += H64.sum(0)
+        self.count += len(H)
+
+    def _to_gram(self, width: int) -> None:
+        R = (self.rows if self.rows is not None else np.zeros((0, width), np.float32)).astype(np.float64)
+        self.gram, self.total, self.rows = R.T @ R, R.sum(0), None
+
+    def moments(self, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sum h h^T, sum h) in float64."""
+        if self.gram is not None:
+            return self.gram, self.total
+        R = (self.rows if self.rows is not None else np.zeros((0, width), np.float32)).astype(np.float64)
+        return R.T @ R, R.sum(0)
+
+    def merged(self, other: ClassStats, width: int) -> ClassStats:
+        out = ClassStats()
+        for part in (self, other):
+            if part.gram is None:
+                if part.rows is not None:
+                    out.add(part.rows, width)
+                continue
+            if out.gram is None:
+                out._to_gram(width)
+            out.gram = out.gram + part.gram
+            out.total = out.total + part.total
+            out.count += part.count
+        return out
+
+    def nbytes(self) -> int:
+        if self.gram is not None:
+            D = len(self.total)
+            return D * (D + 1) // 2 * 8 + D * 8
+        return 0 if self.rows is None else self.rows.nbytes
+
+
+@dataclass
+class Statistics:
+    """Per-class sufficient statistics of one projection lineage."""
+
+    projection_sha256: str
+    width: int
+    labels: list[str]
+    classes: list[ClassStats] = field(default_factory=list)
+    offsets: list[float] = field(default_factory=list)  # per class, added to its logit (chosen when it was added)
+
+    def __post_init__(self):
+        self.offsets = [float(v) for v in self.offsets] + [0.0] * (len(self.classes) - len(self.offsets))
+
+    @classmethod
+    def empty(cls, projection: Projection, labels: list[str]) -> Statistics:
+        return cls(projection.sha256, projection.width, list(labels), [ClassStats() for _ in labels])
+
+    def ensure_labels(self, labels: list[str]) -> None:
+        """Grow to `labels` (the old ones first, in order): a new class starts empty."""
+        if labels[: len(self.labels)] != self.labels:
+            raise ValueError(f"labels {labels} do not extend the statistics' labels {self.labels}")
+        for name in labels[len(self.labels):]:
+            self.labels.append(name)
+            self.classes.append(ClassStats())
+            self.offsets.append(0.0)
+
+    def add(self, H: np.ndarray, y: np.ndarray) -> None:
+        """Rows H (already projected) with class indices y into the statistics, exactly."""
+        y = np.asarray(y, dtype=np.int64)
+        if len(H) != len(y):
+            raise ValueError(f"{len(H)} rows but {len(y)} labels")
+        if H.ndim != 2 or H.shape[1] != self.width:
+            raise ValueError(f"rows of width {H.shape[1] if H.ndim == 2 else '?'}, the statistics have {self.width}")
+        if len(y) and (y.min() < 0 or y.max() >= len(self.classes)):
+            raise ValueError(f"class index out of range 0..{len(self.classes) - 1}")
+        for c in np.unique(y):
+            self.classes[c].add(H[y == c], self.width)
+
+    def merge(self, other: Statistics) -> Statistics:
+        """Pool two devices' statistics of the same lineage: as if one device had seen all rows."""
+        if other.projection_sha256 != self.projection_sha256:
+            raise ValueError("statistics of different projections cannot be pooled")
+        labels = list(self.labels) + [n for n in other.labels if n not in self.labels]
+        out = Statistics(self.projection_sha256, self.width, labels, [])
+        for name in labels:
+            a = self.classes[self.labels.index(name)] if name in self.labels else ClassStats()
+            b = other.classes[other.labels.index(name)] if name in other.labels else ClassStats()
+            out.classes.append(a.merged(b, self.width))
+            src = self if name in self.labels else other
+            out.offsets.append(src.offsets[src.labels.index(name)])
+        return out
+
+    @property
+    def counts(self) -> list[int]:
+        return [c.count for c in self.classes]
+
+    def nbytes_per_class(self) -> list[int]:
+        return [c.nbytes() for c in self.classes]
+
+    def moments(self) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        return [(*cs.moments(self.width), cs.count) for cs in self.classes]
+
+    def system(self, extra: dict[int, tuple[np.ndarray, np.ndarray, int]] | None = None,
+               moments: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The class-balanced normal equations (A, T) with an intercept column. `extra` adds
+        moments (sum h h^T, sum h, rows) to classes on the fly (the folds of a cross-validation)
+        without changing self; `moments` (from .moments()) saves recomputing them for every fold."""
+        D, C = self.width, len(self.classes)
+        A = np.zeros((D + 1, D + 1))
+        T = np.zeros((D + 1, C))
+        for c, (G, s, n) in enumerate(moments or self.moments()):
+            if extra and c in extra:
+                G, s, n = G + extra[c][0], s + extra[c][1], n + extra[c][2]
+            if n == 0:
+                continue
+            A[:D, :D] += G / n
+            A[:D, D] += s / n
+            A[D, :D] += s / n
+            A[D, D] += 1.0
+            T[:D, c] = s / n
+            T[D, c] = 1.0
+        return A, T
+
+    # ------------------------------------------------------------ files
+
+    def to_bytes(self) -> bytes:
+        arrays = {"meta": np.frombuffer(json.dumps({
+            "format": STATS_FORMAT, "family": FAMILY, "projection_sha256": self.projection_sha256,
+            "width": self.width, "labels": self.labels, "counts": self.counts,
+            "offsets": self.offsets}).encode(), dtype=np.uint8)}
+        iu = _tri(self.width)
+        for i, cs in enumerate(self.classes):
+            if cs.gram is not None:
+                arrays[f"gram_{i}"] = cs.gram[iu]
+                arrays[f"sum_{i}"] = cs.total
+            elif cs.rows is not None:
+                arrays[f"rows_{i}"] = cs.rows
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Statistics:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            if meta.get("format") != STATS_FORMAT or meta.get("family") != FAMILY:
+                raise ValueError(f"not ridge statistics of format {STATS_FORMAT}")
+            D = int(meta["width"])
+            iu = _tri(D)
+            classes = []
+            for i, n in enumerate(meta["counts"]):
+                cs = ClassStats(count=int(n))
+                if f"gram_{i}" in z.files:
+                    g = np.zeros((D, D))
+                    g[iu] = z[f"gram_{i}"]
+                    cs.gram = g + np.triu(g, 1).T
+                    cs.total = z[f"sum_{i}"].astype(np.float64)
+                elif f"rows_{i}" in z.files:
+                    cs.rows = z[f"rows_{i}"].astype(np.float32)
+                    if cs.rows.shape != (cs.count, D):
+                        raise ValueError(f"class {i}: rows of shape {cs.rows.shape}, expected ({cs.count}, {D})")
+                elif cs.count:
+                    raise ValueError(f"class {i}: {cs.count} rows counted but no statistics stored")
+                classes.append(cs)
+        return cls(meta["projection_sha256"], D, list(meta["labels"]), classes, list(meta.get("offsets", [])))
+
+
+# ---------------------------------------------------------------- the solve
+
+
+def _penalty(D: int) -> np.ndarray:
+    d = np.ones(D + 1)
+    d[D] = 0.0  # the intercept is not shrunk
+    return d
+
+
+def solve(A: np.ndarray, T: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """[W; b] = (A + lam * diag(1, .., 1, 0))^-1 T in float64: W (D, C), b (C,)."""
+    D = A.shape[0] - 1
+    M = A + lam * np.diag(_penalty(D))
+    try:
+        L = np.linalg.cholesky(M)
+        Wb = np.linalg.solve(L.T, np.linalg.solve(L, T))
+    except np.linalg.LinAlgError:
+        Wb = np.linalg.lstsq(M, T, rcond=None)[0]
+    return Wb[:D], Wb[D]
+
+
+class Solver:
+    """One eigendecomposition of A, then the solution for any lambda in O(D^2 C).
+
+    The intercept is removed first (it is not shrunk): with A = [[G, m], [m^T, k]], the
+    intercept b = (t - m^T W) / k, and W solves (G - m m^T / k + lam I) W = T_w - m t / k."""
+
+    def __init__(self, A: np.ndarray, T: np.ndarray):
+        D = A.shape[0] - 1
+        G, m, k = A[:D, :D], A[:D, D], A[D, D]
+        Tw, t = T[:D], T[D]
+        k = k if k > 0 else 1.0
+        S = G - np.outer(m, m) / k
+        self.rhs = Tw - np.outer(m, t) / k
+        self.m, self.t, self.k = m, t, k
+        self.evals, self.evecs = np.linalg.eigh((S + S.T) / 2)
+        self.proj = self.evecs.T @ self.rhs
+
+    def __call__(self, lam: float) -> tuple[np.ndarray, np.ndarray]:
+        e = np.maximum(self.evals, 0.0) + lam
+        W = self.evecs @ (self.proj / e[:, None])
+        b = (self.t - self.m @ W) / self.k
+        return W, b
+
+
+@dataclass
+class RidgeHead:
+    projection: Projection
+    weight: np.ndarray  # (D, C) float32
+    bias: np.ndarray  # (C,) float32
+    lam: float
+    temperature: float = 1.0  # probs = softmax(temperature * logits): calibrated confidences; argmax unchanged
+
+    def logits(self, X: np.ndarray) -> np.ndarray:
+        """The ridge scores h W + b (near 0..1; the ONNX head's `logits`)."""
+        return (self.projection(X) @ self.weight) + self.bias
+
+    def probs(self, X: np.ndarray) -> np.ndarray:
+        z = self.logits(X).astype(np.float64) * self.temperature
+        z -= z.max(1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(1, keepdims=True)
+
+
+def fit(stats: Statistics, projection: Projection, lam: float) -> RidgeHead:
+    """The solve at `lam`, each class's offset added to its bias."""
+    A, T = stats.system()
+    W, b = solve(A, T, lam)
+    b = b + np.asarray(stats.offsets)
+    return RidgeHead(projection, W.astype(np.float32), b.astype(np.float32), float(lam))
+
+
+def fit_features(X: np.ndarray, y: np.ndarray, labels: list[str], *, lam: float | None = None,
+                 width: int = DEFAULT_WIDTH, seed: int = DEFAULT_SEED,
+                 holdout: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[RidgeHead, Statistics, dict]:
+    """The workstation's one-solve fit from cached features: projection from X, statistics, and
+    lambda chosen on `holdout` (balanced accuracy) when not given (else the grid's middle)."""
+    projection = make_projection(X, width, seed)
+    stats = Statistics.empty(projection, labels)
+    stats.add(projection(X), y)
+    choice = {"lambda": lam, "rows": 0, "grid": list(LAMBDAS)}
+    if lam is None:
+        if holdout is not None and len(holdout[1]):
+            solver = Solver(*stats.system())
+            Hh = projection(holdout[0])
+            yh = np.asarray(holdout[1], dtype=np.int64)
+            scores = [balanced_accuracy((Hh @ solver(v)[0] + solver(v)[1]).argmax(1), yh, len(labels))
+                      for v in LAMBDAS]
+            best = int(np.argmax(scores))
+            choice.update({"lambda": LAMBDAS[best], "rows": int(len(yh)), "scores": scores})
+        else:
+            choice["lambda"] = 1.0
+    head = fit(stats, projection, choice["lambda"])
+    head.temperature = calibrate_temperature(head, *(holdout if holdout is not None else (X, y)))
+    return head, stats, choice
+
+
+def balanced_accuracy(pred: np.ndarray, y: np.ndarray, n_classes: int) -> float:
+    rec = [float((pred[y == c] == c).mean()) for c in range(n_classes) if (y == c).any()]
+    return float(np.mean(rec)) if rec else 0.0
+
+
+def calibrate_temperature(head: RidgeHead, X: np.ndarray, y: np.ndarray) -> float:
+    """The softmax temperature with the least cross-entropy on (X, y): ridge logits are near 0..1,
+    so without it every answer's confidence would read about 1/C. A 1-D search; argmax unchanged.
+    The grid stops at 100: past it the fit only chases separable training rows."""
+    if not len(y):
+        return 1.0
+    Z = (head.projection(X) @ head.weight + head.bias).astype(np.float64)
+    y = np.asarray(y, dtype=np.int64)
+
+    def nll(t):
+        z = Z * t
+        z = z - z.max(1, keepdims=True)
+        return float(-(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(1))).mean())
+
+    grid = np.geomspace(1.0, 100.0, 21)
+    return float(grid[int(np.argmin([nll(t) for t in grid]))])
+
+
+# ---------------------------------------------------------------- the device's own choice
+
+
+def folds_of(y: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Stratified fold index per row: each class's rows dealt round-robin over k folds, shuffled."""
+    rng = np.random.default_rng(seed)
+    fold = np.zeros(len(y), dtype=np.int64)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        fold[idx] = np.arange(len(idx)) % k
+    return fold
+
+
+def choose(stats: Statistics, projection: Projection, X_new: np.ndarray, y_new: np.ndarray,
+           X_hold: np.ndarray, y_hold: np.ndarray, *, old_before: float | None, margin: float,
+           folds: int = 5, lambdas=LAMBDAS, offset_classes=(), offsets=OFFSETS, seed: int = 0) -> dict:
+    """Choose lambda (and a logit offset for the classes this retrain adds) by the retrain
+    guard's own criterion, without the rows that judge it.
+
+    New samples: k-fold (k = min(folds, rows of the rarest new-sample class)); each row is
+    predicted by a solve that never saw it (out-of-fold accuracy: every new row counts once).
+    Old classes: the replay hold-out rows (never in the statistics), scored by the solve on all
+    new rows. A setting is within the guard when its replay hold-out accuracy is within `margin`
+    of the old head's; among those the best out-of-fold accuracy wins (then the best replay
+    accuracy, the smaller offset, the larger lambda). None within: the best replay accuracy, and
+    the guard refuses it, reporting the trade-off measured here. The offset (added to the new
+    classes' logits; 0 when no class is added) moves a new class's boundary without re-solving:
+    the knob class-incremental learning uses against a new class crowding the old ones.
+    `stats` must not yet hold the new rows; it is not changed."""
+    y_new = np.asarray(y_new, dtype=np.int64)
+    y_hold = np.asarray(y_hold, dtype=np.int64)
+    H_new, H_hold = projection(X_new), projection(X_hold)
+    moments = stats.moments()
+    C = len(stats.classes)
+    per_class = np.bincount(y_new)
+    k = int(min(folds, per_class[per_class > 0].min()))
+    if k < 2:
+        raise ValueError("choose() needs at least 2 new rows per class")
+    fold = folds_of(y_new, k, seed)
+    oof = np.zeros((len(lambdas), len(y_new), C))
+    # each (class, fold) block's moments once; a fold's training moments are the total minus its own
+    blocks = {}
+    for c in np.unique(y_new):
+        for f in range(k):
+            E = H_new[(y_new == c) & (fold == f)].astype(np.float64)
+            blocks[int(c), f] = (E.T @ E, E.sum(0), len(E))
+    total = {c: tuple(sum(blocks[c, f][i] for f in range(k)) for i in range(3)) for c in {c for c, _ in blocks}}
+    for f in range(k):
+        test = fold == f
+        extra = {c: (G - blocks[c, f][0], s - blocks[c, f][1], n - blocks[c, f][2]) for c, (G, s, n) in total.items()}
+        solver = Solver(*stats.system(extra, moments))
+        for i, lam in enumerate(lambdas):
+            W, b = solver(lam)
+            oof[i, test] = H_new[test] @ W + b
+    full = Solver(*stats.system(total, moments))
+    shift = np.zeros(C)
+    shift[list(offset_classes)] = 1.0
+    deltas = tuple(offsets) if len(offset_classes) else (0.0,)
+    rows = []
+    for i, lam in enumerate(lambdas):
+        W, b = full(lam)
+        zh = H_hold @ W + b
+        for d in deltas:
+            old = float(((zh + d * shift).argmax(1) == y_hold).mean()) if len(y_hold) else None
+            new = float(((oof[i] + d * shift).argmax(1) == y_new).mean())
+            rows.append({"lambda": float(lam), "offset": float(d), "new_oof_accuracy": new,
+                         "replay_holdout_accuracy": old})
+
+    def old_of(r):
+        return -1.0 if r["replay_holdout_accuracy"] is None else r["replay_holdout_accuracy"]
+
+    def within(r):
+        return old_before is None or r["replay_holdout_accuracy"] is None or \
+            old_before - r["replay_holdout_accuracy"] <= margin + 1e-12
+
+    ok = [r for r in rows if within(r)]
+    if ok:
+        best = max(ok, key=lambda r: (r["new_oof_accuracy"], old_of(r), -abs(r["offset"]), r["lambda"]))
+    else:
+        best = max(rows, key=lambda r: (old_of(r), r["new_oof_accuracy"], -abs(r["offset"]), r["lambda"]))
+    return {"lambda": best["lambda"], "offset": best["offset"], "offset_classes": [int(c) for c in offset_classes],
+            "within_margin": bool(ok), "folds": k, "new_rows": int(len(y_new)),
+            "replay_holdout_rows": int(len(y_hold)), "new_oof_accuracy": best["new_oof_accuracy"],
+            "replay_holdout_accuracy": best["replay_holdout_accuracy"], "grid": rows}
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+def write_onnx(path: str | Path, head: RidgeHead, opset: int = 17, metadata: dict | None = None) -> None:
+    """features (batch, d_in) -> logits, probs: MatMul, Add, Relu, MatMul, Add, Softmax (names as head.onnx)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from .atomic import write_bytes
+
+    d_in, D = head.projection.matrix.shape
+    C = head.weight.shape[1]
+    inits = [numpy_helper.from_array(np.ascontiguousarray(a, dtype=np.float32), n) for n, a in (
+        ("ridge.projection", head.projection.matrix), ("ridge.projection_bias", head.projection.bias),
+        ("ridge.weight", head.weight), ("ridge.bias", head.bias),
+        ("ridge.temperature", np.array(head.temperature, dtype=np.float32)))]
+    nodes = [
+        helper.make_node("MatMul", ["features", "ridge.projection"], ["projected"]),
+        helper.make_node("Add", ["projected", "ridge.projection_bias"], ["preact"]),
+        helper.make_node("Relu", ["preact"], ["hidden"]),
+        helper.make_node("MatMul", ["hidden", "ridge.weight"], ["scores"]),
+        helper.make_node("Add", ["scores", "ridge.bias"], ["logits"]),
+        helper.make_node("Mul", ["logits", "ridge.temperature"], ["scaled"]),
+        helper.make_node("Softmax", ["scaled"], ["probs"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes, "edgeft_ridge_head",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", d_in])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", C]),
+         helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", C])],
+        inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgeft")
+    model.ir_version = 8
+    meta = {"family": FAMILY, "lambda": head.lam, "temperature": head.temperature,
+            "projection_sha256": head.projection.sha256, **(metadata or {})}
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "edgeft", json.dumps(meta)
+    onnx.checker.check_model(model)
+    write_bytes(path, model.SerializeToString())
+
+
+def read_projection(path: str | Path) -> Projection:
+    """The projection of a ridge head file (what every later version of its lineage reuses)."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    if "ridge.projection" not in inits:
+        raise ValueError(f"{path}: not a ridge head (no ridge.projection)")
+    return Projection(inits["ridge.projection"].astype(np.float32), inits["ridge.projection_bias"].astype(np.float32))
+
+
+def read_onnx(path: str | Path) -> RidgeHead:
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    meta = next((json.loads(p.value) for p in m.metadata_props if p.key == "edgeft"), {})
+    proj = Projection(inits["ridge.projection"].astype(np.float32), inits["ridge.projection_bias"].astype(np.float32))
+    return RidgeHead(proj, inits["ridge.weight"], inits["ridge.bias"], float(meta.get("lambda", 0.0)),
+                     float(np.asarray(inits["ridge.temperature"]).reshape(-1)[0]))

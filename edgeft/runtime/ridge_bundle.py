@@ -1,0 +1,287 @@
+"""The ridge head family in a bundle: written at build, re-solved by `edgeft device retrain`.
+
+A ridge head version in the manifest names three files, all hashed:
+
+    heads/head-NNNN.onnx    features -> logits, probs (MatMul, Add, Relu, MatMul, Add, Softmax)
+    heads/stats-NNNN.npz    the per-class statistics of its lineage (runtime/ridge.py)
+    replay/replay-NNNN.npz  features of held-out rows for the guard (the softmax family's format)
+
+and says "family": "ridge" (head entry and heads[] entry), so a bundle keeps its family across
+retrains and rollbacks. Such a manifest is schema 3: an edgeft that reads only 2 would retrain it
+as a softmax head from a replay memory that holds only hold-out rows, so it is told to upgrade.
+A softmax bundle (schema 1 or 2) is untouched by any of this.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BundleError, DataError, UsageError
+from . import atomic, ridge
+from .bundle import Bundle
+from .manifest import MANIFEST, check_manifest, file_entry, read_manifest
+from .version import __version__
+
+SCHEMA = 3
+FOLDS = 5
+
+
+def _entry(path: Path, rel: str) -> dict:
+    return file_entry(path / rel)
+
+
+def _holdout(path: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
+    rel = manifest["head"].get("replay")
+    if not rel:
+        raise UsageError(f"{path}: a ridge head needs the replay memory's hold-out rows for its guard; "
+                         "build with --replay N (N > 0).")
+    with np.load(path / rel, allow_pickle=False) as z:
+        hold = z["holdout"].astype(bool)
+        return z["features"][hold], z["labels"][hold].astype(np.int64)
+
+
+def add_ridge_head(path: str | Path, train, *, width: int = ridge.DEFAULT_WIDTH, seed: int = ridge.DEFAULT_SEED,
+                   batch_size: int = 32) -> dict:
+    """Fit the ridge head on a finished bundle's own features of its training rows and make it the
+    active head version (the trained head stays the version before it, one rollback away).
+
+    `train` is the run's training Dataset (the rows the trained head learned from); lambda is
+    chosen on the replay hold-out (validation rows, never in the statistics) by balanced accuracy.
+    Returns the new manifest."""
+    t0 = time.perf_counter()
+    path = Path(path)
+    m = read_manifest(path)
+    labels = list(m["labels"])
+    index = {n: i for i, n in enumerate(labels)}
+    unknown = sorted({v for v in train.labels if v not in index})
+    if unknown:
+        raise DataError(f"{train.source}: labels the bundle does not have: {', '.join(unknown[:5])}.")
+    bundle = Bundle(path, providers=["CPUExecutionProvider"], check_hashes=False)
+    X = bundle.features(list(train.items), batch_size)
+    y = np.array([index[v] for v in train.labels], dtype=np.int64)
+    Xh, yh = _holdout(path, m)
+    head, stats, choice = ridge.fit_features(X, y, labels, width=width, seed=seed, holdout=(Xh, yh))
+    trained = bundle.head_outputs(Xh)["logits"] if len(yh) else np.zeros((0, len(labels)))
+    version = max(h["version"] for h in m["heads"]) + 1
+    metrics = {
+        "replay_holdout_accuracy": {
+            "before": float((trained.argmax(1) == yh).mean()) if len(yh) else None,
+            "after": float((head.logits(Xh).argmax(1) == yh).mean()) if len(yh) else None, "rows": int(len(yh))},
+        "fit": {"lambda": head.lam, "lambda_chosen_on_rows": choice["rows"], "train_rows": int(len(y)),
+                "width": width, "temperature": head.temperature},
+        "statistics_bytes_per_class": dict(zip(labels, stats.nbytes_per_class(), strict=True)),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    head_rel, stats_rel = write_version(path, version, head, stats, labels)
+    replay_rel = m["head"]["replay"]
+    entry = {"version": version, "file": head_rel, "replay": replay_rel, "statistics": stats_rel, "family": ridge.FAMILY,
+             "labels": labels, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "source": "build: ridge head on the bundle's features", "metrics": metrics,
+             "ridge": {"width": width, "seed": seed, "projection_sha256": head.projection.sha256}}
+    new = dict(m)
+    new["schema"] = max(m["schema"], SCHEMA)
+    new["head"] = {"version": version, "file": head_rel, "replay": replay_rel, "statistics": stats_rel,
+                   "family": ridge.FAMILY}
+    new["heads"] = [*m["heads"], entry]
+    new["files"] = {**m["files"], head_rel: _entry(path, head_rel), stats_rel: _entry(path, stats_rel)}
+    check_manifest(new, path / MANIFEST)
+    atomic.write_json(path / MANIFEST, new)
+    return new
+
+
+def load_lineage(path: Path, manifest: dict) -> tuple[ridge.Statistics, ridge.Projection]:
+    """The active ridge version's statistics and projection, checked to be one lineage."""
+    h = manifest["head"]
+    rel = h.get("statistics")
+    if not isinstance(rel, str) or rel not in manifest["files"]:
+        raise BundleError(f"{path / MANIFEST}: the ridge head v{h['version']} names no statistics file.")
+    try:
+        stats = ridge.Statistics.from_file(path / rel)
+        projection = ridge.read_projection(path / h["file"])
+    except (ValueError, KeyError, OSError) as e:
+        raise BundleError(f"{path / rel}: unusable ridge statistics ({e}).") from None
+    if stats.projection_sha256 != projection.sha256:
+        raise BundleError(f"{path / rel}: its projection hash does not match the head {h['file']}; "
+                          "statistics and head are of different lineages.")
+    if stats.labels != list(manifest["labels"])[: len(stats.labels)]:
+        raise BundleError(f"{path / rel}: its labels {stats.labels} are not the bundle's {manifest['labels']}.")
+    return stats, projection
+
+
+def frontier(choice: dict) -> list[dict]:
+    """Per lambda, its best offset's row: new samples (out-of-fold) vs replay hold-out accuracy."""
+    best = {}
+    for r in choice["grid"]:
+        key = (r["new_oof_accuracy"], r["replay_holdout_accuracy"] or 0.0, -abs(r["offset"]))
+        if r["lambda"] not in best or key > best[r["lambda"]][0]:
+            best[r["lambda"]] = (key, r)
+    return [r for _, r in best.values()]
+
+
+def tradeoff(choice: dict) -> str:
+    """The measured frontier in one line, for a technician deciding whether to relax --margin."""
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.0f}%"
+
+    return ", ".join(f"lambda {r['lambda']:g}" + (f" offset {r['offset']:+g}" if r["offset"] else "")
+                     + f": new {pct(r['new_oof_accuracy'])} / old {pct(r['replay_holdout_accuracy'])}"
+                     for r in frontier(choice))
+
+
+def fit_and_judge(path: Path, bundle: Bundle, X_new: np.ndarray, y_new: np.ndarray, labels: list[str],
+                  replay: dict, margin: float) -> tuple[ridge.RidgeHead, ridge.Statistics, dict, list[str]]:
+    """Statistics + new rows -> the head at the lambda the guard's criterion chose, its metrics and
+    the guard's reasons to refuse (empty: accepted). Nothing is written."""
+    stats, projection = load_lineage(path, bundle.manifest)
+    added = list(range(len(stats.labels), len(labels)))  # classes this retrain adds: their offset is chosen
+    stats.ensure_labels(labels)
+    Xr, yr = replay["features"], replay["labels"].astype(np.int64)
+    hold_r = replay["holdout"].astype(bool)
+    Xh, yh = Xr[hold_r], yr[hold_r]
+    per_class = np.bincount(y_new)
+    if per_class[per_class > 0].min() < 2:
+        raise DataError("too few rows to judge the new head; give at least 2 per class.")
+
+    def old_logits(X):  # classes the old head does not have can never be its answer
+        z = bundle.head_outputs(X)["logits"]
+        return np.concatenate([z, np.full((len(X), len(labels) - z.shape[1]), -np.inf, np.float32)], axis=1)
+
+    def acc(z, y):
+        return float((z.argmax(1) == y).mean()) if len(y) else None
+
+    before_new, before_old = acc(old_logits(X_new), y_new), acc(old_logits(Xh), yh)
+    t_fit = time.perf_counter()
+    choice = ridge.choose(stats, projection, X_new, y_new, Xh, yh, old_before=before_old, margin=margin,
+                          folds=FOLDS, offset_classes=added)
+    stats.add(projection(X_new), y_new)
+    for c in added:
+        stats.offsets[c] = choice["offset"]
+    head = ridge.fit(stats, projection, choice["lambda"])
+    head.temperature = ridge.calibrate_temperature(head, np.concatenate([Xh, X_new]), np.concatenate([yh, y_new]))
+    fit_seconds = time.perf_counter() - t_fit
+    after_new, after_old = choice["new_oof_accuracy"], acc(head.logits(Xh), yh)
+    seen = replay.get("seen")
+    unseen = int((~seen[hold_r]).sum()) if seen is not None else int(hold_r.sum())
+    metrics = {
+        "new_holdout_accuracy": {"before": before_new, "after": after_new, "rows": int(len(y_new)),
+                                 "how": f"{choice['folds']}-fold out-of-fold over every new sample"},
+        "replay_holdout_accuracy": {"before": before_old, "after": after_old, "rows": int(len(yh)),
+                                    "unseen_rows": unseen},
+        "margin": margin,
+        "fit": {"family": ridge.FAMILY, "lambda": choice["lambda"], "offset": choice["offset"],
+                "offset_classes": [labels[c] for c in added], "within_margin": choice["within_margin"],
+                "folds": choice["folds"], "temperature": head.temperature, "width": projection.width,
+                "statistics_rows": stats.counts, "frontier": frontier(choice)},
+        "statistics_bytes_per_class": dict(zip(labels, stats.nbytes_per_class(), strict=True)),
+        "seconds": {"fit": round(fit_seconds, 3)},
+    }
+    reasons = []
+    if after_new is None or not (after_new > before_new or after_new == 1.0):
+        reasons.append(f"accuracy on the {len(y_new)} new samples (out-of-fold) did not improve "
+                       f"({100 * before_new:.1f}% -> {100 * (after_new or 0):.1f}%)")
+    if before_old is not None and before_old - after_old > margin + 1e-12:
+        reasons.append(f"accuracy on the replay hold-out of earlier classes dropped "
+                       f"{100 * (before_old - after_old):.1f} points ({100 * before_old:.1f}% -> {100 * after_old:.1f}%, "
+                       f"{len(yh)} rows), more than the {100 * margin:.1f}-point margin")
+    if reasons:
+        reasons.append(f"measured trade-off (new samples out-of-fold / replay hold-out): {tradeoff(choice)}")
+    return head, stats, metrics, reasons
+
+
+def write_version(path: Path, version: int, head: ridge.RidgeHead, stats: ridge.Statistics,
+                  labels: list[str]) -> tuple[str, str]:
+    """heads/head-N.onnx and heads/stats-N.npz (each written whole under a temporary name, then renamed)."""
+    head_rel, stats_rel = f"heads/head-{version:04d}.onnx", f"heads/stats-{version:04d}.npz"
+    ridge.write_onnx(path / head_rel, head, metadata={"labels": labels, "version": version,
+                                                       "edgeft_version": __version__})
+    atomic.write_bytes(path / stats_rel, stats.to_bytes())
+    return head_rel, stats_rel
+
+
+def commit(path: Path, m: dict, *, head: ridge.RidgeHead, stats: ridge.Statistics, labels: list[str],
+           new_labels: list[str], replay: tuple[np.ndarray, np.ndarray, np.ndarray], entry: dict, keep: int,
+           prune) -> tuple[int, list[str]]:
+    """Write version N+1 (head, statistics, replay memory), then commit it with the manifest (one
+    rename: the commit point), then delete versions beyond `keep`. Returns (version, pruned files)."""
+    version = max(h["version"] for h in m["heads"]) + 1
+    head_rel, stats_rel = write_version(path, version, head, stats, labels)
+    replay_rel = f"replay/replay-{version:04d}.npz"
+    X, y, hold, seen = replay
+    buf = __import__("io").BytesIO()
+    np.savez(buf, features=X.astype(np.float32), labels=y, holdout=hold, seen=seen)
+    atomic.write_bytes(path / replay_rel, buf.getvalue())
+    entry = {"version": version, "file": head_rel, "replay": replay_rel, "statistics": stats_rel,
+             "family": ridge.FAMILY, "labels": labels, **entry, "added_classes": new_labels,
+             "ridge": {"width": stats.width, "projection_sha256": stats.projection_sha256}}
+    new = dict(m)
+    new["schema"] = max(m["schema"], SCHEMA)
+    new["labels"] = labels
+    new["head"] = {"version": version, "file": head_rel, "replay": replay_rel, "statistics": stats_rel,
+                   "family": ridge.FAMILY}
+    new["heads"] = [*m["heads"], entry]
+    new["files"] = {**m["files"], **{rel: _entry(path, rel) for rel in (head_rel, stats_rel, replay_rel)}}
+    pruned = prune(new, keep)
+    try:
+        check_manifest(new, path / MANIFEST)  # never commit a manifest the device would refuse
+    except BundleError:
+        for rel in (head_rel, stats_rel, replay_rel):
+            (path / rel).unlink(missing_ok=True)
+        raise
+    atomic.write_json(path / MANIFEST, new)  # the commit point
+    for rel in pruned:
+        (path / rel).unlink(missing_ok=True)
+    return version, pruned
+
+
+def next_replay(replay: dict, X_new: np.ndarray, y_new: np.ndarray, hold_new: np.ndarray, per_class: int):
+    """The replay memory for the next version: every hold-out row kept (the next guard's old
+    classes), plus a quarter of each class's new rows marked hold-out for later guards. The ridge
+    statistics hold every new row, so those are marked seen: a later guard reports how many of its
+    rows were unseen."""
+    Xr, yr = replay["features"], replay["labels"].astype(np.int64)
+    hr = replay["holdout"].astype(bool)
+    sr = replay.get("seen", np.zeros(len(yr), dtype=bool)).astype(bool)
+    hn = np.asarray(hold_new, dtype=bool)
+    X, Y, H, S = [Xr[hr]], [yr[hr]], [hr[hr]], [sr[hr]]
+    for c in np.unique(y_new):
+        take = np.flatnonzero((y_new == c) & hn)[:per_class]
+        X.append(X_new[take]), Y.append(np.full(len(take), c)), H.append(np.ones(len(take), bool))
+        S.append(np.ones(len(take), bool))
+    return (np.concatenate(X), np.concatenate(Y).astype(np.int64), np.concatenate(H), np.concatenate(S))
+
+
+def read_replay(path: Path, manifest: dict) -> dict:
+    rel = manifest["head"].get("replay")
+    if not rel:
+        raise BundleError(f"{path}: this ridge head has no replay hold-out; rebuild it with edgeft build (--replay N).")
+    with np.load(path / rel, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def retrain(bundle: Bundle, new, data, cfg, t0: float, *, refused, prune) -> dict:
+    """`edgeft device retrain` on a ridge head: statistics + new rows, lambda by the guard's
+    criterion, the guard, then version N+1. `new` is retrain.Samples (the rows, their features,
+    their stratified hold-out mask), `cfg` the RetrainConfig; retrain.py passes its refusal
+    error and its pruning (this module never imports it: no import cycle). Raises `refused`
+    with the bundle unchanged."""
+    path, m = bundle.path, bundle.manifest
+    replay = read_replay(path, m)
+    head, stats, metrics, reasons = fit_and_judge(path, bundle, new.X, new.y, new.labels, replay, cfg.margin)
+    metrics["seconds"]["features"] = round(new.feature_seconds, 3)
+    metrics["feature_cache_hit"] = new.cache_hit
+    if reasons:
+        raise refused(f"{path}: retrain refused, head v{m['head']['version']} stays: " + "; ".join(reasons) + ".")
+    per_class = cfg.replay_per_class or m.get("replay", {}).get("per_class", 100)
+    entry = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "source": "device retrain",
+             "data": {"source": str(data), "fingerprint": new.ds.fingerprint(), "rows": len(new.ds),
+                      "counts": new.ds.counts()},
+             "metrics": metrics}
+    version, pruned = commit(path, m, head=head, stats=stats, labels=new.labels, new_labels=new.added,
+                             replay=next_replay(replay, new.X, new.y, new.hold, per_class), entry=entry,
+                             keep=cfg.keep, prune=prune)
+    return {"accepted": True, "version": version, "previous_version": m["head"]["version"], "labels": new.labels,
+            "added_classes": new.added, "pruned": pruned, "metrics": metrics, "family": ridge.FAMILY,
+            "seconds": round(time.perf_counter() - t0, 3)}

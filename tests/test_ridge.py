@@ -1,0 +1,401 @@
+"""The closed-form ridge head (edgeft/runtime/ridge.py): the solve, its exact updates, its ONNX file."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from edgeft.cli import main
+from edgeft.runtime import ridge as R
+from edgeft.runtime.bundle import Bundle, read_manifest
+from edgeft.runtime.dataset import load_dataset
+from edgeft.runtime.retrain import RetrainRefused, retrain
+from edgeft.runtime.ridge_bundle import add_ridge_head, load_lineage
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny  # noqa: E402
+
+
+def blobs(n_per_class, n_classes, dim=24, seed=0, shift=0.0):
+    """Gaussian classes around random centres (what frozen features of C classes look like, small)."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(123).normal(size=(n_classes, dim)) * 1.5
+    X = np.concatenate([centres[c] + shift + rng.normal(size=(n_per_class, dim)) for c in range(n_classes)])
+    y = np.repeat(np.arange(n_classes), n_per_class)
+    return X.astype(np.float32), y
+
+
+def reference_solve(H, y, n_classes, lam):
+    """Class-balanced ridge by plain float64 least squares on the weighted, augmented rows."""
+    H = H.astype(np.float64)
+    counts = np.bincount(y, minlength=n_classes)
+    w = np.sqrt(1.0 / counts[y])[:, None]
+    Z = np.hstack([H, np.ones((len(H), 1))]) * w
+    Y = np.eye(n_classes)[y] * w
+    D = H.shape[1]
+    reg = np.hstack([np.sqrt(lam) * np.eye(D), np.zeros((D, 1))])
+    sol = np.linalg.lstsq(np.vstack([Z, reg]), np.vstack([Y, np.zeros((D, n_classes))]), rcond=None)[0]
+    return sol[:D], sol[D]
+
+
+def rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("width", [16, 64])  # 16 < rows per class: Gram form; 64: rows form
+def test_fit_equals_a_float64_reference_solve(width):
+    X, y = blobs(40, 3)
+    P = R.make_projection(X, width, seed=1)
+    stats = R.Statistics.empty(P, ["a", "b", "c"])
+    stats.add(P(X[:50]), y[:50])
+    stats.add(P(X[50:]), y[50:])  # class b crosses from rows to a Gram matrix at width 16
+    assert [c.gram is not None for c in stats.classes] == ([True, True, True] if width == 16 else [False] * 3)
+    for lam in (0.1, 3.0):
+        W_ref, b_ref = reference_solve(P(X), y, 3, lam)
+        W, b = R.solve(*stats.system(), lam)
+        assert rel(W, W_ref) < 1e-6 and rel(b, b_ref) < 1e-6
+        W2, b2 = R.Solver(*stats.system())(lam)  # the eigendecomposition path the lambda search uses
+        assert rel(W2, W_ref) < 1e-6 and rel(b2, b_ref) < 1e-6
+        head = R.fit(stats, P, lam)
+        assert rel(head.weight, W_ref) < 1e-6
+
+
+def test_onnx_head_equals_the_numpy_head(tmp_path):
+    X, y = blobs(30, 4, seed=2)
+    head, stats, choice = R.fit_features(X, y, list("abcd"), width=200, holdout=blobs(10, 4, seed=3))
+    assert choice["rows"] == 40 and choice["lambda"] in R.LAMBDAS
+    assert head.temperature > 1.0  # ridge scores are near 0..1: the softmax needs a temperature
+    path = tmp_path / "head.onnx"
+    R.write_onnx(path, head, metadata={"labels": list("abcd")})
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["features"]
+    assert [o.name for o in sess.get_outputs()] == ["logits", "probs"]
+    Xt, _ = blobs(25, 4, seed=4)
+    logits, probs = sess.run(None, {"features": Xt})
+    want = head.logits(Xt)
+    assert rel(logits, want) < 1e-5
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-5) and np.abs(probs - head.probs(Xt)).max() < 1e-5
+    back = R.read_onnx(path)
+    assert back.projection.sha256 == head.projection.sha256 == R.read_projection(path).sha256
+    assert rel(back.logits(Xt), want) < 1e-5
+
+
+def stats_of(P, X, y, labels):
+    s = R.Statistics.empty(P, labels)
+    s.add(P(X), y)
+    return s
+
+
+def same_stats(a: R.Statistics, b: R.Statistics):
+    assert a.labels == b.labels and a.counts == b.counts and a.projection_sha256 == b.projection_sha256
+    for ca, cb in zip(a.classes, b.classes, strict=True):
+        Ga, sa = ca.moments(a.width)
+        Gb, sb = cb.moments(b.width)
+        assert np.allclose(Ga, Gb, rtol=1e-12, atol=1e-9) and np.allclose(sa, sb, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("width", [16, 64])
+def test_two_updates_equal_one_and_survive_the_file(tmp_path, width):
+    X, y = blobs(30, 3, seed=5)
+    P = R.make_projection(X, width)
+    once = stats_of(P, X, y, list("abc"))
+    twice = stats_of(P, X[::2], y[::2], list("abc"))
+    twice.add(P(X[1::2]), y[1::2])
+    same_stats(once, twice)
+    path = tmp_path / "stats.npz"
+    path.write_bytes(twice.to_bytes())
+    back = R.Statistics.from_file(path)
+    same_stats(once, back)
+    lam = 1.0
+    assert rel(R.fit(back, P, lam).weight, R.fit(once, P, lam).weight) < 1e-6
+
+
+def test_pooled_devices_equal_one_device():
+    X, y = blobs(30, 3, seed=6)
+    P = R.make_projection(X, 16)
+    device_a = stats_of(P, X[y != 2], y[y != 2], ["a", "b"])
+    Xb = X[(y == 1) | (y == 2)]
+    yb = y[(y == 1) | (y == 2)]
+    device_b = stats_of(P, Xb, yb - 1, ["b", "c"])  # a device that knows b and learned c
+    pooled = device_a.merge(device_b)
+    all_rows = np.concatenate([X[y != 2], Xb])
+    all_y = np.concatenate([y[y != 2], yb])
+    same_stats(pooled, stats_of(P, all_rows, all_y, ["a", "b", "c"]))
+    other = R.make_projection(X, 16, seed=9)
+    with pytest.raises(ValueError, match="different projections"):
+        device_a.merge(R.Statistics.empty(other, ["a"]))
+
+
+def test_adding_a_class_and_changing_a_class():
+    X, y = blobs(40, 3, seed=7)
+    P = R.make_projection(X[y < 2], 64)
+    stats = stats_of(P, X[y < 2], y[y < 2], ["a", "b"])
+    before = R.fit(stats, P, 1.0)
+    # a new class: its statistics only; the solve equals one from scratch on all rows
+    stats.ensure_labels(["a", "b", "c"])
+    stats.add(P(X[y == 2]), y[y == 2])
+    scratch = stats_of(P, X, y, ["a", "b", "c"])
+    same_stats(stats, scratch)
+    after = R.fit(stats, P, 1.0)
+    Xt, yt = blobs(30, 3, seed=8)
+    assert (after.logits(Xt).argmax(1) == yt)[yt == 2].mean() > 0.9
+    assert before.weight.shape[1] == 2 and after.weight.shape[1] == 3
+    # a changed class: b's new rows come from elsewhere; after adding them b is recognised there
+    rng = np.random.default_rng(9)
+    moved = (X[y == 1][:40] - 2 * X[y == 1].mean(0) + 0.5 * rng.normal(size=24)).astype(np.float32)  # b moved
+    old_recall = (after.logits(moved).argmax(1) == 1).mean()
+    stats.add(P(moved[:30]), np.ones(30, dtype=np.int64))
+    changed = R.fit(stats, P, 1.0)
+    assert old_recall < 0.5 < 0.8 < (changed.logits(moved[30:]).argmax(1) == 1).mean()
+    with pytest.raises(ValueError, match="do not extend"):
+        stats.ensure_labels(["b", "a", "c"])
+
+
+def test_statistics_size_per_class():
+    """Rows while a class has at most D of them (n x D float32), then the Gram triangle (float64)."""
+    X, y = blobs(20, 2, seed=10)
+    P = R.make_projection(X, 32)
+    s = stats_of(P, X, y, ["a", "b"])
+    assert s.nbytes_per_class() == [20 * 32 * 4] * 2
+    s.add(P(X[:20]), np.zeros(20, dtype=np.int64))  # class a: 40 rows > 32: a Gram matrix now
+    assert s.nbytes_per_class()[0] == 32 * 33 // 2 * 8 + 32 * 8
+
+
+def test_lambda_choice_is_out_of_fold_and_honours_the_margin():
+    """choose(): each new row predicted by a solve without its fold (checked by brute force); the
+    lambda kept is the best out-of-fold one among those within the margin on the replay hold-out."""
+    X, y = blobs(40, 3, seed=12)
+    old = y < 2
+    P = R.make_projection(X[old], 64)
+    Xh, yh = blobs(10, 2, seed=13)
+    base = stats_of(P, X[old][::2], y[old][::2], ["a", "b"])
+    base.ensure_labels(["a", "b", "c"])
+    Xn, yn = X[~old][:12], y[~old][:12]
+    before = 0.9
+    c = R.choose(base, P, Xn, yn, Xh, yh, old_before=before, margin=0.02, folds=4)
+    assert c["folds"] == 4 and c["new_rows"] == 12 and c["replay_holdout_rows"] == 20
+    fold = R.folds_of(yn, 4)
+    for row in c["grid"][::4]:
+        right = 0
+        for f in range(4):
+            s = R.Statistics.from_file(_tmp_stats(base))
+            s.add(P(Xn[fold != f]), yn[fold != f])
+            W, b = R.solve(*s.system(), row["lambda"])
+            right += int(((P(Xn[fold == f]) @ W + b).argmax(1) == yn[fold == f]).sum())
+        assert right / 12 == row["new_oof_accuracy"]
+    ok = [r for r in c["grid"] if before - r["replay_holdout_accuracy"] <= 0.02 + 1e-12]
+    assert c["within_margin"] == bool(ok)
+    if ok:
+        assert c["new_oof_accuracy"] == max(r["new_oof_accuracy"] for r in ok)
+    assert base.counts == [20, 20, 0]  # choose() leaves the statistics as they were
+
+
+def _tmp_stats(stats):
+    path = Path(tempfile.mkdtemp()) / "s.npz"
+    path.write_bytes(stats.to_bytes())
+    return path
+
+
+# ---------------------------------------------------------------- in a bundle (device side)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The device tests' text bundle (softmax head, as every bundle before head families) and its data."""
+    prebuilt = os.environ.get("EDGEFT_DEVICE_BUNDLES")
+    if prebuilt:
+        return {p.name: p for p in Path(prebuilt).iterdir() if (p / "manifest.json").exists()}
+    from make_device_bundles import make_bundles  # the full environment builds them here
+
+    return make_bundles(tmp_path_factory.mktemp("ridge-bundles"))
+
+
+@pytest.fixture(scope="module")
+def ridge_built(built, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("ridge") / "bundle"
+    shutil.copytree(built["text"], dst, ignore=shutil.ignore_patterns("cache"))
+    add_ridge_head(dst, load_dataset(built["text"].parent / "text-data" / "train.csv"), width=256)
+    return dst
+
+
+@pytest.fixture
+def ridge_bundle(ridge_built, tmp_path):
+    dst = tmp_path / "bundle"
+    shutil.copytree(ridge_built, dst)
+    return dst
+
+
+def _csv(path, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(rows)
+    return path
+
+
+def test_ridge_bundle_predicts_checks_and_keeps_its_family(ridge_built):
+    m = read_manifest(ridge_built)
+    assert m["schema"] == 3 and m["head"]["family"] == "ridge" and m["head"]["version"] == 2
+    assert m["heads"][0].get("family", "softmax") == "softmax"  # the trained head, one rollback away
+    stats, projection = load_lineage(ridge_built, m)
+    assert stats.counts == [24, 24, 24] and projection.width == 256
+    b = Bundle(ridge_built)
+    assert b.check()["passed"]
+    r = CliRunner().invoke(main, ["device", "predict", str(ridge_built), "pump seal leak", "--json"])
+    assert r.exit_code == 0, r.output
+    fit = m["heads"][-1]["metrics"]["fit"]
+    assert fit["lambda"] in R.LAMBDAS and fit["lambda_chosen_on_rows"] == m["heads"][-1]["metrics"]["replay_holdout_accuracy"]["rows"] > 0
+
+
+def test_ridge_retrain_adds_a_class_exactly_and_rolls_back_bitwise(ridge_bundle, tmp_path):
+    texts = ["pump leak seal", "motor relay fuse", "belt pulley", "the unit check"]
+    b2 = Bundle(ridge_bundle)
+    logits2, head2 = b2.logits(texts), (ridge_bundle / b2.manifest["head"]["file"]).read_bytes()
+    stats2, P = load_lineage(ridge_bundle, b2.manifest)
+    rows = tiny.new_class_rows(24, seed=1)
+    data = _csv(tmp_path / "new.csv", rows)
+    r = CliRunner().invoke(main, ["device", "retrain", str(ridge_bundle), "--data", str(data), "--add-classes"])
+    assert r.exit_code == 0, r.output
+    m = read_manifest(ridge_bundle)
+    assert m["head"]["family"] == "ridge" and m["labels"][-1] == "valve" and m["head"]["version"] == 3
+    metrics = m["heads"][-1]["metrics"]
+    assert metrics["new_holdout_accuracy"]["rows"] == 24  # k-fold: every new sample judged once
+    stats3, P3 = load_lineage(ridge_bundle, m)
+    assert P3.sha256 == P.sha256 and stats3.counts == stats2.counts + [24]
+    # exact: the statistics are the old ones plus the new rows' own
+    X = Bundle(ridge_bundle).features([t for t, _ in rows])
+    stats2.ensure_labels(m["labels"])
+    stats2.add(P(X), np.full(len(rows), 3))
+    for a, b in zip(stats2.classes, stats3.classes, strict=True):
+        assert np.allclose(a.moments(256)[0], b.moments(256)[0], rtol=1e-12, atol=1e-9)
+    test = tiny.new_class_rows(10, seed=9)
+    assert sum(p["label"] == "valve" for p in Bundle(ridge_bundle).predict([t for t, _ in test])) >= 7
+    assert Bundle(ridge_bundle).check()["passed"]
+    r = CliRunner().invoke(main, ["device", "rollback", str(ridge_bundle)])
+    assert r.exit_code == 0 and "head v3 -> v2" in r.stdout
+    b = Bundle(ridge_bundle)
+    assert b.manifest["head"]["family"] == "ridge" and b.manifest["head"]["statistics"] == "heads/stats-0002.npz"
+    assert (ridge_bundle / b.manifest["head"]["file"]).read_bytes() == head2
+    assert np.array_equal(b.logits(texts), logits2)
+    r = CliRunner().invoke(main, ["device", "rollback", str(ridge_bundle), "--to", "1"])  # the trained softmax head
+    assert r.exit_code == 0
+    assert read_manifest(ridge_bundle)["head"].get("family", "softmax") == "softmax"
+
+    assert retrain(ridge_bundle, data, add_classes=True, margin=1.0)["accepted"]  # a softmax retrain from v1
+    assert read_manifest(ridge_bundle)["head"].get("family", "softmax") == "softmax"
+
+
+def test_two_ridge_retrains_equal_one(ridge_built, tmp_path):
+    rows = tiny.new_class_rows(24, seed=3)
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(ridge_built, a)
+    shutil.copytree(ridge_built, b)
+    retrain(a, _csv(tmp_path / "1.csv", rows[:12]), add_classes=True, margin=1.0)
+    retrain(a, _csv(tmp_path / "2.csv", rows[12:]), margin=1.0)
+    retrain(b, _csv(tmp_path / "all.csv", rows), add_classes=True, margin=1.0)
+    sa, Pa = load_lineage(a, read_manifest(a))
+    sb, Pb = load_lineage(b, read_manifest(b))
+    assert Pa.sha256 == Pb.sha256 and sa.counts == sb.counts and sa.labels == sb.labels
+    for ca, cb in zip(sa.classes, sb.classes, strict=True):
+        for x, y in zip(ca.moments(256), cb.moments(256), strict=True):
+            assert np.allclose(x, y, rtol=1e-12, atol=1e-9)
+    wa, wb = R.fit(sa, Pa, 1.0).weight, R.fit(sb, Pb, 1.0).weight
+    assert rel(wa, wb) < 1e-6
+
+
+def test_ridge_guard_refusal_reports_the_trade_off(ridge_bundle, tmp_path):
+    rows = [(text, "belt") for text, label in tiny.text_rows(40, seed=11) if label == "pump"]
+    data = _csv(tmp_path / "bad.csv", rows)
+
+    def snap():
+        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(ridge_bundle.rglob("*"))
+                if p.is_file() and "cache" not in p.parts}
+
+    before = snap()
+    with pytest.raises(RetrainRefused, match=r"retrain refused, head v2 stays: .*dropped.*measured trade-off .*lambda"):
+        retrain(ridge_bundle, data, margin=0.02)
+    assert snap() == before
+
+
+def test_softmax_bundle_from_before_head_families_still_retrains(built, tmp_path):
+    dst = tmp_path / "old"
+    shutil.copytree(built["text"], dst)
+    m = read_manifest(dst)
+    assert "family" not in m["head"] and m["schema"] <= 2
+    r = retrain(dst, _csv(tmp_path / "n.csv", tiny.new_class_rows(20, seed=2)), add_classes=True)
+    assert r["accepted"] and "family" not in read_manifest(dst)["head"]
+    assert r["metrics"]["fit"].get("family", "softmax") == "softmax"
+
+
+@pytest.mark.slow  # a dozen retrain processes
+def test_killed_ridge_retrain_never_leaves_a_broken_bundle(ridge_built, tmp_path):
+    """SIGKILL at random moments of a ridge retrain: the bundle always loads, head, statistics and
+    replay files whole, v2 or v3."""
+
+
+    data = _csv(tmp_path / "n.csv", tiny.new_class_rows(20, seed=2))
+
+    def cmd(b):
+        return [sys.executable, "-m", "edgeft.cli", "device", "retrain", str(b), "--data", str(data), "--add-classes"]
+
+    src = tmp_path / "src"
+    shutil.copytree(ridge_built, src)
+    t0 = time.perf_counter()
+    subprocess.run(cmd(src), check=True, capture_output=True)
+    full = time.perf_counter() - t0
+    rng = random.Random(0)
+    for trial in range(12):
+        b = tmp_path / f"t{trial}"
+        shutil.copytree(ridge_built, b)
+        p = subprocess.Popen(cmd(b), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 1.0) * full)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        loaded = Bundle(b)  # raises if any listed file is missing, partial or changed
+        assert loaded.head_version in (2, 3)
+        assert ("valve" in loaded.labels) == (loaded.head_version == 3)
+        stats, _ = load_lineage(b, loaded.manifest)
+        assert len(stats.labels) == len(loaded.labels)
+        shutil.rmtree(b)
+
+
+@pytest.mark.slow  # a training run and two builds
+def test_train_and_build_with_the_ridge_head(tmp_path):
+    """`edgeft train --method head --head ridge` fits it from the cached features in one solve and
+    records the family; `edgeft build` of that run makes the ridge head the bundle's active head."""
+    from edgeft.bundle import build
+    from edgeft.config import TrainConfig
+    from edgeft.train import train
+
+    bert = tiny.make_tiny_bert(tmp_path / "bert")
+    data = tiny.write_csv(tmp_path / "data" / "train.csv", tiny.text_rows(16, 1))
+    val = tiny.write_csv(tmp_path / "data" / "val.csv", tiny.text_rows(6, 2))
+    summary = train(TrainConfig(model=str(bert), data=str(data), val=str(val), output=str(tmp_path / "run"),
+                                method="head", head="ridge", epochs=5, progress=False))
+    fit = summary["ridge"]
+    assert fit["family"] == "ridge" and fit["train_rows"] == 48 and fit["lambda_chosen_on_rows"] == 18
+    assert 0.0 <= fit["accuracy"] <= 1.0
+    profile = tmp_path / "box.toml"
+    profile.write_text('description = "test box"\ntarget = "cpu"\nprecision = "fp32"\n')
+    m = build(tmp_path / "run", str(profile), tmp_path / "bundle")
+    assert m["head"]["family"] == "ridge" and m["schema"] == 3 and m == read_manifest(tmp_path / "bundle")
+    b = Bundle(tmp_path / "bundle")
+    assert b.check()["passed"] and b.predict(["pump seal leak"])[0]["label"] in b.labels
+    r = CliRunner().invoke(main, ["build", str(tmp_path / "run"), "--device", str(profile), "--output",
+                                  str(tmp_path / "soft"), "--head", "softmax"])
+    assert r.exit_code == 0, r.output
+    assert "family" not in read_manifest(tmp_path / "soft")["head"]
