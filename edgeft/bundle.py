@@ -240,6 +240,8 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
                 manifest["files"]["reference/outputs.npz"] = _file_entry(tmp / "reference" / "outputs.npz")
             parity["export_fp32"] = {k: exported["parity"][k] for k in ("max_abs_diff", "agreement")} if exported["parity"] else None
             (tmp / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
+            # parity.json is written after the hashes: hash it too, before each file's kind is named
+            manifest["files"]["parity.json"] = _file_entry(tmp / "parity.json")
             from .certify import holds
 
             for rel, entry in manifest["files"].items():  # what kind of data each file holds
@@ -248,8 +250,6 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
                                                             "accuracy", "reference_accuracy", "accuracy_drop",
                                                             "bounds")}
             manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
-            # parity.json is written after the hashes: hash it too, then the manifest is final
-            manifest["files"]["parity.json"] = _file_entry(tmp / "parity.json")
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             if head == "ridge":  # the closed-form family on the bundle's own features, the trained head one version back
                 from .runtime.ridge_bundle import add_ridge_head

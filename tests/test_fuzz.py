@@ -27,6 +27,7 @@ import re
 import shutil
 import tempfile
 import tomllib
+import unicodedata
 from dataclasses import fields
 from datetime import UTC
 from pathlib import Path
@@ -215,6 +216,12 @@ ERROR = "error"
 UNKNOWN = "unknown"
 
 
+def _blank(value: str) -> bool:
+    """The data rule for an empty cell: nothing but white space and invisible characters
+    (control and format characters, e.g. zero-width spaces), which a tokenizer drops."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in value)
+
+
 def expected_table(header, rows):
     """What load_dataset must return for a table csv.writer wrote: (items, labels), ERROR or UNKNOWN."""
     if "text" not in header or "label" not in header:
@@ -224,7 +231,7 @@ def expected_table(header, rows):
     for r in rows:
         if not r:
             continue  # csv.writer writes an empty row as a blank line; readers skip blank lines
-        if len(r) != len(header) or not r[t].strip() or not r[y].strip():
+        if len(r) != len(header) or _blank(r[t]) or _blank(r[y]):
             return ERROR
         if not items and image_like(r[t]):
             return ERROR  # image data, and the file does not exist
@@ -301,12 +308,12 @@ def expected_jsonl(rows):
         if not isinstance(r, dict) or "text" not in r or "label" not in r:
             return ERROR  # (a missing text column falls back to an image column: an error here too)
         t, y = r["text"], r["label"]
-        if not isinstance(t, str) or not t.strip() or (not items and image_like(t)):
+        if not isinstance(t, str) or _blank(t) or (not items and image_like(t)):
             return ERROR
         if isinstance(y, float) and y.is_integer():
             y = int(y)
         if isinstance(y, str):
-            if not y.strip():
+            if _blank(y):
                 return ERROR
             y = y.strip()
         elif isinstance(y, int):  # bool included: str(True)
