@@ -28,7 +28,7 @@ from .quantize import default_variants
 from .quantize import get as get_mode
 from .runtime import atomic
 from .runtime.bundle import Bundle
-from .runtime.manifest import MANIFEST, sha256
+from .runtime.manifest import MANIFEST, file_entry
 from .targets import BuildContext
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
                 ctx = BuildContext(tmp, profile, target, manifest, exported["inputs"], modality, spec)
                 target.package(ctx)
 
-            manifest["files"] = {str(p.relative_to(tmp)): _file_entry(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            manifest["files"] = {str(p.relative_to(tmp)): file_entry(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             # replay memory: training features from the bundle's own backbone (what the device computes)
             if replay:
@@ -221,7 +221,7 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
                 manifest["replay"] = {"per_class": replay, "holdout": REPLAY_HOLDOUT}
                 manifest["head"]["replay"] = rel
                 manifest["heads"][0]["replay"] = rel
-                manifest["files"][rel] = _file_entry(tmp / rel)
+                manifest["files"][rel] = file_entry(tmp / rel)
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
             # the finished bundle, loaded as a device loads it, against PyTorch on validation rows
@@ -237,11 +237,11 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
             if precision != "fp32":  # what `edgeft device check` compares a device with (see Bundle.check)
                 np.savez(tmp / "reference" / "outputs.npz", logits=logits.numpy(), features=feats.numpy(),
                          bundle_features=bundle.reference_features())
-                manifest["files"]["reference/outputs.npz"] = _file_entry(tmp / "reference" / "outputs.npz")
+                manifest["files"]["reference/outputs.npz"] = file_entry(tmp / "reference" / "outputs.npz")
             parity["export_fp32"] = {k: exported["parity"][k] for k in ("max_abs_diff", "agreement")} if exported["parity"] else None
             (tmp / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
             # parity.json is written after the hashes: hash it too, before each file's kind is named
-            manifest["files"]["parity.json"] = _file_entry(tmp / "parity.json")
+            manifest["files"]["parity.json"] = file_entry(tmp / "parity.json")
             from .certify import holds
 
             for rel, entry in manifest["files"].items():  # what kind of data each file holds
@@ -269,10 +269,6 @@ def build(source: str | Path, device: str, output: str | Path, *, calibration: s
     log.info("built %s for %s (%s, %s) in %.1f s", output, profile.name, target.name, precision,
              time.perf_counter() - t0)
     return manifest
-
-
-def _file_entry(path: Path) -> dict:
-    return {"sha256": sha256(path), "bytes": path.stat().st_size}
 
 
 def _spread(items: list, n: int) -> list:
