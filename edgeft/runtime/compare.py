@@ -106,7 +106,7 @@ def checks(report: dict, t: Thresholds, certify: bool = False) -> list[dict]:
     if t.max_abs_diff is not None:
         v = report["max_abs_diff"]
         out.append({"name": "max_abs_diff", "passed": v <= t.max_abs_diff, "value": v, "limit": t.max_abs_diff,
-                    "message": f"max |Δ logits| {v:.2e} (limit {t.max_abs_diff:.0e}) on {n} rows"})
+                    "message": f"max |Δ logits| {v:.2e} (limit {t.max_abs_diff:.1e}) on {n} rows"})
     v = report["agreement"]
     entry = {"name": "agreement", "passed": v >= t.min_agreement, "value": v, "limit": t.min_agreement,
              "message": f"top-1 agreement {v:.2%} (at least {t.min_agreement:.2%}; "

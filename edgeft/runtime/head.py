@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_bytes
 from .metrics import softmax
+from .session import write_meta
 
 
 @dataclass
@@ -122,8 +124,6 @@ class LinearHead:
 def write_head_onnx(path: str | Path, weight: np.ndarray, bias: np.ndarray, opset: int = 17,
                     metadata: dict | None = None) -> None:
     """features (batch, D) -> logits (batch, C), probs (batch, C): one Gemm and a Softmax."""
-    import json
-
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -141,11 +141,8 @@ def write_head_onnx(path: str | Path, weight: np.ndarray, bias: np.ndarray, opse
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgeft")
     model.ir_version = 8  # readable by every onnxruntime from 1.10 on
     if metadata:
-        entry = model.metadata_props.add()
-        entry.key, entry.value = "edgeft", json.dumps(metadata)
+        write_meta(model, metadata)
     onnx.checker.check_model(model)
-    from .atomic import write_bytes
-
     write_bytes(path, model.SerializeToString())
 
 
