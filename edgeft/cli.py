@@ -338,6 +338,41 @@ def verify(artifact, reference, data, text_column, label_column, max_abs_diff, m
     click.echo(f"verify  ok  {report['rows']} rows  {report['seconds']:.1f} s", err=as_json is not None)
 
 
+@main.command("compare")
+@click.argument("a", type=click.Path(exists=True))
+@click.argument("b", type=click.Path(exists=True))
+@click.option("--data", required=True, help="Labelled rows both answer (CSV/JSONL or an image folder).")
+@data_columns
+@click.option("--require", type=click.Choice(["none", "better", "not-worse"]), default="none", show_default=True,
+              help="Exit 1 unless B is significantly more accurate (better), or B's accuracy is at most --margin below A's at the interval's lower end (not-worse).")
+@click.option("--margin", type=float, default=0.0, show_default=True, help="For --require not-worse: how far below A B may be, in accuracy units (0.005 = half a point).")
+@click.option("--confidence", type=float, default=0.95, show_default=True, help="Of the interval; the test's level is 1 - confidence.")
+@json_options("the full report")
+@click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="Write a JUnit XML report (the requirement as one test case).")
+@public_key_option
+def compare_cmd(a, b, data, text_column, label_column, require, margin, confidence, as_json, json_file, junit_path,
+                public_key):
+    """A/B: model B against model A on the same labelled rows (McNemar's exact test, a paired interval).
+
+    A and B are runs, model directories, export folders or bundles. Exit 1 when --require fails.
+
+    \b
+    Example (refuse a candidate that is not better than the model in the field):
+      edgeft compare bundles/field bundles/candidate --data holdout.csv --require better
+    """
+    from .ab import compare, requirement_message, table, write_junit
+
+    report = compare(a, b, data, text_column=text_column, label_column=label_column, confidence=confidence,
+                     require=require, margin=margin, public_key=public_key)
+    if junit_path:
+        write_junit(report, junit_path)
+    if not emit_json(report, as_json, json_file):
+        click.echo(table(report))
+    if not report["passed"]:
+        click.echo(f"compare  FAILED  {requirement_message(report)}", err=True)
+        sys.exit(1)
+
+
 @main.command()
 @click.argument("source", type=click.Path(exists=True, file_okay=False))
 @click.option("--device", required=True, help="A profile name from devices/ (see edgeft devices) or a path to your own .toml.")

@@ -56,6 +56,11 @@ def _tail(n: int, lo: int, hi: int):
     return prob
 
 
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p)."""
+    return _tail(n, 0, k)(p) if k < n else 1.0
+
+
 def _bisect(f, target: float, increasing: bool, iters: int = 200) -> float:
     """p in [0, 1] with f(p) = target for a monotone f."""
     lo, hi = 0.0, 1.0
