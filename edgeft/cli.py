@@ -196,6 +196,8 @@ def emit_json(data, as_json: bool, json_file: str | None) -> bool:
 @click.option("--nproc", type=int, help="Local training processes, launched through torchrun (DDP; gloo on CPU).  [default: 1]")
 @click.option("--grad-accum", type=int, help="Micro-batches per optimizer step; --batch-size stays the global batch.  [default: 1]")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Mixed precision through accelerate (fp16 needs a GPU).  [default: fp32]")
+@click.option("--folds", type=int, help="Stratified K-fold cross-validation of --data: K runs, each judged on its held-out fold; OUTPUT/cv.json gets each metric's mean and standard deviation.")
+@click.option("--keep-folds", is_flag=True, default=None, help="With --folds: keep each fold's run directory (OUTPUT/fold-K/run).")
 def train(config_path, **options):
     """Fine-tune a model on labelled data and write a run directory.
 
@@ -213,6 +215,15 @@ def train(config_path, **options):
     cfg = load_train_config(config_path, options)
     if cfg.nproc > 1 and not in_worker():
         sys.exit(launch(cfg.nproc, sys.argv[1:]))
+    if cfg.folds:
+        from .folds import cross_validate
+
+        r = cross_validate(cfg)
+        acc, f1 = r["metrics"]["accuracy"], r["metrics"]["macro_f1"]
+        click.echo(f"train  ok  {r['seconds']:.1f} s  {cfg.method}  {r['folds']} folds of {r['rows']} rows  "
+                   f"accuracy {acc['mean']:.4f} ± {acc['std']:.4f}  macro-F1 {f1['mean']:.4f} ± {f1['std']:.4f}  "
+                   f"-> {os.path.join(cfg.output, 'cv.json')}")
+        return
     from .train import train as run_train
 
     summary = run_train(cfg)

@@ -56,6 +56,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (mixed precision through accelerate)
     grad_accum: int = 1  # micro-batches per optimizer step; --batch-size stays the global batch
     nproc: int = 1  # local processes (edgeft train launches them through torchrun)
+    folds: int | None = None  # stratified K-fold cross-validation of --data instead of one run (edgeft/folds.py)
+    keep_folds: bool = False  # keep each fold's run directory under the output
 
     def __post_init__(self):
         from .methods import METHODS
@@ -78,6 +80,8 @@ class TrainConfig:
                 raise ConfigError(f"{name}: expected a positive integer, got {v!r}.")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warmup: expected a fraction in [0, 1), got {self.warmup}.")
+        if self.folds is not None and (isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 2):
+            raise ConfigError(f"folds: expected an integer of at least 2, got {self.folds!r}.")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints: expected at least 1, got {self.keep_checkpoints}.")
         if isinstance(self.lora_targets, str):

@@ -571,6 +571,9 @@ def _check_inputs(cfg: TrainConfig):
 
 def train(cfg: TrainConfig) -> dict:
     """Train per `cfg`; write the run directory; return the summary (also metrics.json)."""
+    if cfg.folds:
+        raise UsageError("folds: cross-validation writes a report of fold runs, not one run; run it with "
+                         "edgeft train --folds K (edgeft.folds.cross_validate), not as a recipe's training step.")
     cfg = cfg.with_method_defaults()
     t_start = time.perf_counter()
     train_ds, val_ds, labels, spec, state, resume_from = _check_inputs(cfg)
