@@ -2,6 +2,8 @@
 
 head     backbone frozen; features cached once, the head trains on the cache
 lora     peft LoRA adapters on the backbone (targets per architecture) + the head
+ia3      peft (IA)3: learned rescaling vectors on keys, values and the feed-forward input (1x1
+         convolutions' outputs on CNNs) + the head; folds into the weights like LoRA
 full     everything
 bitfit   every bias + the head
 partial  the top N layers (+ whatever sits above them, e.g. a pooler) + the head
@@ -17,7 +19,8 @@ from torch import nn
 from .errors import UsageError, did_you_mean
 from .models import TaskModel, layer_groups
 
-METHODS = ("head", "lora", "full", "bitfit", "partial", "gradual")
+METHODS = ("head", "lora", "ia3", "full", "bitfit", "partial", "gradual")
+ADAPTERS = ("lora", "ia3")  # peft wrappers a run keeps unmerged; merge folds them into the weights
 
 # Defaults per method: (body lr, head lr, epochs, batch). Measured on MiniLM (STACK.md):
 # LoRA learns best with a separate, larger lr for the fresh head (1e-2) than for the
@@ -27,11 +30,19 @@ DEFAULTS = {
     # no body lr: the backbone does not train
     "head": dict(head_lr=3e-3, epochs=100, batch_size=32),
     "lora": dict(lr=1e-3, head_lr=1e-2, epochs=5, batch_size=16),
+    # (IA)3 trains a few thousand scaling factors from 1: the (IA)3 paper's and peft's examples
+    # use lr 3e-3; the vectors need a larger step than LoRA's matrices to move the features
+    "ia3": dict(lr=3e-3, head_lr=1e-2, epochs=5, batch_size=16),
     "full": dict(lr=5e-5, head_lr=1e-3, epochs=4, batch_size=16),
     "bitfit": dict(lr=1e-3, head_lr=1e-2, epochs=5, batch_size=16),
     "partial": dict(lr=1e-4, head_lr=1e-2, epochs=5, batch_size=16),
     "gradual": dict(lr=1e-4, head_lr=1e-2, epochs=6, batch_size=16),
 }
+
+# (IA)3 where peft has no table for the model type: the key and value projections (first naming
+# scheme that matches) and the feed-forward block's output layer, whose input (the activations) it scales
+IA3_ATTENTION = (("key", "value"), ("k_proj", "v_proj"), ("k_lin", "v_lin"), ("k", "v"))
+IA3_FFN_OUT = ("output.dense", "mlp.fc2", "fc2", "ffn.lin2", "wo", "down_proj")
 
 # Attention projections LoRA adapts by default, per naming scheme (first match wins).
 LORA_TARGETS = (("query", "value"), ("q_proj", "v_proj"), ("q_lin", "v_lin"), ("q", "v"))
@@ -69,6 +80,35 @@ def default_lora_targets(backbone: nn.Module) -> list[str]:
     raise UsageError("--method lora: no Linear or 1x1 Conv2d layers to adapt in this model.")
 
 
+def ia3_targets(backbone: nn.Module) -> tuple[list[str], list[str]]:
+    """(target modules, feed-forward modules) for (IA)3: peft's own table for the model type,
+    else key/value projections and the feed-forward output by their usual names (IA3_ATTENTION,
+    IA3_FFN_OUT), else a CNN's 1x1 convolutions."""
+    from peft.utils import (
+        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
+    )
+    from peft.utils import (
+        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS,
+    )
+
+    config = next((m.config for m in backbone.modules() if hasattr(m, "config")), None)
+    kind = getattr(config, "model_type", None)
+    if kind in TARGETS:
+        return list(TARGETS[kind]), list(FEEDFORWARD.get(kind, []))
+    linears = [n for n, m in backbone.named_modules() if isinstance(m, nn.Linear)]
+    leaves = {n.rsplit(".", 1)[-1] for n in linears}
+    for pair in IA3_ATTENTION:
+        ffn = [f for f in IA3_FFN_OUT if any(n == f or n.endswith("." + f) for n in linears)]
+        if set(pair) <= leaves and ffn:
+            return [*pair, ffn[0]], [ffn[0]]
+    convs = [n for n, m in backbone.named_modules()
+             if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1]
+    if convs:
+        return convs, []
+    raise UsageError(f"--method ia3: peft has no (IA)3 targets for this model ({kind or type(backbone).__name__}: "
+                     "no key/value projections, no 1x1 convolutions); use --method lora or bitfit.")
+
+
 def _check_targets(backbone: nn.Module, targets: list[str]) -> None:
     names = [n for n, m in backbone.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
@@ -99,6 +139,15 @@ def apply(model: TaskModel, method: str, *, lora_r=8, lora_alpha=16, lora_dropou
         _expose_conv_attributes(model.backbone)
         plan_targets = targets
         body = {f"backbone.{n}" for n, p in model.backbone.named_parameters() if "lora_" in n}
+    elif method == "ia3":
+        from peft import IA3Config, get_peft_model
+
+        targets, feedforward = ia3_targets(model.backbone)
+        model.backbone = get_peft_model(model.backbone, IA3Config(target_modules=targets,
+                                                                  feedforward_modules=feedforward))
+        _expose_conv_attributes(model.backbone)
+        plan_targets = targets
+        body = {f"backbone.{n}" for n, p in model.backbone.named_parameters() if "ia3_" in n}
     elif method == "head":
         body = set()
     elif method in ("full", "gradual"):

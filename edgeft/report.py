@@ -71,6 +71,9 @@ def model_card(cfg, spec, summary: dict, plan) -> str:
     if method == "lora":
         method += f" (r={cfg.lora_r}, alpha={cfg.lora_alpha}, targets: {', '.join(plan.lora_targets[:6])}" \
                   f"{' ...' if len(plan.lora_targets) > 6 else ''})"
+    elif method == "ia3":
+        method += f" ((IA)3 scaling vectors on: {', '.join(plan.lora_targets[:6])}" \
+                  f"{' ...' if len(plan.lora_targets) > 6 else ''})"
     elif method == "partial":
         method += f" (top {cfg.train_layers} layers)"
     return f"""# Model card: {Path(cfg.output).name}

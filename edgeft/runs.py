@@ -33,8 +33,8 @@ class Loaded:
         return ModelSpec(**self.info["model"])
 
     def merge_lora(self) -> bool:
-        """Fold a LoRA run's adapters into its backbone, in place; False when there are none."""
-        if self.kind != "run" or self.info["method"] != "lora":
+        """Fold a LoRA or (IA)3 run's adapters into its backbone, in place; False when there are none."""
+        if self.kind != "run" or self.info["method"] not in methods.ADAPTERS:
             return False
         self.model.backbone = self.model.backbone.merge_and_unload()
         return True

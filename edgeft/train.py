@@ -612,7 +612,7 @@ def _write_outputs(t: Trainer, summary: dict) -> None:
     save_file({k: sd[k].detach().contiguous() for k in keys}, str(tmp),
               metadata={"edgeft_method": cfg.method, "format": "pt"})
     os.replace(tmp, run / "trained.safetensors")
-    if cfg.method == "lora":
+    if cfg.method in methods.ADAPTERS:
         with atomic.directory(run / "adapter", replace=True) as d:
             model.backbone.save_pretrained(str(d))
     if spec.modality == "text":

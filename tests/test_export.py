@@ -69,6 +69,31 @@ def test_merged_equals_unmerged(lora_text_run, text_model_dir, tiny_bert, text_d
     assert not any("lora" in k for k in load_file(str(text_model_dir / "model.safetensors")))
 
 
+@pytest.mark.parametrize("model,data", [("tiny_bert", "text"), ("tiny_mobilenet", "image")])
+def test_ia3_merges_and_exports_like_lora(model, data, text_data, image_data, tmp_path, request):
+    """(IA)3's scaling vectors fold into the weights: the merged model answers as the unmerged one
+    (within float32's reach against its float64 run), holds no ia3 weights, and exports with parity."""
+    path = request.getfixturevalue(model)
+    train_data = text_data["train"] if data == "text" else image_data
+    run = tmp_path / "run"
+    train(TrainConfig(model=str(path), data=str(train_data), output=str(run), method="ia3", epochs=2,
+                      batch_size=8, lr=5e-2, progress=False, **({"pooling": "mean"} if data == "text" else {})))
+    loaded = load_model(run)
+    items = validation_data(loaded.info["validation"]).items
+    a = predict_logits(loaded.model, loaded.pre, items).numpy()
+    exact = logits64(loaded.model, loaded.pre, items)
+    merge(run, tmp_path / "merged")
+    merged = load_model(tmp_path / "merged")
+    b = predict_logits(merged.model, merged.pre, items).numpy()
+    assert_float32_close(b, exact, float32_tolerance(exact, a), "ia3 merged")
+    weights = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert not any("ia3" in k for k in weights)
+    info = json.loads((tmp_path / "merged" / "edgeft.json").read_text())
+    assert info["merge"]["merged_lora"]  # the adapters were folded (the key predates (IA)3)
+    out = export(tmp_path / "merged", tmp_path / "export")
+    assert all(c["passed"] for c in out["parity"]["checks"]) and out["parity"]["agreement"] == 1.0
+
+
 def test_merged_dir_loads_with_transformers(text_model_dir):
     from transformers import AutoModel, AutoTokenizer
 

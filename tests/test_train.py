@@ -42,17 +42,21 @@ def test_every_method_on_text(method, tiny_bert, text_data, tmp_path):
     p = s["parameters"]
     # the ratio is reported rounded to 6 places (methods.py): within 5e-7 of the exact quotient
     assert 0 < p["trainable"] <= p["total"] and p["ratio"] == pytest.approx(p["trainable"] / p["total"], abs=1e-6)
-    expected_ratio = {"head": (0, 0.02), "lora": (0.02, 0.3), "bitfit": (0.01, 0.1),
+    expected_ratio = {"head": (0, 0.02), "lora": (0.02, 0.3), "ia3": (0, 0.05), "bitfit": (0.01, 0.1),
                       "partial": (0.3, 0.99), "full": (1, 1), "gradual": (1, 1)}[method]
     assert expected_ratio[0] <= p["ratio"] <= expected_ratio[1]
     card = (run / "README.md").read_text()
     assert method in card and "accuracy" in card
-    if method == "lora":
+    if method in ("lora", "ia3"):
         assert (run / "adapter" / "adapter_config.json").exists()
+    if method == "ia3":  # a scaling vector per adapted layer, nothing else of the backbone
+        trained = load_file(run / "trained.safetensors")
+        body = [k for k in trained if not k.startswith("head.")]
+        assert body and all("ia3_" in k for k in body)
 
 
 @pytest.mark.parametrize("model", ["tiny_vit", "tiny_mobilenet", "tiny_resnet", "tiny_effnet"])
-@pytest.mark.parametrize("method", ["head", "lora", "partial"])
+@pytest.mark.parametrize("method", ["head", "lora", "ia3", "partial"])
 def test_image_models(model, method, image_data, tmp_path, request):
     path = request.getfixturevalue(model)
     s = train(cfg_for(path, image_data, tmp_path / "run", method=method, batch_size=8, epochs=1,
