@@ -10,7 +10,7 @@ out (the same tokenizer for all), in interleaved blocks; the table shows medians
 
 Rows: PyTorch eager fp32 (the speed-up baseline; and LoRA merged), ORT fp32 (the export's
 model.onnx), plain ORT dynamic int8 with every node quantized (`edgeft quantize --mode dynamic
---no-search`), and bundles from edgeft.bundle.build: x86-64-server (cpu int8: the fastest of
+--no-search`), and bundles from edgeft.build.build: x86-64-server (cpu int8: the fastest of
 dynamic int8 with the sensitivity search and weight-only int8 that meets the budget; the row
 names the mode kept and the nodes kept in float), user profiles cpu int8-static and cpu fp16,
 intel-n100 (openvino int8 by NNCF: full int8 or int8 weight compression, whichever is faster
@@ -56,7 +56,7 @@ QUIET_WAIT = 10.0  # seconds an extra round waits, at most, for a quiet moment
 # Every onnxruntime and OpenVINO row runs with one thread per CPU of this host (PyTorch's own
 # default is the same here): intel-n100's threads = 4 would oversubscribe a smaller host.
 THREADS = os.cpu_count() or 1
-# the budget every int8 build is held to (edgeft.parity.Thresholds.for_precision("int8")),
+# the budget every int8 build is held to (edgeft.runtime.compare.Thresholds.for_precision("int8")),
 # applied here to each row on the test texts, and the issue's speed target
 MIN_AGREEMENT, MAX_DROP, TARGET_SPEEDUP = 0.99, 0.005, 4.0
 
@@ -142,7 +142,7 @@ def prune_stale(keep: Path) -> None:
 
 
 def relaxed():
-    from edgeft.parity import Thresholds
+    from edgeft.runtime.compare import Thresholds
 
     return Thresholds(max_abs_diff=None, min_agreement=0.0, max_accuracy_drop=None)
 
@@ -152,7 +152,7 @@ def ensure_bundle(run: Path, key: str, device: str, root: Path, rebuild: bool = 
 
     If the default gate refuses the bundle (ParityError), it is built again with relaxed
     thresholds, so it can be measured; gate.json keeps the refusal."""
-    from edgeft.bundle import build
+    from edgeft.build import build
     from edgeft.errors import ParityError
 
     out, gate_file = root / key, root / f"{key}.gate.json"

@@ -13,7 +13,7 @@ import sys
 import click
 
 from . import __version__
-from .config import ExportConfig
+from .config import BuildConfig, ExportConfig
 from .errors import EdgeftError
 from .runtime.retrain_config import RetrainConfig
 
@@ -390,7 +390,7 @@ def compare_cmd(a, b, data, text_column, label_column, require, margin, confiden
 @output_option("Bundle folder to write.")
 @click.option("--calibration", help="Real samples that calibrate int8 (static, NNCF) and rank nodes for the search.  [default: the training rows]")
 @click.option("--data", help="Labelled rows for the parity check.  [default: the run's validation data]")
-@click.option("--replay", type=int, default=100, show_default=True, help="Training features kept per class for on-device retraining (0: none).")
+@click.option("--replay", type=int, default=BuildConfig.replay, show_default=True, help="Training features kept per class for on-device retraining (0: none).")
 @click.option("--head", "head_family", type=click.Choice(["softmax", "ridge"]),
               help="The head the device answers with and retrains: softmax (the trained head), or ridge (random ReLU "
                    "features + class-balanced ridge, solved from statistics; the trained head stays one version back).  "
@@ -413,16 +413,11 @@ def build(source, device, output, calibration, data, replay, head_family, min_ag
     preprocessing, reference inputs with their PyTorch outputs and parity.json. It is
     written only if its parity with PyTorch holds; an interrupted build leaves nothing.
     """
-    from .bundle import build as run_build
-    from .parity import Thresholds
-    from .profiles import find_profile
+    from .build import build as run_build
 
-    profile, target = find_profile(device)
-    t = Thresholds.for_precision(profile.resolved(target)["precision"]).override(
-        min_agreement=min_agreement, max_accuracy_drop=max_drop)
-    m = run_build(source, device, output, calibration=calibration, data=data, archive=archive,
-                  overwrite=overwrite, thresholds=t, replay=replay, sign_key=sign_key, keep_examples=keep_examples,
-                  head=head_family)
+    m = run_build(BuildConfig(source, device, output, calibration=calibration, data=data, archive=archive,
+                              overwrite=overwrite, min_agreement=min_agreement, max_drop=max_drop, replay=replay,
+                              sign_key=sign_key, keep_examples=keep_examples, head=head_family))
     size = sum(f["bytes"] for f in m["files"].values()) / 1e6
     p = m["parity"]
     click.echo(f"build  ok  {m['build_seconds']:.1f} s  {m['device']['profile']} ({m['target']['name']}, {m['precision']})  "

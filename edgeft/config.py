@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING
 from .errors import ConfigError, UsageError, did_you_mean
 
 if TYPE_CHECKING:
-    from .parity import Thresholds
+    from .runtime.compare import Thresholds
 
 METRICS = ("accuracy", "macro_f1", "loss")
+HEAD_FAMILIES = ("softmax", "ridge")  # the head a bundle answers with and retrains (runtime/ridge.py)
 
 
 @dataclass
@@ -64,7 +65,7 @@ class TrainConfig:
 
         if self.method not in METHODS:
             raise ConfigError(f"method: unknown method '{self.method}'; choose from {', '.join(METHODS)}.{did_you_mean(self.method, METHODS)}")
-        if self.head not in ("softmax", "ridge"):
+        if self.head not in HEAD_FAMILIES:
             raise ConfigError(f"head: expected softmax or ridge, got {self.head!r}.")
         if self.metric not in METRICS:
             raise ConfigError(f"metric: unknown metric '{self.metric}'; choose from {', '.join(METRICS)}.{did_you_mean(self.metric, METRICS)}")
@@ -211,7 +212,7 @@ class QuantizeConfig:
     per_channel: bool = True
     search: bool = True  # on a miss: keep the worst nodes in float / NNCF's accuracy control
     overwrite: bool = False
-    min_agreement: float | None = None  # None: the precision's budget (parity.Thresholds.for_precision)
+    min_agreement: float | None = None  # None: the precision's budget (runtime.compare.Thresholds.for_precision)
     max_drop: float | None = None  # accuracy units: 0.005 = 0.5 point
     thresholds: Thresholds | None = None  # the whole budget at once; min_agreement/max_drop still apply
 
@@ -238,11 +239,15 @@ class BuildConfig:
     archive: bool = False
     overwrite: bool = False
     sign_key: str | Path | None = None
-    min_agreement: float | None = None
-    max_drop: float | None = None
-    thresholds: Thresholds | None = None
+    min_agreement: float | None = None  # None: the precision's budget (runtime.compare.Thresholds.for_precision)
+    max_drop: float | None = None  # accuracy units: 0.005 = 0.5 point
+    thresholds: Thresholds | None = None  # the whole budget at once; min_agreement/max_drop still apply
+    keep_examples: bool = False  # parity.json and reference/items.json keep the rows' texts (image names)
+    head: str | None = None  # the head family (HEAD_FAMILIES); None: the run's own, else softmax
 
     def __post_init__(self):
+        if self.head is not None and self.head not in HEAD_FAMILIES:
+            raise UsageError(f"--head {self.head!r}: expected one of {', '.join(HEAD_FAMILIES)}.")
         if isinstance(self.replay, bool) or not isinstance(self.replay, int) or self.replay < 0:
             raise ConfigError(f"replay: expected a whole number of rows per class (0: none), got {self.replay!r}.")
         _check_budget(self.min_agreement, self.max_drop)
@@ -252,7 +257,7 @@ class BuildConfig:
 
 
 def _budget(given, precision: str, min_agreement, max_drop) -> Thresholds:
-    from .parity import Thresholds
+    from .runtime.compare import Thresholds
 
     return (given or Thresholds.for_precision(precision)).override(min_agreement=min_agreement,
                                                                      max_accuracy_drop=max_drop)

@@ -27,9 +27,9 @@ from . import __version__
 from .config import ExportConfig
 from .errors import ModelError, ParityError, refuse_existing
 from .float32 import tolerance
-from .parity import Thresholds, checks, compare
 from .runs import Loaded, load_model, validation_data
 from .runtime import atomic
+from .runtime.compare import Thresholds, checks, compare
 from .runtime.manifest import file_entry
 from .runtime.session import write_meta
 

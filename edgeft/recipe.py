@@ -219,19 +219,17 @@ def _train_to_export(step: _Steps, r: dict, out: Path) -> dict:
 
 def _device_steps(step: _Steps, r: dict, out: Path, device: str, name: str, trained: dict) -> dict:
     """build (and verify, when the recipe has a [verify] table) one device; its summary row."""
-    from .bundle import build
-    from .parity import Thresholds
+    from .build import build
+    from .config import BuildConfig
     from .profiles import find_profile
 
     b, verify_cfg, run_dir = r["build"], r["verify"], out / "run"
     bundle_dir = out / "bundles" / name
-    profile, target = find_profile(device)
-    thresholds = Thresholds.for_precision(profile.resolved(target)["precision"]).override(
-        min_agreement=b.get("min_agreement"), max_accuracy_drop=b.get("max_drop"))
+    profile, _ = find_profile(device)
+    given = {k: b[k] for k in ("data", "calibration", "replay", "min_agreement", "max_drop") if k in b}
 
     def do_build(folder):
-        m = build(run_dir, device, folder, data=b.get("data"), calibration=b.get("calibration"),
-                  replay=b.get("replay", 100), thresholds=thresholds)
+        m = build(BuildConfig(run_dir, device, folder, **given))
         return {"precision": m["precision"], "parity": m["parity"],
                 "bytes": sum(f["bytes"] for f in m["files"].values()),
                 "quantization": (m.get("quantization") or {}).get("mode")}

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
-from .parity import Thresholds, checks, compare
 from .runtime import atomic
 from .runtime.bundle import Bundle
+from .runtime.compare import Thresholds, checks, compare
 from .runtime.manifest import MANIFEST
 from .runtime.preprocess import load_preprocessor
 from .runtime.session import OnnxModel

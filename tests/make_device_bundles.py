@@ -28,7 +28,7 @@ def make_bundles(out: Path) -> dict[str, Path]:
     """{"text": bundle, "mobile": bundle, "image": bundle}; training data and runs live beside them in `out`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("EDGEFT_CACHE", str(out / "cache"))
-    from edgeft.bundle import build
+    from edgeft.build import build
     from edgeft.config import TrainConfig
     from edgeft.train import train
 

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from tolerance import softmax_sum_tolerance, validation_tolerance
 
-from edgeft.bundle import build
+from edgeft.build import build
 from edgeft.cli import main
 from edgeft.errors import BundleError, ParityError, ProfileError
 from edgeft.plugins import registry
@@ -195,7 +195,7 @@ def test_quantization_that_breaks_parity_is_refused(lora_text_run, tmp_path, mon
 
 
 def test_interrupted_build_leaves_no_bundle(lora_text_run, tmp_path, monkeypatch):
-    import edgeft.bundle as B
+    import edgeft.build as B
 
     def crash(*a, **k):
         raise KeyboardInterrupt
@@ -282,7 +282,7 @@ def test_third_party_plugin_appears_and_builds(tmp_path, lora_text_run):
     d = json.loads(out.stdout)
     assert d["targets"]["acme-npu"]["plugin"] == "acme" and "acme-board" in d["profiles"]
     code = textwrap.dedent(f"""
-        from edgeft.bundle import build
+        from edgeft.build import build
         m = build({str(lora_text_run)!r}, "acme-board", {str(tmp_path / "bundle")!r})
         print(m["target"]["name"], sorted(m["files"]))
     """)
@@ -346,3 +346,20 @@ def test_profile_providers_must_be_a_list_of_names(tmp_path, value):
     f.write_text(f'target = "cpu"\nproviders = {value}\n')
     with pytest.raises(ProfileError, match=r"p.toml: providers: expected a list of execution provider names"):
         read_profile(f)
+
+
+def test_build_and_quantize_configs_refuse_bad_values_before_any_work(tmp_path):
+    """BuildConfig/QuantizeConfig check their values when made: one line, exit 2, nothing written."""
+    from edgeft.config import BuildConfig, QuantizeConfig
+    from edgeft.errors import ConfigError, UsageError
+
+    with pytest.raises(ConfigError, match=r"replay: expected a whole number"):
+        BuildConfig(tmp_path, "x86-64-server", tmp_path / "b", replay=-1)
+    with pytest.raises(UsageError, match=r"--head 'lasso': expected one of softmax, ridge"):
+        BuildConfig(tmp_path, "x86-64-server", tmp_path / "b", head="lasso")
+    with pytest.raises(ConfigError, match=r"min_agreement: expected a share between 0 and 1, got 1.5"):
+        QuantizeConfig(tmp_path, "dynamic", tmp_path / "q", min_agreement=1.5)
+    r = CliRunner().invoke(main, ["build", str(tmp_path), "--device", "x86-64-server", "-o", str(tmp_path / "b"),
+                                  "--replay", "-1"])
+    assert r.exit_code == 2 and "replay: expected" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.output and not (tmp_path / "b").exists()

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
-from edgeft.bundle import build  # noqa: E402
+from edgeft.build import build  # noqa: E402
 from edgeft.cli import main  # noqa: E402
 from edgeft.errors import ParityError  # noqa: E402
 from edgeft.runtime.bundle import Bundle  # noqa: E402
@@ -148,7 +148,7 @@ def test_image_bundles_fp16_and_int8(full_image_run, tmp_path):
 def test_accuracy_control_runs_and_an_unmeetable_budget_fails_with_numbers(full_text_run, tmp_path):
     """A budget int8 cannot meet: logits within 1e-7 of PyTorch's. The plain NNCF model misses
     it, NNCF's accuracy control runs, and the build fails with every number and writes nothing."""
-    from edgeft.parity import Thresholds
+    from edgeft.runtime.compare import Thresholds
 
     budget = Thresholds(max_abs_diff=1e-7, min_agreement=0.99, max_accuracy_drop=0.005)  # no int8 model meets it
     with pytest.raises(ParityError) as e:
@@ -191,8 +191,8 @@ def test_quantize_mode_nncf_on_onnx(full_text_run, tmp_path):
     import onnx
 
     from edgeft.export import export
-    from edgeft.parity import Thresholds
     from edgeft.quantize import quantize
+    from edgeft.runtime.compare import Thresholds
 
     export(full_text_run, tmp_path / "export")
     r = CliRunner().invoke(main, ["quantize", str(tmp_path / "export"), "--mode", "nncf", "-o", str(tmp_path / "q")])

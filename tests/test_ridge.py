@@ -377,7 +377,7 @@ def test_killed_ridge_retrain_never_leaves_a_broken_bundle(ridge_built, tmp_path
 def test_train_and_build_with_the_ridge_head(tmp_path):
     """`edgeft train --method head --head ridge` fits it from the cached features in one solve and
     records the family; `edgeft build` of that run makes the ridge head the bundle's active head."""
-    from edgeft.bundle import build
+    from edgeft.build import build
     from edgeft.config import TrainConfig
     from edgeft.train import train
 

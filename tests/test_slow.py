@@ -78,7 +78,7 @@ def test_minilm_int8_bundle_keeps_its_answers(device, runs, tmp_path):
     """The int8 bundles of the real LoRA run, cpu (ONNX Runtime) and openvino (NNCF), on the 120
     held-out rows: at least 99% of PyTorch's answers and at most 0.5 point lost, or refused
     with the numbers. Nothing in between: a bundle on disk has met the budget."""
-    from edgeft.bundle import build
+    from edgeft.build import build
     from edgeft.errors import ParityError
     from edgeft.runtime.bundle import Bundle
 

@@ -127,7 +127,7 @@ def test_policy_requires_a_signature(built, signed, keys, tmp_path):
 
 def test_relative_paths_sign_and_verify(built, keys, tmp_path, monkeypatch):
     """Signing `bundles/x` from the current folder and installing its archive elsewhere."""
-    from edgeft.bundle import write_archive
+    from edgeft.build import write_archive
 
     monkeypatch.chdir(tmp_path)
     shutil.copytree(built, tmp_path / "rel")
@@ -163,7 +163,7 @@ def _file(name: str, data: bytes = b"x") -> tuple[tarfile.TarInfo, bytes]:
 
 
 def test_install_a_signed_archive(signed, keys, tmp_path):
-    from edgeft.bundle import write_archive
+    from edgeft.build import write_archive
 
     archive = write_archive(signed)
     target = tmp_path / "device" / "bundle"
@@ -212,7 +212,7 @@ def test_install_refuses_a_broken_bundle(built, tmp_path):
     b = tmp_path / "b"
     shutil.copytree(built, b)
     (b / "backbone.onnx").write_bytes(b"not a model")
-    from edgeft.bundle import write_archive
+    from edgeft.build import write_archive
 
     archive = write_archive(b)
     with pytest.raises(BundleError, match="backbone.onnx: content does not match"):

@@ -17,8 +17,8 @@ from .. import __version__
 from ..config import QuantizeConfig
 from ..errors import DataError, ParityError, UsageError, refuse_existing
 from ..onnx_graph import fuse
-from ..parity import checks, compare
 from ..runtime import atomic
+from ..runtime.compare import checks, compare
 from ..runtime.manifest import file_entry
 from ..runtime.preprocess import load_preprocessor
 from ..runtime.session import read_meta, write_meta

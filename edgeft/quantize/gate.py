@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..parity import Thresholds, checks, compare
+from ..runtime.compare import Thresholds, checks, compare
 
 log = logging.getLogger(__name__)
 

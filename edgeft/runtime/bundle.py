@@ -22,9 +22,10 @@ class Bundle:
     """Load a bundle after its hashes match; run it: features, logits, predictions, self-check."""
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None,
-                 check_hashes: bool = True, public_key: str | Path | None = None):
+                 check_hashes: bool = True, public_key: str | Path | None = None, manifest: dict | None = None):
         self.path = Path(path)
-        self.manifest = read_manifest(self.path)
+        # manifest: one still in memory (edgeft build runs its bundle before writing it; no hashes yet)
+        self.manifest = read_manifest(self.path) if manifest is None else manifest
         if check_hashes:
             enforce(self.path, public_key)  # the owner's signature, when given a key or the policy says so
             check_files(self.path, self.manifest)

@@ -1,6 +1,6 @@
 """Compare a candidate's logits with a reference's on the same inputs: numbers and pass/fail checks.
 
-numpy only: the build's parity gate (edgeft.parity) and `edgeft device check` use the same code.
+numpy only: the build's parity gate (edgeft.build, edgeft.quantize.gate) and `edgeft device check` use the same code.
 """
 
 from __future__ import annotations

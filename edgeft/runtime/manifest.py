@@ -1,6 +1,6 @@
 """A bundle's manifest: its schema, the checks every reader and writer runs, and file hashes.
 
-Layout (see edgeft/bundle.py for how it is built):
+Layout (see edgeft/build.py for how it is built):
     manifest.json          schema, labels, preprocessing, runtime settings, files with sha256,
                            the active head version and the history of heads
     backbone.onnx          inputs -> features

@@ -44,22 +44,23 @@ def _holdout(path: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def add_ridge_head(path: str | Path, train, *, width: int = ridge.DEFAULT_WIDTH, seed: int = ridge.DEFAULT_SEED,
-                   batch_size: int = 32) -> dict:
+                   batch_size: int = 32, manifest: dict | None = None) -> dict:
     """Fit the ridge head on a finished bundle's own features of its training rows and make it the
     active head version (the trained head stays the version before it, one rollback away).
 
     `train` is the run's training Dataset (the rows the trained head learned from); lambda is
     chosen on the replay hold-out (validation rows, never in the statistics) by balanced accuracy.
-    Returns the new manifest."""
+    Returns the new manifest. `manifest`: one still in memory (edgeft build, before it writes
+    manifest.json once): read instead of the file, and the new one returned unwritten."""
     t0 = time.perf_counter()
     path = Path(path)
-    m = read_manifest(path)
+    m = read_manifest(path) if manifest is None else manifest
     labels = list(m["labels"])
     index = {n: i for i, n in enumerate(labels)}
     unknown = sorted({v for v in train.labels if v not in index})
     if unknown:
         raise DataError(f"{train.source}: labels the bundle does not have: {', '.join(unknown[:5])}.")
-    bundle = Bundle(path, providers=["CPUExecutionProvider"], check_hashes=False)
+    bundle = Bundle(path, providers=["CPUExecutionProvider"], check_hashes=False, manifest=manifest)
     X = bundle.features(list(train.items), batch_size)
     y = np.array([index[v] for v in train.labels], dtype=np.int64)
     Xh, yh = _holdout(path, m)
@@ -88,7 +89,8 @@ def add_ridge_head(path: str | Path, train, *, width: int = ridge.DEFAULT_WIDTH,
     new["heads"] = [*m["heads"], entry]
     new["files"] = {**m["files"], head_rel: _entry(path, head_rel), stats_rel: _entry(path, stats_rel)}
     check_manifest(new, path / MANIFEST)
-    atomic.write_json(path / MANIFEST, new)
+    if manifest is None:
+        atomic.write_json(path / MANIFEST, new)
     return new
 
 

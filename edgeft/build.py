@@ -1,0 +1,400 @@
+"""`edgeft build`: a run or model directory -> a verified bundle for one device profile.
+
+merge (in memory) -> export (fp32, parity checked) -> quantize per the profile's precision ->
+the target plugin's packaging -> reference inputs with their PyTorch outputs -> parity of the
+finished bundle against PyTorch -> manifest with every file's sha256. The bundle folder is
+renamed into place only when all of that passed: an interrupted build leaves no bundle.
+
+Each file is written once: the models and inputs first, then everything computed by running
+the bundle as a device runs it (from the manifest still in memory), then manifest.json last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .certify import holds
+from .config import HEAD_FAMILIES, BuildConfig
+from .errors import ParityError, UsageError, refuse_existing
+from .profiles import find_profile
+from .quantize import default_variants, prepare_gate
+from .quantize import get as get_mode
+from .quantize.choose import choose_variant
+from .runtime import atomic
+from .runtime.bundle import Bundle
+from .runtime.compare import checks, compare
+from .runtime.manifest import MANIFEST, check_files, file_entry, read_manifest
+from .runtime.stats import row_id
+from .targets import BuildContext
+
+log = logging.getLogger(__name__)
+
+REFERENCE_ROWS = 16
+CALIBRATION_ROWS = 300  # NNCF's recipe calibrates on 300; MinMax ranges rarely move beyond
+REPLAY_HOLDOUT = 0.25  # validation rows per class for the retrain guard, as a share of per_class (at least 5)
+HEAD_FILE = "heads/head-0001.onnx"
+PARITY_KEYS = ("rows", "max_abs_diff", "mean_abs_diff", "agreement", "accuracy", "reference_accuracy",
+               "accuracy_drop", "bounds")  # what the manifest keeps of parity.json
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class _Plan:
+    """What the build decided before writing anything."""
+
+    cfg: BuildConfig
+    output: Path
+    profile: object
+    target: object
+    settings: dict  # the profile resolved against its target
+    loaded: object  # runs.Loaded: the PyTorch model, LoRA merged
+    head: str  # the head family the bundle answers with (HEAD_FAMILIES)
+    ds: object  # the labelled rows that judge parity
+    variants: tuple[str, ...]  # quantization variants to try (none: fp32)
+    train_ds: object | None = None  # the training rows: replay memory, and calibration unless given
+
+    @property
+    def precision(self) -> str:
+        return self.settings["precision"]
+
+    @property
+    def modality(self) -> str:
+        return self.loaded.spec.modality
+
+    @property
+    def calibrated(self) -> bool:
+        """Some variant reads real rows (to calibrate, or to rank nodes for the search)."""
+        return any(get_mode(v, engine=None).calibrated for v in self.variants)
+
+
+def build(source, device=None, output=None, **options) -> dict:
+    """Build the bundle; return its manifest. Takes a BuildConfig, or its fields.
+
+    Fails (ParityError) without writing if parity breaks. keep_examples: parity.json and
+    reference/items.json hold the input texts (image names) of their rows; by default they
+    name rows by index and hash only (edgeft.certify.holds)."""
+    cfg = source if isinstance(source, BuildConfig) else BuildConfig(source, device, output, **options)
+    t0 = time.perf_counter()
+    plan = _plan(cfg)
+    with tempfile.TemporaryDirectory(prefix="edgeft-build-") as work:
+        manifest = _build_in(plan, Path(work), t0)
+    if cfg.sign_key:
+        from .runtime.trust import sign
+
+        try:
+            sign(plan.output, cfg.sign_key)
+        except BaseException:  # a bundle that was to be signed and is not must not stay behind
+            shutil.rmtree(plan.output, ignore_errors=True)
+            raise
+    if cfg.archive:
+        write_archive(plan.output)
+    log.info("built %s for %s (%s, %s) in %.1f s", plan.output, plan.profile.name, plan.target.name,
+             plan.precision, time.perf_counter() - t0)
+    return manifest
+
+
+def _plan(cfg: BuildConfig) -> _Plan:
+    from .runs import load_labelled, load_model, training_data, training_source, validation_data
+
+    output = Path(cfg.output)
+    refuse_existing(output, cfg.overwrite)
+    profile, target = find_profile(cfg.device)
+    settings = profile.resolved(target)
+    loaded = load_model(cfg.source)
+    loaded.merge_lora()
+    head = cfg.head or (loaded.info.get("config") or {}).get("head") or "softmax"  # default: the run's own choice
+    if head not in HEAD_FAMILIES:
+        raise UsageError(f"--head {head!r}: expected one of {', '.join(HEAD_FAMILIES)}.")
+    if head == "ridge" and not cfg.replay:
+        raise UsageError("--head ridge: its on-device guard needs the replay hold-out; pass --replay N (N > 0).")
+    ds = load_labelled(cfg.data, loaded) if cfg.data else validation_data(loaded.info.get("validation"))
+    if ds is None:
+        raise UsageError(f"{cfg.source}: its validation data is gone; pass --data with labelled rows for the parity check.")
+    # quantization variants: the target's, else the registry's defaults for the precision; each
+    # is gated (with the search where it misses) and the fastest passing one wins
+    precision = settings["precision"]
+    variants = target.variants.get(precision, ()) if target.variants else default_variants(precision)
+    plan = _Plan(cfg, output, profile, target, settings, loaded, head, ds, tuple(variants))
+    source_info = loaded.info.get("training") or (
+        training_source(loaded.info["config"]) if "config" in loaded.info else None)
+    if cfg.replay or (plan.calibrated and not cfg.calibration):
+        plan.train_ds = training_data(source_info)
+    return plan
+
+
+def _build_in(plan: _Plan, work: Path, t0: float) -> dict:  # the build's stages, in order, in `work`
+    from .export import export
+
+    cfg, settings, export_dir = plan.cfg, plan.settings, work / "export"
+    exported = export(cfg.source, export_dir, opset=settings["opset"], data=cfg.data)
+    calib_items = _calibration_items(plan)
+    spec, pre = _preprocessing(plan, exported, export_dir, calib_items)
+    ov_settings = None
+    if settings["engine"] == "openvino":
+        from .quantize.openvino_ir import runtime_settings
+
+        ov_settings = runtime_settings(settings, plan.precision)
+    gate = _gate(plan, pre, export_dir, ov_settings)
+    backbone_src, quant = export_dir / "backbone.onnx", None
+    if plan.variants:
+        quant = choose_variant(plan.variants, backbone_src, work, gate, precision=plan.precision,
+                               modality=plan.modality, pre=pre, calib_items=calib_items, ov_settings=ov_settings,
+                               output=plan.output, profile=plan.profile.name)
+        backbone_src = Path(quant.pop("path"))
+    with atomic.directory(plan.output, replace=cfg.overwrite) as tmp:
+        backbone_file = _write_backbone(tmp, backbone_src)
+        head = _write_head(tmp, export_dir, plan)
+        if plan.modality == "text":
+            shutil.copy2(export_dir / "tokenizer.json", tmp / "tokenizer.json")
+        (tmp / "preprocessor.json").write_text(json.dumps(spec, indent=2) + "\n")
+        reference = _write_reference_inputs(tmp, plan, pre)
+        manifest = _manifest(plan, exported, spec, quant, ov_settings, backbone_file, head)
+        if plan.target.package is not None:
+            plan.target.package(BuildContext(tmp, plan.profile, plan.target, manifest, exported["inputs"],
+                                             plan.modality, spec))
+        if cfg.replay:
+            _add_replay(tmp, plan, manifest)
+        parity = _bundle_parity(tmp, plan, manifest, gate, reference, exported)
+        manifest["parity"] = {k: parity.get(k) for k in PARITY_KEYS}
+        if plan.head == "ridge":
+            manifest = _add_ridge_head(tmp, plan, manifest)
+        manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
+        _write_manifest(tmp, manifest, cfg.keep_examples)
+    return manifest
+
+
+def _calibration_items(plan: _Plan) -> list:
+    """Real rows that calibrate int8 and rank nodes for the search: the user's, else the training
+    rows (the parity rows judge; they should not also calibrate). OpenVINO: the bucket widths
+    come from these rows too."""
+    from .data import load_dataset
+
+    if not (plan.calibrated or plan.settings["engine"] == "openvino"):
+        return []
+    items = (load_dataset(plan.cfg.calibration, require_labels=False).items if plan.cfg.calibration
+             else (plan.train_ds.items if plan.train_ds is not None else plan.ds.items))
+    return _spread(items, CALIBRATION_ROWS)
+
+
+def _preprocessing(plan: _Plan, exported: dict, export_dir: Path, calib_items: list):
+    """The bundle's preprocessing: the export's, fitted to the device (length, fixed shapes,
+    OpenVINO's buckets); and the preprocessor it makes."""
+    from .runtime.preprocess import load_preprocessor
+
+    spec, settings = dict(exported["preprocessing"]), plan.settings
+    if plan.modality == "text":
+        if settings["max_length"]:
+            spec["max_length"] = min(spec["max_length"], settings["max_length"])
+        if settings["static_shapes"]:
+            spec["pad_to"] = spec["max_length"]
+        elif settings["engine"] == "openvino":  # a few fixed widths, so OpenVINO never recompiles
+            from .runtime.preprocess import choose_buckets
+
+            tok = load_preprocessor(export_dir, spec)
+            spec["buckets"] = choose_buckets([len(ids) for ids, _ in tok.encode_ids(calib_items)],
+                                             spec["max_length"])
+    return spec, load_preprocessor(export_dir, spec)
+
+
+def _gate(plan: _Plan, pre, export_dir: Path, ov_settings: dict | None):
+    """The gate every candidate and the finished bundle face: PyTorch's answers on the parity
+    rows, computed once."""
+    from .runs import predict_logits
+    from .runtime.session import OnnxModel
+
+    opener = None
+    if ov_settings is not None:
+        from .quantize.openvino_ir import open_ir
+
+        opener = lambda p: open_ir(p, ov_settings, build=True)  # noqa: E731
+    loaded = plan.loaded
+    return prepare_gate("build", plan.ds, loaded.labels, pre, OnnxModel(export_dir / "head.onnx"),
+                        plan.cfg.budget(plan.precision), modality=plan.modality, open_model=opener,
+                        reference=lambda items, _batches: predict_logits(loaded.model, loaded.pre, items).numpy())
+
+
+def _write_backbone(tmp: Path, src: Path) -> str:
+    if src.suffix == ".xml":  # an OpenVINO IR: the graph and its weights
+        shutil.copy2(src, tmp / "backbone.xml")
+        shutil.copy2(src.with_suffix(".bin"), tmp / "backbone.bin")
+        return "backbone.xml"
+    shutil.copy2(src, tmp / "backbone.onnx")
+    return "backbone.onnx"
+
+
+def _write_head(tmp: Path, export_dir: Path, plan: _Plan) -> dict:
+    """The bundle's first head (the exported, trained softmax head) -> its entry in the manifest's
+    "heads". Another family (ridge) is fitted on the finished bundle and becomes version 2."""
+    (tmp / "heads").mkdir()
+    shutil.copy2(export_dir / "head.onnx", tmp / HEAD_FILE)
+    return {"version": 1, "file": HEAD_FILE, "labels": plan.loaded.labels, "created": now(), "source": "build",
+            "base_model": plan.loaded.spec.source, "method": plan.loaded.info.get("method")}
+
+
+def _write_reference_inputs(tmp: Path, plan: _Plan, pre) -> dict:
+    """reference/inputs.npz and items.json (the device re-runs them with `edgeft device check`);
+    returns PyTorch's logits and features of them, for outputs.npz."""
+    import torch
+
+    ref_items = plan.ds.items[:REFERENCE_ROWS]
+    (tmp / "reference").mkdir()
+    arrays = pre(ref_items)
+    np.savez(tmp / "reference" / "inputs.npz", **arrays)
+    with torch.no_grad():
+        tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        feats = plan.loaded.model.features(**tensors)
+        logits = plan.loaded.model.head(feats)
+    (tmp / "reference" / "items.json").write_text(json.dumps(
+        [str(x) if plan.cfg.keep_examples else {"id": row_id(x)} for x in ref_items], indent=1))
+    return {"logits": logits.numpy(), "features": feats.numpy()}
+
+
+def _manifest(plan: _Plan, exported: dict, spec: dict, quant: dict | None, ov_settings: dict | None,
+              backbone_file: str, head: dict) -> dict:
+    """The manifest, in memory until the bundle passed; "files" is filled in last."""
+    settings, profile, target, loaded = plan.settings, plan.profile, plan.target, plan.loaded
+    # dynamic int8: activation scales per call over the whole batch, so the device answers one
+    # row per call (the build judged it so); runtime.max_batch says so, in a schema-2 manifest
+    one_row = quant is not None and quant.get("mode") == "dynamic"
+    return {
+        "schema": 2 if (settings["engine"] != "onnxruntime" or one_row) else 1,
+        "edgeft_version": __version__,
+        "created": now(),
+        "task": "classification",
+        "source": str(Path(plan.cfg.source).resolve()),
+        "modality": plan.modality,
+        "labels": loaded.labels,
+        "preprocessing": spec,
+        "inputs": exported["inputs"],
+        "outputs": {"backbone": ["features"], "head": ["logits", "probs"]},
+        "feature_dim": exported["feature_dim"],
+        "precision": plan.precision,
+        "quantization": quant,
+        "device": {"profile": profile.name, "description": profile.description,
+                   "profile_file": Path(profile.path).name},
+        "target": {"name": target.name, "plugin": target.plugin},
+        "runtime": {**{k: settings[k] for k in ("providers", "threads", "static_shapes", "batch_size",
+                                                "max_length", "engine")},
+                    **({"openvino": ov_settings} if ov_settings else {}),
+                    **({"max_batch": 1} if one_row else {})},
+        "retrain": settings["retrain"],
+        "backbone": backbone_file,
+        "head": {"version": head["version"], "file": head["file"]},
+        "heads": [head],
+        "files": {},
+    }
+
+
+def _draft(tmp: Path, manifest: dict) -> Bundle:
+    """The bundle as a device loads it, from the manifest still in memory (hashed when written)."""
+    return Bundle(tmp, providers=["CPUExecutionProvider"], check_hashes=False, manifest=manifest)
+
+
+def _add_replay(tmp: Path, plan: _Plan, manifest: dict) -> None:
+    """The replay memory: training features from the bundle's own backbone (what the device computes)."""
+    if plan.train_ds is None:
+        raise UsageError(f"{plan.cfg.source}: its training data is gone, and the replay memory needs it; "
+                         "pass --replay 0 to build without one (the device then cannot retrain).")
+    rel = write_replay(tmp, plan.train_ds, plan.ds, plan.loaded.labels, plan.cfg.replay, _draft(tmp, manifest))
+    manifest["replay"] = {"per_class": plan.cfg.replay, "holdout": REPLAY_HOLDOUT}
+    manifest["head"]["replay"] = rel
+    manifest["heads"][0]["replay"] = rel
+
+
+def _bundle_parity(tmp: Path, plan: _Plan, manifest: dict, gate, reference: dict, exported: dict) -> dict:
+    """The finished bundle, run as a device runs it, against PyTorch on the gate's rows: ParityError
+    if it fails; else reference/outputs.npz and parity.json written, parity returned."""
+    bundle = _draft(tmp, manifest)
+    got = bundle.logits(gate.items, batch_size=1 if plan.modality == "text" else 32)
+    parity = compare(gate.reference, got, gate.y, plan.loaded.labels, gate.items, examples=plan.cfg.keep_examples)
+    parity["checks"] = checks(parity, gate.thresholds)
+    parity["passed"] = all(c["passed"] for c in parity["checks"])
+    parity["precision"] = plan.precision
+    if not parity["passed"]:
+        raise ParityError(f"{plan.output}: the {plan.precision} bundle for {plan.profile.name} fails parity with PyTorch: "
+                          + "; ".join(c["message"] for c in parity["checks"] if not c["passed"]))
+    outputs = dict(reference)
+    if plan.precision != "fp32":  # what `edgeft device check` compares a device with (see Bundle.check)
+        outputs["bundle_features"] = bundle.reference_features()
+    np.savez(tmp / "reference" / "outputs.npz", **outputs)
+    parity["export_fp32"] = ({k: exported["parity"][k] for k in ("max_abs_diff", "agreement")}
+                             if exported["parity"] else None)
+    (tmp / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
+    return parity
+
+
+def _add_ridge_head(tmp: Path, plan: _Plan, manifest: dict) -> dict:
+    """The closed-form family on the bundle's own features, made the active head; the trained
+    head stays one version back (runtime/ridge_bundle.py). Parity above judged the trained head."""
+    from .runtime.ridge_bundle import add_ridge_head
+
+    manifest["files"] = _hashes(tmp)  # what add_ridge_head checks its manifest against; hashed again at the end
+    return add_ridge_head(tmp, plan.train_ds, manifest=manifest)
+
+
+def _hashes(tmp: Path) -> dict:
+    return {str(p.relative_to(tmp)): file_entry(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+
+
+def _write_manifest(tmp: Path, manifest: dict, keep_examples: bool) -> None:
+    """Hash every file, name what each holds, write manifest.json (once), and read it back as a
+    device would."""
+    manifest["files"] = _hashes(tmp)
+    for rel, entry in manifest["files"].items():  # what kind of data each file holds
+        entry["holds"] = holds(rel, keep_examples)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    check_files(tmp, read_manifest(tmp))
+
+
+def _spread(items: list, n: int) -> list:
+    """Up to n items spread evenly over the list (files are often sorted by class)."""
+    if len(items) <= n:
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
+
+
+def write_replay(bundle: Path, train_ds, val_ds, labels: list[str], per_class: int, model: Bundle | None = None) -> str:
+    """replay/replay-0001.npz: the bundle's own features (`model`, else the bundle loaded from
+    disk) of up to `per_class` training rows per class, plus held-out rows from the validation
+    data (rows the head never trained on, so the retrain guard compares old and new heads fairly)."""
+    rng = np.random.default_rng(0)
+    index = {n: i for i, n in enumerate(labels)}
+    items, ys, hold = [], [], []
+    n_hold = max(5, round(per_class * REPLAY_HOLDOUT))
+    for ds, limit, is_hold in ((train_ds, per_class, False), (val_ds, n_hold, True)):
+        y = np.array([index[v] for v in ds.labels])
+        for c in range(len(labels)):
+            for i in rng.permutation(np.flatnonzero(y == c))[:limit]:
+                items.append(ds.items[i]), ys.append(c), hold.append(is_hold)
+    model = model or Bundle(bundle, providers=["CPUExecutionProvider"], check_hashes=False)
+    feats = model.features(items)
+    rel = "replay/replay-0001.npz"
+    (bundle / "replay").mkdir(exist_ok=True)
+    np.savez(bundle / rel, features=feats.astype(np.float32), labels=np.array(ys, dtype=np.int64),
+             holdout=np.array(hold, dtype=bool))
+    return rel
+
+
+def write_archive(bundle: Path) -> Path:
+    """BUNDLE.tar.gz beside the bundle, written under a temporary name and renamed."""
+    dest = bundle.with_name(bundle.name + ".tar.gz")
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for p in sorted(bundle.rglob("*")):
+            tar.add(p, arcname=str(Path(bundle.name) / p.relative_to(bundle)), recursive=False)
+    tmp.replace(dest)
+    return dest
