@@ -473,11 +473,13 @@ def device():
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.argument("inputs", nargs=-1)
 @click.option("--file", "file_", type=click.File("r", encoding="utf-8"), help="One input per line (- for standard input).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per input per line: label, confidence, probs.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per input per line: label, confidence, probs, and ood_score and unknown where the bundle has a replay memory.")
 @click.option("--json-file", type=click.Path(dir_okay=False), help="Write the answers as a JSON list to this file.")
 @click.option("--top", type=int, default=1, show_default=True, help="Labels to print per input.")
+@click.option("--false-alarm", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True,
+              help="Share of in-distribution inputs the out-of-distribution flag may call unknown (its threshold is set on the replay's hold-out rows).")
 @public_key_option
-def device_predict(bundle, inputs, file_, as_json, json_file, top, public_key):
+def device_predict(bundle, inputs, file_, as_json, json_file, top, false_alarm, public_key):
     """Predict labels for texts or image paths with the bundle's active head.
 
     \b
@@ -493,7 +495,7 @@ def device_predict(bundle, inputs, file_, as_json, json_file, top, public_key):
     if not items:
         raise click.UsageError("give inputs as arguments or with --file.")
     b = Bundle(bundle, public_key=public_key)
-    answers = [{"input": item, **r} for item, r in zip(items, b.predict(items), strict=True)]
+    answers = [{"input": item, **r} for item, r in zip(items, b.predict(items, false_alarm=false_alarm), strict=True)]
     if json_file:
         from .runtime import atomic
 
@@ -503,7 +505,8 @@ def device_predict(bundle, inputs, file_, as_json, json_file, top, public_key):
             click.echo(json.dumps(r))
         else:
             best = sorted(r["probs"].items(), key=lambda kv: -kv[1])[:top]
-            click.echo("\t".join([*(f"{n} {p:.3f}" for n, p in best), item]))
+            flag = [f"unknown (ood {r['ood_score']:.3f})"] if r.get("unknown") else []
+            click.echo("\t".join([*(f"{n} {p:.3f}" for n, p in best), *flag, item]))
 
 
 @device.command("check")

@@ -13,6 +13,7 @@ from ..errors import BundleError, DataError
 from ..plugins import registry
 from ..targets import Engine
 from .manifest import MANIFEST, check_files, read_manifest
+from .ood import FALSE_ALARM, OOD
 from .preprocess import load_preprocessor
 from .session import OnnxModel
 from .trust import enforce
@@ -103,15 +104,39 @@ class Bundle:
     def logits(self, items: list, batch_size: int = 32) -> np.ndarray:
         return self.head_outputs(self.features(items, batch_size))["logits"]
 
-    def predict(self, items: list, batch_size: int = 32) -> list[dict]:
-        """Label, confidence and every class's probability per input; an empty input is bad input."""
+    def predict(self, items: list, batch_size: int = 32, false_alarm: float = FALSE_ALARM) -> list[dict]:
+        """Label, confidence and every class's probability per input, and where the bundle has a
+        replay memory its out-of-distribution score and `unknown` flag (runtime/ood.py); an
+        empty input is bad input."""
         for i, item in enumerate(items, start=1):
             if not str(item).strip():
                 what = "text" if self.manifest["modality"] == "text" else "image path"
                 raise DataError(f"input {i}: empty {what}; give a {what} to classify.")
-        probs = self.head_outputs(self.features(items, batch_size))["probs"]
-        return [{"label": self.labels[int(p.argmax())], "confidence": float(p.max()),
-                 "probs": {n: float(v) for n, v in zip(self.labels, p, strict=True)}} for p in probs]
+        feats = self.features(items, batch_size)
+        probs = self.head_outputs(feats)["probs"]
+        out = [{"label": self.labels[int(p.argmax())], "confidence": float(p.max()),
+                "probs": {n: float(v) for n, v in zip(self.labels, p, strict=True)}} for p in probs]
+        ood = self.ood(false_alarm)
+        if ood is not None:
+            scores, unknown = ood.flags(feats)
+            for r, s, u in zip(out, scores, unknown, strict=True):
+                r["ood_score"], r["unknown"] = float(s), bool(u)
+        return out
+
+    def ood(self, false_alarm: float = FALSE_ALARM) -> OOD | None:
+        """The out-of-distribution scorer of the active head, from its replay memory (None without one)."""
+        key = ("_ood", self.head_version, false_alarm)
+        if getattr(self, "_ood_key", None) != key:
+            m = self.manifest
+            rel = m["head"].get("replay") or next((h.get("replay") for h in m["heads"]
+                                                   if h["version"] == self.head_version), None)
+            self._ood = None
+            if rel and (self.path / rel).is_file():
+                with np.load(self.path / rel, allow_pickle=False) as z:
+                    if len(z["labels"]):
+                        self._ood = OOD(z["features"], z["labels"], z["holdout"], len(self.labels), false_alarm)
+            self._ood_key = key
+        return self._ood
 
     def reference_features(self) -> np.ndarray:
         """The backbone's features of the bundled reference inputs, run as predict runs them."""
