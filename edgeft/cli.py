@@ -238,6 +238,39 @@ def train(config_path, **options):
 
 
 @main.command()
+@click.option("--model", required=True, help="Local Hugging Face directory, or an alias: minilm, efficientnet-lite0.")
+@click.option("--data", required=True, help="Training data (as for edgeft train).")
+@click.option("--val", help="Validation data every trial is scored on; without it the same seeded split of --data.")
+@output_option("Folder to create: tune.json, recipe.toml, best-run/.")
+@click.option("--methods", default="head,lora", show_default=True, help="Comma-separated methods the search may choose from.")
+@click.option("--trials", type=int, default=20, show_default=True, help="Trials at most.")
+@click.option("--timeout", type=float, help="Seconds at most; the running trial finishes.")
+@click.option("--metric", type=click.Choice(["accuracy", "macro_f1", "loss"]), default="accuracy", show_default=True, help="What each trial is scored by, on the validation rows at its best epoch.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the sampler, the split and every trial.")
+@click.option("--pooling", type=click.Choice(["mean", "cls", "pooler", "max"]), help="Feature pooling.  [default: the model's own]")
+@data_columns
+def tune(model, data, val, output, methods, trials, timeout, metric, seed, pooling, text_column, label_column):
+    """Search methods, learning rates and epochs with optuna; write the best as a recipe.
+
+    \b
+    Example:
+      edgeft tune --model minilm --data examples/maintenance/train.csv --trials 12 --output tune/maint
+      edgeft run tune/maint/recipe.toml
+    """
+    from .config import TrainConfig
+    from .tune import tune as run_tune
+
+    cfg = TrainConfig(model=model, data=data, val=val, output=output, metric=metric, seed=seed, pooling=pooling,
+                      text_column=text_column, label_column=label_column, progress=False)
+    r = run_tune(cfg, [m.strip() for m in methods.split(",") if m.strip()], trials=trials, timeout=timeout)
+    b = r["best"]
+    settings = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in b.items()
+                         if k not in ("trial", "score", "method") and v is not None)
+    click.echo(f"tune  ok  {r['seconds']:.1f} s  {r['completed']} of {len(r['trials'])} trials  best: trial {b['trial']} "
+               f"{b['method']}  {settings}  {metric} {b['score']:.4f} (validation)  -> {output}/recipe.toml")
+
+
+@main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", required=True, help="Labelled data to evaluate on (same format as training).")
 @data_columns

@@ -1,0 +1,158 @@
+"""`edgeft tune`: search fine-tuning settings with optuna, write the best as a recipe.
+
+Each trial is one ordinary `edgeft train` run with the trial's settings, scored by its own
+--metric at its best epoch on the validation rows (the same rows for every trial: --val, or
+the same seeded split of --data). optuna's TPE sampler (seeded) proposes the next settings from
+the trials so far; the search stops after --trials trials or --timeout seconds, whichever
+comes first. The space, per method in --methods:
+
+    head      head_lr log-uniform 3e-4 .. 3e-2 (epochs: the method's early-stopped default)
+    lora      lr 1e-4 .. 1e-2, head_lr 1e-3 .. 5e-2, epochs 2 .. 8, lora_r 4 | 8 | 16
+    ia3       lr 3e-4 .. 3e-2, head_lr 1e-3 .. 5e-2, epochs 2 .. 8
+    others    lr default / 10 .. default * 10, head_lr 1e-3 .. 5e-2, epochs 2 .. 8
+
+OUTPUT/tune.json holds every trial (settings, score, seconds, state); OUTPUT/best-run is the
+best trial's run; OUTPUT/recipe.toml is a recipe whose [train] table repeats it
+(`edgeft run OUTPUT/recipe.toml`). The validation rows chose the winner, so its validation
+score is optimistic: judge it on test rows (`edgeft evaluate OUTPUT/best-run --data TEST`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from .config import TrainConfig
+from .errors import EdgeftError, UsageError
+from .methods import DEFAULTS, METHODS
+from .runtime import atomic
+
+log = logging.getLogger(__name__)
+
+HEAD_LR = (1e-3, 5e-2)
+EPOCHS = (2, 8)
+
+
+def suggest(trial, method: str) -> dict:
+    """The trial's settings for `method` (see the module docstring)."""
+    if method == "head":
+        return {"head_lr": trial.suggest_float("head_head_lr", 3e-4, 3e-2, log=True)}
+    if method == "lora":
+        lr = (1e-4, 1e-2)
+    elif method == "ia3":
+        lr = (3e-4, 3e-2)
+    else:
+        lr = (DEFAULTS[method]["lr"] / 10, DEFAULTS[method]["lr"] * 10)
+    out = {"lr": trial.suggest_float(f"{method}_lr", *lr, log=True),
+           "head_lr": trial.suggest_float(f"{method}_head_lr", *HEAD_LR, log=True),
+           "epochs": trial.suggest_int(f"{method}_epochs", *EPOCHS)}
+    if method == "lora":
+        out["lora_r"] = trial.suggest_categorical("lora_r", [4, 8, 16])
+    return out
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))  # a TOML basic string is a JSON string
+
+
+def recipe_text(cfg: TrainConfig, score: float, metric: str) -> str:
+    """A recipe whose [train] table is `cfg` (the options that differ from TrainConfig's defaults)."""
+    base = TrainConfig(model="x", data="x", output="x")
+    lines = [f"# written by edgeft tune: the best of its trials, {metric} {score:.4f} on the validation rows",
+             "# (optimistic: the search chose it on those rows; evaluate it on test rows)",
+             'output = "out"', "", "[train]"]
+    for k, v in cfg.to_dict().items():
+        if k in ("output", "progress", "resume", "folds", "keep_folds") or v is None:
+            continue
+        if k in ("model", "data", "val") and Path(str(v)).exists():
+            v = str(Path(v).resolve())
+        if k in ("model", "data", "method") or v != getattr(base, k):
+            lines.append(f"{k} = {_toml_value(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def tune(cfg: TrainConfig, methods: list[str], trials: int = 20, timeout: float | None = None) -> dict:
+    """Run the search; write OUTPUT (tune.json, recipe.toml, best-run); return the report."""
+    import optuna
+
+    from .train import train
+
+    bad = [m for m in methods if m not in METHODS]
+    if not methods or bad:
+        raise UsageError(f"--methods: {', '.join(bad) or 'none given'}: choose from {', '.join(METHODS)}.")
+    if trials < 1 or (timeout is not None and timeout <= 0):
+        raise UsageError("--trials must be at least 1 and --timeout positive.")
+    if cfg.folds or cfg.resume or cfg.nproc > 1:
+        raise UsageError("edgeft tune runs plain single-process trials: drop --folds, --resume and --nproc.")
+    output = Path(cfg.output)
+    if output.exists():
+        raise UsageError(f"{output}: already exists. Choose another --output.")
+    maximize = cfg.metric != "loss"
+    t0 = time.perf_counter()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize" if maximize else "minimize",
+                                sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+    records: list[dict] = []
+    with atomic.directory(output) as tmp:
+        best: dict = {}
+
+        def objective(trial):
+            method = trial.suggest_categorical("method", methods) if len(methods) > 1 else methods[0]
+            settings = suggest(trial, method)
+            run = tmp / "trials" / f"trial-{trial.number + 1}"
+            trial_cfg = replace(cfg, method=method, output=str(run), progress=False, **settings)
+            t = time.perf_counter()
+            try:
+                summary = train(trial_cfg)
+            except EdgeftError as e:  # e.g. a method this model cannot take: the trial fails, the search goes on
+                records.append({"trial": trial.number + 1, "method": method, **settings, "state": "failed",
+                                "error": str(e), "seconds": round(time.perf_counter() - t, 2)})
+                shutil.rmtree(run, ignore_errors=True)
+                raise optuna.TrialPruned(str(e)) from None
+            score = summary["best"]["loss"] if cfg.metric == "loss" else summary["best"][cfg.metric]
+            records.append({"trial": trial.number + 1, "method": method, **settings, "state": "complete",
+                            cfg.metric: score, "best_epoch": summary["best"]["epoch"],
+                            "seconds": round(time.perf_counter() - t, 2)})
+            log.info("trial %d: %s %s -> %s %.4f", trial.number + 1, method,
+                     " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items()),
+                     cfg.metric, score)
+            better = not best or (score > best["score"] if maximize else score < best["score"])
+            if better:
+                if best:
+                    shutil.rmtree(best["run"], ignore_errors=True)
+                best.update(score=score, run=run, cfg=trial_cfg, trial=trial.number + 1)
+            else:
+                shutil.rmtree(run, ignore_errors=True)
+            return score
+
+        study.optimize(objective, n_trials=trials, timeout=timeout)
+        if not best:
+            reasons = "; ".join(sorted({r["error"] for r in records if r.get("error")}))
+            raise UsageError(f"edgeft tune: no trial finished ({reasons or 'no trial ran within --timeout'}).")
+        best["run"].rename(tmp / "best-run")
+        shutil.rmtree(tmp / "trials", ignore_errors=True)
+        atomic.write_text(tmp / "recipe.toml", recipe_text(best["cfg"], best["score"], cfg.metric))
+        done = [r for r in records if r["state"] == "complete"]
+        report = {"metric": cfg.metric, "direction": "maximize" if maximize else "minimize",
+                  "best": {"trial": best["trial"], "score": best["score"], "method": best["cfg"].method,
+                           **{k: getattr(best["cfg"], k) for k in ("lr", "head_lr", "epochs", "lora_r")}},
+                  "trials": records, "completed": len(done), "failed": len(records) - len(done),
+                  "methods": methods, "budget": {"trials": trials, "timeout": timeout},
+                  "sampler": f"optuna TPESampler(seed={cfg.seed})", "optuna": optuna.__version__,
+                  "validation": "the same rows for every trial (--val, or the seeded split of --data)",
+                  "seconds": round(time.perf_counter() - t0, 2), "output": str(output)}
+        if not math.isfinite(best["score"]):
+            raise UsageError(f"edgeft tune: the best trial's {cfg.metric} is not a number.")
+        atomic.write_json(tmp / "tune.json", report)
+    return report

@@ -1,0 +1,45 @@
+"""`edgeft tune`: optuna trials of ordinary runs; the best written as a recipe `edgeft run` repeats."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edgeft.cli import main
+from edgeft.config import read_toml
+
+
+def test_tune_writes_a_recipe_that_repeats_the_best_trial(tiny_bert, text_data, tmp_path):
+    out = tmp_path / "tune"
+    r = CliRunner().invoke(main, ["tune", "--model", str(tiny_bert), "--data", str(text_data["train"]),
+                                  "--val", str(text_data["val"]), "--methods", "head,lora", "--trials", "3",
+                                  "--pooling", "mean", "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("tune  ok") and "3 of 3 trials" in r.stdout
+    report = json.loads((out / "tune.json").read_text())
+    assert report["completed"] == 3 and len(report["trials"]) == 3
+    scores = [t["accuracy"] for t in report["trials"]]
+    assert report["best"]["score"] == max(scores)
+    assert {t["method"] for t in report["trials"]} <= {"head", "lora"}
+    assert sorted(p.name for p in out.iterdir()) == ["best-run", "recipe.toml", "tune.json"]  # the others deleted
+    best_metrics = json.loads((out / "best-run" / "metrics.json").read_text())
+    assert best_metrics["best"]["accuracy"] == report["best"]["score"]
+    recipe = read_toml(out / "recipe.toml")
+    assert recipe["train"]["method"] == report["best"]["method"]
+    # the recipe repeats the best trial: same settings, same seed, same validation rows, same score
+    r = CliRunner().invoke(main, ["run", str(out / "recipe.toml")])
+    assert r.exit_code == 0, r.output
+    again = json.loads((out / "out" / "run" / "metrics.json").read_text())
+    assert again["best"]["accuracy"] == pytest.approx(report["best"]["score"], abs=1e-9)
+    assert again["best"]["epoch"] == best_metrics["best"]["epoch"]
+
+
+def test_tune_bad_input(tiny_bert, text_data, tmp_path):
+    base = ["tune", "--model", str(tiny_bert), "--data", str(text_data["train"])]
+    r = CliRunner().invoke(main, [*base, "--methods", "lora,magic", "--output", str(tmp_path / "a")])
+    assert r.exit_code == 2 and "--methods: magic: choose from" in r.stderr
+    r = CliRunner().invoke(main, [*base, "--trials", "0", "--output", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "--trials must be at least 1" in r.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
