@@ -63,7 +63,7 @@ def conformal(scores: np.ndarray, alpha: float = 0.05) -> float:
 
 
 def ensure_bundle(run: str | None) -> Path:
-    from edgeft.bundle import build
+    from edgeft.build import build
     from edgeft.config import TrainConfig
     from edgeft.train import train
 
