@@ -64,6 +64,14 @@ def test_fit_equals_a_float64_reference_solve(width):
     stats.add(P(X[:50]), y[:50])
     stats.add(P(X[50:]), y[50:])  # class b crosses from rows to a Gram matrix at width 16
     assert [c.gram is not None for c in stats.classes] == ([True, True, True] if width == 16 else [False] * 3)
+    # rows added on the fly (a cross-validation fold) equal rows added to the statistics, in either
+    # form; a `base` of the untouched classes plus the touched ones equals the whole system
+    first = R.Statistics.empty(P, ["a", "b", "c"])
+    first.add(P(X[:70]), y[:70])
+    rest = {c: P(X[70:])[y[70:] == c] for c in (1, 2)}  # class a has all its rows already
+    A, T = stats.system()
+    for A2, T2 in (first.system(rest), first.system(rest, base=first.system(skip=[1, 2]))):
+        assert rel(A2, A) < 1e-12 and rel(T2, T) < 1e-12
     for lam in (0.1, 3.0):
         W_ref, b_ref = reference_solve(P(X), y, 3, lam)
         W, b = R.solve(*stats.system(), lam)

@@ -38,7 +38,9 @@ import numpy as np
 FAMILY = "ridge"
 DEFAULT_WIDTH = 1000
 DEFAULT_SEED = 0
-LAMBDAS = tuple(float(v) for v in np.geomspace(0.01, 100.0, 9))  # the grid the device chooses from
+# the regularisers the device chooses from: a log grid, half a decade a step, wide enough that a
+# choice at either end is rare (the maintenance retrains chose 100, the old grid's top)
+LAMBDAS = tuple(float(f"{v:.3g}") for v in np.geomspace(1e-3, 1e4, 15))
 OFFSETS = (-0.3, -0.2, -0.15, -0.1, -0.05, 0.0, 0.05, 0.1)  # logit offsets tried for a class a retrain adds
 STATS_FORMAT = 1
 
@@ -211,23 +213,41 @@ class Statistics:
     def nbytes_per_class(self) -> list[int]:
         return [c.nbytes() for c in self.classes]
 
-    def moments(self) -> list[tuple[np.ndarray, np.ndarray, int]]:
-        return [(*cs.moments(self.width), cs.count) for cs in self.classes]
+    def system(self, extra: dict[int, np.ndarray] | None = None, skip=(), base=None) -> tuple[np.ndarray, np.ndarray]:
+        """The class-balanced normal equations (A, T) with an intercept column, built one class
+        at a time into one (D+1, D+1) matrix (never a D x D matrix per class held at once).
 
-    def system(self, extra: dict[int, tuple[np.ndarray, np.ndarray, int]] | None = None,
-               moments: list | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The class-balanced normal equations (A, T) with an intercept column. `extra` adds
-        moments (sum h h^T, sum h, rows) to classes on the fly (the folds of a cross-validation)
-        without changing self; `moments` (from .moments()) saves recomputing them for every fold."""
+        `extra` adds rows (already projected, float32) to classes on the fly, without changing
+        self (the folds of a cross-validation); `skip` leaves classes out, and `base` (an (A, T)
+        of the classes not touched here, from an earlier call with `skip`) is copied instead of
+        rebuilt: a fold then only adds the classes its rows change."""
         D, C = self.width, len(self.classes)
-        A = np.zeros((D + 1, D + 1))
-        T = np.zeros((D + 1, C))
-        for c, (G, s, n) in enumerate(moments or self.moments()):
-            if extra and c in extra:
-                G, s, n = G + extra[c][0], s + extra[c][1], n + extra[c][2]
+        if base is not None:
+            A, T = base[0].copy(), base[1].copy()
+        else:
+            A, T = np.zeros((D + 1, D + 1)), np.zeros((D + 1, C))
+        tmp = np.empty((D, D))
+        extra = extra or {}
+        for c, cs in enumerate(self.classes):
+            if c in skip or (base is not None and c not in extra):
+                continue
+            E = extra.get(c)
+            n = cs.count + (0 if E is None else len(E))
             if n == 0:
                 continue
-            A[:D, :D] += G / n
+            parts = [p for p in (cs.rows, E) if p is not None and len(p)]
+            if cs.gram is not None:
+                Z = np.concatenate(parts).astype(np.float64) if parts else np.zeros((0, D))
+                np.matmul(Z.T, Z, out=tmp)
+                tmp += cs.gram
+                s = cs.total + Z.sum(0)
+            else:
+                Z = np.concatenate(parts).astype(np.float64) if len(parts) > 1 else parts[0].astype(np.float64)
+                np.matmul(Z.T, Z, out=tmp)
+                s = Z.sum(0)
+            del Z
+            tmp *= 1.0 / n
+            A[:D, :D] += tmp
             A[:D, D] += s / n
             A[D, :D] += s / n
             A[D, D] += 1.0
@@ -282,16 +302,11 @@ class Statistics:
 # ---------------------------------------------------------------- the solve
 
 
-def _penalty(D: int) -> np.ndarray:
-    d = np.ones(D + 1)
-    d[D] = 0.0  # the intercept is not shrunk
-    return d
-
-
 def solve(A: np.ndarray, T: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
     """[W; b] = (A + lam * diag(1, .., 1, 0))^-1 T in float64: W (D, C), b (C,)."""
     D = A.shape[0] - 1
-    M = A + lam * np.diag(_penalty(D))
+    M = A.copy()
+    M[np.arange(D), np.arange(D)] += lam  # the intercept (row and column D) is not shrunk
     try:
         L = np.linalg.cholesky(M)
         Wb = np.linalg.solve(L.T, np.linalg.solve(L, T))
@@ -311,10 +326,11 @@ class Solver:
         G, m, k = A[:D, :D], A[:D, D], A[D, D]
         Tw, t = T[:D], T[D]
         k = k if k > 0 else 1.0
-        S = G - np.outer(m, m) / k
+        S = G - np.outer(m, m / k)  # symmetric by construction; eigh reads its lower triangle
         self.rhs = Tw - np.outer(m, t) / k
-        self.m, self.t, self.k = m, t, k
-        self.evals, self.evecs = np.linalg.eigh((S + S.T) / 2)
+        self.m, self.t, self.k = m.copy(), t.copy(), k
+        self.evals, self.evecs = np.linalg.eigh(S)
+        del S
         self.proj = self.evecs.T @ self.rhs
 
     def __call__(self, lam: float) -> tuple[np.ndarray, np.ndarray]:
@@ -431,7 +447,6 @@ def choose(stats: Statistics, projection: Projection, X_new: np.ndarray, y_new: 
     y_new = np.asarray(y_new, dtype=np.int64)
     y_hold = np.asarray(y_hold, dtype=np.int64)
     H_new, H_hold = projection(X_new), projection(X_hold)
-    moments = stats.moments()
     C = len(stats.classes)
     per_class = np.bincount(y_new)
     k = int(min(folds, per_class[per_class > 0].min()))
@@ -439,21 +454,19 @@ def choose(stats: Statistics, projection: Projection, X_new: np.ndarray, y_new: 
         raise ValueError("choose() needs at least 2 new rows per class")
     fold = folds_of(y_new, k, seed)
     oof = np.zeros((len(lambdas), len(y_new), C))
-    # each (class, fold) block's moments once; a fold's training moments are the total minus its own
-    blocks = {}
-    for c in np.unique(y_new):
-        for f in range(k):
-            E = H_new[(y_new == c) & (fold == f)].astype(np.float64)
-            blocks[int(c), f] = (E.T @ E, E.sum(0), len(E))
-    total = {c: tuple(sum(blocks[c, f][i] for f in range(k)) for i in range(3)) for c in {c for c, _ in blocks}}
+    touched = [int(c) for c in np.unique(y_new)]
+    # the classes no new row touches, once; each fold adds the touched classes' statistics plus
+    # its training rows of them, row by row into one matrix (memory: a few (D+1)^2 matrices)
+    base = stats.system(skip=touched)
     for f in range(k):
         test = fold == f
-        extra = {c: (G - blocks[c, f][0], s - blocks[c, f][1], n - blocks[c, f][2]) for c, (G, s, n) in total.items()}
-        solver = Solver(*stats.system(extra, moments))
+        solver = Solver(*stats.system({c: H_new[(y_new == c) & ~test] for c in touched}, base=base))
         for i, lam in enumerate(lambdas):
             W, b = solver(lam)
             oof[i, test] = H_new[test] @ W + b
-    full = Solver(*stats.system(total, moments))
+        del solver
+    full = Solver(*stats.system({c: H_new[y_new == c] for c in touched}, base=base))
+    del base
     shift = np.zeros(C)
     shift[list(offset_classes)] = 1.0
     deltas = tuple(offsets) if len(offset_classes) else (0.0,)
@@ -482,7 +495,8 @@ def choose(stats: Statistics, projection: Projection, X_new: np.ndarray, y_new: 
     return {"lambda": best["lambda"], "offset": best["offset"], "offset_classes": [int(c) for c in offset_classes],
             "within_margin": bool(ok), "folds": k, "new_rows": int(len(y_new)),
             "replay_holdout_rows": int(len(y_hold)), "new_oof_accuracy": best["new_oof_accuracy"],
-            "replay_holdout_accuracy": best["replay_holdout_accuracy"], "grid": rows}
+            "replay_holdout_accuracy": best["replay_holdout_accuracy"],
+            "lambda_at_grid_edge": best["lambda"] in (min(lambdas), max(lambdas)), "grid": rows}
 
 
 # ---------------------------------------------------------------- ONNX
