@@ -659,7 +659,8 @@ def device_retrain(bundle, data, add_classes, margin, keep, text_column, label_c
     added = f"  added {', '.join(r['added_classes'])}" if r["added_classes"] else ""
     click.echo(f"retrain  ok  {r['seconds']:.1f} s  head v{r['previous_version']} -> v{r['version']}{added}  "
                f"new samples {100 * new['before']:.1f}% -> {100 * new['after']:.1f}%  "
-               f"earlier classes {100 * old['before']:.1f}% -> {100 * old['after']:.1f}%")
+               f"earlier classes {100 * old['before']:.1f}% -> {100 * old['after']:.1f}%"
+               + (f"  skipped {r['skipped_rows']} rows already learned" if r.get("skipped_rows") else ""))
 
 
 @device.command("history")

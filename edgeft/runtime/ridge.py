@@ -43,6 +43,18 @@ DEFAULT_SEED = 0
 LAMBDAS = tuple(float(f"{v:.3g}") for v in np.geomspace(1e-3, 1e4, 15))
 OFFSETS = (-0.3, -0.2, -0.15, -0.1, -0.05, 0.0, 0.05, 0.1)  # logit offsets tried for a class a retrain adds
 STATS_FORMAT = 1
+DIGEST = 16  # bytes of a row digest kept in the statistics
+
+
+def first_occurrences(digests: np.ndarray) -> np.ndarray:
+    """Per row: True for the first row with its digest, False for a repeat of an earlier one."""
+    seen, out = set(), np.zeros(len(digests), dtype=bool)
+    for i, d in enumerate(digests):
+        key = bytes(d)
+        if key not in seen:
+            seen.add(key)
+            out[i] = True
+    return out
 
 
 # ---------------------------------------------------------------- the projection
@@ -163,9 +175,26 @@ class Statistics:
     labels: list[str]
     classes: list[ClassStats] = field(default_factory=list)
     offsets: list[float] = field(default_factory=list)  # per class, added to its logit (chosen when it was added)
+    # a digest per row in the statistics (DIGEST bytes of sha256 over its content and label), so a
+    # row given again is recognised and not counted twice; statistics written before digests
+    # existed have none for their rows
+    digests: np.ndarray = field(default_factory=lambda: np.zeros((0, DIGEST), np.uint8))
 
     def __post_init__(self):
         self.offsets = [float(v) for v in self.offsets] + [0.0] * (len(self.classes) - len(self.offsets))
+        self.digests = np.asarray(self.digests, dtype=np.uint8).reshape(-1, DIGEST)
+
+    def known(self, digests: np.ndarray) -> np.ndarray:
+        """Per row digest: is that row already in the statistics?"""
+        digests = np.asarray(digests, dtype=np.uint8).reshape(-1, DIGEST)
+        have = {bytes(d) for d in self.digests}
+        return np.array([bytes(d) in have for d in digests], dtype=bool)
+
+    def remember(self, digests: np.ndarray) -> None:
+        """Record rows' digests (once each) as being in the statistics."""
+        digests = np.asarray(digests, dtype=np.uint8).reshape(-1, DIGEST)
+        fresh = first_occurrences(digests) & ~self.known(digests)
+        self.digests = np.concatenate([self.digests, digests[fresh]])
 
     @classmethod
     def empty(cls, projection: Projection, labels: list[str]) -> Statistics:
@@ -204,6 +233,8 @@ class Statistics:
             out.classes.append(a.merged(b, self.width))
             src = self if name in self.labels else other
             out.offsets.append(src.offsets[src.labels.index(name)])
+        out.remember(self.digests)
+        out.remember(other.digests)
         return out
 
     @property
@@ -261,7 +292,7 @@ class Statistics:
         arrays = {"meta": np.frombuffer(json.dumps({
             "format": STATS_FORMAT, "family": FAMILY, "projection_sha256": self.projection_sha256,
             "width": self.width, "labels": self.labels, "counts": self.counts,
-            "offsets": self.offsets}).encode(), dtype=np.uint8)}
+            "offsets": self.offsets}).encode(), dtype=np.uint8), "digests": self.digests}
         iu = _tri(self.width)
         for i, cs in enumerate(self.classes):
             if cs.gram is not None:
@@ -296,7 +327,10 @@ class Statistics:
                 elif cs.count:
                     raise ValueError(f"class {i}: {cs.count} rows counted but no statistics stored")
                 classes.append(cs)
-        return cls(meta["projection_sha256"], D, list(meta["labels"]), classes, list(meta.get("offsets", [])))
+            digests = z["digests"] if "digests" in z.files else np.zeros((0, DIGEST), np.uint8)
+            if digests.dtype != np.uint8 or digests.ndim != 2 or digests.shape[1] != DIGEST:
+                raise ValueError(f"row digests of shape {digests.shape}, expected (rows, {DIGEST}) bytes")
+        return cls(meta["projection_sha256"], D, list(meta["labels"]), classes, list(meta.get("offsets", [])), digests)
 
 
 # ---------------------------------------------------------------- the solve
@@ -430,7 +464,8 @@ def folds_of(y: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
 
 def choose(stats: Statistics, projection: Projection, X_new: np.ndarray, y_new: np.ndarray,
            X_hold: np.ndarray, y_hold: np.ndarray, *, old_before: float | None, margin: float,
-           folds: int = 5, lambdas=LAMBDAS, offset_classes=(), offsets=OFFSETS, seed: int = 0) -> dict:
+           folds: int = 5, lambdas=LAMBDAS, offset_classes=(), offsets=OFFSETS, seed: int = 0,
+           current_lambda: float | None = None) -> dict:
     """Choose lambda (and a logit offset for the classes this retrain adds) by the retrain
     guard's own criterion, without the rows that judge it.
 
@@ -438,11 +473,15 @@ def choose(stats: Statistics, projection: Projection, X_new: np.ndarray, y_new: 
     predicted by a solve that never saw it (out-of-fold accuracy: every new row counts once).
     Old classes: the replay hold-out rows (never in the statistics), scored by the solve on all
     new rows. A setting is within the guard when its replay hold-out accuracy is within `margin`
-    of the old head's; among those the best out-of-fold accuracy wins (then the best replay
-    accuracy, the smaller offset, the larger lambda). None within: the best replay accuracy, and
-    the guard refuses it, reporting the trade-off measured here. The offset (added to the new
-    classes' logits; 0 when no class is added) moves a new class's boundary without re-solving:
-    the knob class-incremental learning uses against a new class crowding the old ones.
+    of the old head's. Among those, every setting whose out-of-fold accuracy is within one
+    standard error of the best (sqrt(p(1-p)/n), at least one row: closer than the new rows can
+    tell apart) is as good for the new class, and the one that keeps the most replay hold-out
+    rows right wins: the device trades recall it cannot measure for old-class accuracy it can
+    (ties: the lambda nearest `current_lambda`, the head's own, then the smaller offset). None
+    within: the best replay accuracy, and the guard refuses it, reporting the trade-off
+    measured here. The offset (added to the new classes' logits; 0 when no class is added)
+    moves a new class's boundary without re-solving: the knob class-incremental learning uses
+    against a new class crowding the old ones.
     `stats` must not yet hold the new rows; it is not changed."""
     y_new = np.asarray(y_new, dtype=np.int64)
     y_hold = np.asarray(y_hold, dtype=np.int64)
@@ -487,16 +526,26 @@ def choose(stats: Statistics, projection: Projection, X_new: np.ndarray, y_new: 
         return old_before is None or r["replay_holdout_accuracy"] is None or \
             old_before - r["replay_holdout_accuracy"] <= margin + 1e-12
 
+    anchor = np.log(current_lambda if current_lambda and current_lambda > 0 else 1.0)
+
+    def calm(r):  # prefer the head's own lambda and no offset: the smallest change to the old classes
+        return (-abs(np.log(r["lambda"]) - anchor), -abs(r["offset"]))
+
     ok = [r for r in rows if within(r)]
     if ok:
-        best = max(ok, key=lambda r: (r["new_oof_accuracy"], old_of(r), -abs(r["offset"]), r["lambda"]))
+        top = max(r["new_oof_accuracy"] for r in ok)
+        tolerance = float(np.sqrt(max(top * (1 - top), 1.0 / len(y_new)) / len(y_new)))
+        near = [r for r in ok if r["new_oof_accuracy"] >= top - tolerance - 1e-12]
+        best = max(near, key=lambda r: (old_of(r), r["new_oof_accuracy"], *calm(r)))
     else:
-        best = max(rows, key=lambda r: (old_of(r), r["new_oof_accuracy"], -abs(r["offset"]), r["lambda"]))
+        tolerance = None
+        best = max(rows, key=lambda r: (old_of(r), r["new_oof_accuracy"], *calm(r)))
     return {"lambda": best["lambda"], "offset": best["offset"], "offset_classes": [int(c) for c in offset_classes],
             "within_margin": bool(ok), "folds": k, "new_rows": int(len(y_new)),
             "replay_holdout_rows": int(len(y_hold)), "new_oof_accuracy": best["new_oof_accuracy"],
             "replay_holdout_accuracy": best["replay_holdout_accuracy"],
-            "lambda_at_grid_edge": best["lambda"] in (min(lambdas), max(lambdas)), "grid": rows}
+            "lambda_at_grid_edge": best["lambda"] in (min(lambdas), max(lambdas)),
+            "recall_tolerance": tolerance, "grid": rows}
 
 
 # ---------------------------------------------------------------- ONNX

@@ -14,6 +14,8 @@ A softmax bundle (schema 1 or 2) is untouched by any of this.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import time
 from pathlib import Path
 
@@ -31,6 +33,30 @@ FOLDS = 5
 
 def _entry(path: Path, rel: str) -> dict:
     return file_entry(path / rel)
+
+
+def row_digests(ds) -> np.ndarray:
+    """A digest per row of a Dataset: sha256 over its kind, its content (the text, or the image
+    file's bytes) and its label, cut to ridge.DIGEST bytes. The same row in another file, or
+    given again, has the same digest; a changed label makes it another row."""
+    out = np.zeros((len(ds), ridge.DIGEST), np.uint8)
+    for i, (item, label) in enumerate(zip(ds.items, ds.labels, strict=True)):
+        h = hashlib.sha256(ds.kind.encode() + b"\x00")
+        h.update(Path(item).read_bytes() if ds.kind == "image" else str(item).encode())
+        h.update(b"\x01" + str(label).encode())
+        out[i] = np.frombuffer(h.digest()[: ridge.DIGEST], np.uint8)
+    return out
+
+
+def fresh_rows(stats: ridge.Statistics, digests: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Which rows a retrain adds: not already in the statistics, and not a repeat of an earlier
+    row of the same file. Returns the mask and the counts the report gives."""
+    known = stats.known(digests)
+    first = ridge.first_occurrences(digests)
+    keep = first & ~known
+    return keep, {"in_file": int(len(digests)), "added": int(keep.sum()),
+                  "skipped_already_in_statistics": int(known.sum()),
+                  "skipped_repeated_in_file": int((~first & ~known).sum())}
 
 
 def _holdout(path: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -65,6 +91,7 @@ def add_ridge_head(path: str | Path, train, *, width: int = ridge.DEFAULT_WIDTH,
     y = np.array([index[v] for v in train.labels], dtype=np.int64)
     Xh, yh = _holdout(path, m)
     head, stats, choice = ridge.fit_features(X, y, labels, width=width, seed=seed, holdout=(Xh, yh))
+    stats.remember(row_digests(train))  # a device retrain given a training row again skips it
     trained = bundle.head_outputs(Xh)["logits"] if len(yh) else np.zeros((0, len(labels)))
     version = max(h["version"] for h in m["heads"]) + 1
     metrics = {
@@ -134,10 +161,10 @@ def tradeoff(choice: dict) -> str:
 
 
 def fit_and_judge(path: Path, bundle: Bundle, X_new: np.ndarray, y_new: np.ndarray, labels: list[str],
-                  replay: dict, margin: float) -> tuple[ridge.RidgeHead, ridge.Statistics, dict, list[str]]:
+                  replay: dict, margin: float, lineage: tuple | None = None) -> tuple[ridge.RidgeHead, ridge.Statistics, dict, list[str]]:
     """Statistics + new rows -> the head at the lambda the guard's criterion chose, its metrics and
     the guard's reasons to refuse (empty: accepted). Nothing is written."""
-    stats, projection = load_lineage(path, bundle.manifest)
+    stats, projection = lineage or load_lineage(path, bundle.manifest)
     added = list(range(len(stats.labels), len(labels)))  # classes this retrain adds: their offset is chosen
     stats.ensure_labels(labels)
     Xr, yr = replay["features"], replay["labels"].astype(np.int64)
@@ -156,8 +183,11 @@ def fit_and_judge(path: Path, bundle: Bundle, X_new: np.ndarray, y_new: np.ndarr
 
     before_new, before_old = acc(old_logits(X_new), y_new), acc(old_logits(Xh), yh)
     t_fit = time.perf_counter()
+    active = next((h for h in bundle.manifest["heads"] if h["version"] == bundle.manifest["head"]["version"]), {})
+    current = (active.get("metrics") or {}).get("fit", {}).get("lambda")
     choice = ridge.choose(stats, projection, X_new, y_new, Xh, yh, old_before=before_old, margin=margin,
-                          folds=FOLDS, offset_classes=added)
+                          folds=FOLDS, offset_classes=added,
+                          current_lambda=current if isinstance(current, (int, float)) else None)
     stats.add(projection(X_new), y_new)
     for c in added:
         stats.offsets[c] = choice["offset"]
@@ -180,7 +210,8 @@ def fit_and_judge(path: Path, bundle: Bundle, X_new: np.ndarray, y_new: np.ndarr
                                "settings_tried": len(choice["grid"]),
                                "lambda_grid": [min(r["lambda"] for r in choice["grid"]),
                                                max(r["lambda"] for r in choice["grid"])],
-                               "lambda_at_grid_edge": choice["lambda_at_grid_edge"]},
+                               "lambda_at_grid_edge": choice["lambda_at_grid_edge"],
+                               "recall_tolerance": choice["recall_tolerance"]},
                 "statistics_rows": stats.counts, "frontier": frontier(choice)},
         "statistics_bytes_per_class": dict(zip(labels, stats.nbytes_per_class(), strict=True)),
         "seconds": {"fit": round(fit_seconds, 3)},
@@ -276,7 +307,17 @@ def retrain(bundle: Bundle, new, data, cfg, t0: float, *, refused, prune) -> dic
     with the bundle unchanged."""
     path, m = bundle.path, bundle.manifest
     replay = read_replay(path, m)
-    head, stats, metrics, reasons = fit_and_judge(path, bundle, new.X, new.y, new.labels, replay, cfg.margin)
+    digests = row_digests(new.ds)
+    lineage = load_lineage(path, m)
+    keep, rows = fresh_rows(lineage[0], digests)
+    if not keep.any():
+        raise DataError(f"{new.ds.source}: all {rows['in_file']} rows are already in head v{m['head']['version']}'s "
+                        "statistics (same content and label); nothing new to learn.")
+    if not keep.all():  # the statistics are sums: a row counted twice would weigh twice
+        new = dataclasses.replace(new, X=new.X[keep], y=new.y[keep], hold=new.hold[keep])
+    head, stats, metrics, reasons = fit_and_judge(path, bundle, new.X, new.y, new.labels, replay, cfg.margin, lineage)
+    stats.remember(digests[keep])
+    metrics["rows"] = rows
     metrics["seconds"]["features"] = round(new.feature_seconds, 3)
     metrics["feature_cache_hit"] = new.cache_hit
     if reasons:
@@ -291,4 +332,5 @@ def retrain(bundle: Bundle, new, data, cfg, t0: float, *, refused, prune) -> dic
                              keep=cfg.keep, prune=prune)
     return {"accepted": True, "version": version, "previous_version": m["head"]["version"], "labels": new.labels,
             "added_classes": new.added, "pruned": pruned, "metrics": metrics, "family": ridge.FAMILY,
+            "skipped_rows": rows["in_file"] - rows["added"],
             "seconds": round(time.perf_counter() - t0, 3)}
