@@ -11,18 +11,19 @@ from edgeft.cli import main
 from edgeft.config import read_toml
 
 
-def test_tune_writes_a_recipe_that_repeats_the_best_trial(tiny_bert, text_data, tmp_path):
+@pytest.mark.parametrize("methods,trials", [("head", 2), pytest.param("head,lora", 3, marks=pytest.mark.slow)])
+def test_tune_writes_a_recipe_that_repeats_the_best_trial(methods, trials, tiny_bert, text_data, tmp_path):
     out = tmp_path / "tune"
     r = CliRunner().invoke(main, ["tune", "--model", str(tiny_bert), "--data", str(text_data["train"]),
-                                  "--val", str(text_data["val"]), "--methods", "head,lora", "--trials", "3",
+                                  "--val", str(text_data["val"]), "--methods", methods, "--trials", str(trials),
                                   "--pooling", "mean", "--output", str(out)])
     assert r.exit_code == 0, r.output
-    assert r.stdout.startswith("tune  ok") and "3 of 3 trials" in r.stdout
+    assert r.stdout.startswith("tune  ok") and f"{trials} of {trials} trials" in r.stdout
     report = json.loads((out / "tune.json").read_text())
-    assert report["completed"] == 3 and len(report["trials"]) == 3
+    assert report["completed"] == trials and len(report["trials"]) == trials
     scores = [t["accuracy"] for t in report["trials"]]
     assert report["best"]["score"] == max(scores)
-    assert {t["method"] for t in report["trials"]} <= {"head", "lora"}
+    assert {t["method"] for t in report["trials"]} <= set(methods.split(","))
     assert sorted(p.name for p in out.iterdir()) == ["best-run", "recipe.toml", "tune.json"]  # the others deleted
     best_metrics = json.loads((out / "best-run" / "metrics.json").read_text())
     assert best_metrics["best"]["accuracy"] == report["best"]["score"]
