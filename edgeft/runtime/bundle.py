@@ -181,6 +181,11 @@ class Bundle:
                 # check the backbone's features, and the head against its own recorded outputs
                 ref = self.head_outputs(expected["features"])["logits"]
             t = thresholds or Thresholds.for_precision(self.manifest["precision"])
+            # the build's own float32 limit for this model (edgeft/float32.py: PyTorch's float32
+            # error against float64, 5 times, plus 16 ulps of the logits' scale), where it recorded one
+            limit = (self.manifest.get("parity") or {}).get("max_abs_diff_limit")
+            if thresholds is None and isinstance(limit, int | float) and not isinstance(limit, bool) and 0 < limit < 1:
+                t = t.override(max_abs_diff=float(limit))
         report = compare(ref, got, labels=self.labels)
         report["against"] = "the bundle's outputs at build time" if quantized else "PyTorch's outputs at build time"
         if quantized and build_head:
