@@ -14,7 +14,7 @@ import click
 
 from . import __version__
 from .config import BuildConfig, ExportConfig
-from .errors import EdgeftError
+from .errors import EdgeftError, UsageError
 from .runtime.retrain_config import RetrainConfig
 
 _STDOUT = "\0stdout"  # verify --json without a FILE
@@ -213,6 +213,8 @@ def train(config_path, **options):
     from .launch import in_worker, launch
 
     cfg = load_train_config(config_path, options)
+    if cfg.folds and cfg.nproc > 1:  # before any worker starts
+        raise UsageError("--folds trains its folds one after another on one process; drop --nproc.")
     if cfg.nproc > 1 and not in_worker():
         sys.exit(launch(cfg.nproc, sys.argv[1:]))
     if cfg.folds:

@@ -93,20 +93,47 @@ def cross_validate(cfg: TrainConfig) -> dict:
             log.info("fold %d/%d: %d training rows, %d validation rows", f + 1, k, len(assign) - assign.count(f),
                      assign.count(f))
             s = train(fold_cfg)
-            best = s["best"]
+            best, last = s["best"], s["epochs"][-1]
             folds.append({"fold": f + 1, "train_rows": s["data"]["train"]["rows"], "val_rows": s["data"]["val"]["rows"],
                           "best_epoch": best["epoch"], "accuracy": best["accuracy"], "macro_f1": best["macro_f1"],
-                          "loss": best["loss"], "seconds": s["timing"]["total_seconds"],
+                          "loss": best["loss"], "epochs_run": last["epoch"],
+                          "last_epoch": {"accuracy": last["accuracy"], "macro_f1": last["macro_f1"],
+                                         "loss": last["val_loss"]},
+                          "seconds": s["timing"]["total_seconds"],
                           **({"run": str(output / f"fold-{f + 1}" / "run")} if cfg.keep_folds else {})})
-        summary = {}
-        for m in METRICS:
-            values = [r[m] for r in folds]
-            summary[m] = {"mean": statistics.fmean(values), "std": statistics.stdev(values),
-                          "min": min(values), "max": max(values)}
+        staged = str(tmp.resolve())
+        summary = {m: _spread([r[m] for r in folds]) for m in METRICS}
+        summary["last_epoch"] = {m: _spread([r["last_epoch"][m] for r in folds]) for m in METRICS}
         report = {"folds": k, "rows": len(ds), "labels": labels, "data": str(Path(cfg.data).resolve()),
                   "method": cfg.method, "model": cfg.model, "seed": cfg.seed, "stratified": True,
-                  "std": "sample standard deviation over the folds (n - 1)", "metrics": summary, "per_fold": folds,
+                  "std": "sample standard deviation over the folds (n - 1)",
+                  "selection": ("each fold's best epoch is chosen on the fold it is scored on, as edgeft train "
+                                "chooses on --val: optimistic by that choice; metrics.last_epoch is each fold's "
+                                "last epoch, chosen by nothing but the stopping rule"),
+                  "metrics": summary, "per_fold": folds,
                   "kept_folds": cfg.keep_folds, "config": {**cfg.to_dict(), "output": str(output)},
                   "seconds": round(time.perf_counter() - t0, 3)}
         atomic.write_json(tmp / "cv.json", report)
+    if cfg.keep_folds:  # the kept runs name their rows where they were written: where they are now
+        for f in range(k):
+            _repoint(output / f"fold-{f + 1}" / "run", staged, str(output.resolve()))
     return report
+
+
+def _spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values), "min": min(values), "max": max(values)}
+
+
+def _repoint(run: Path, old: str, new: str) -> None:
+    """Paths under `old` (the staging folder) in a kept fold run's JSON files -> under `new`."""
+    def fix(v):
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        return new + v[len(old):] if isinstance(v, str) and (v == old or v.startswith(old + "/")) else v
+
+    for name in ("run.json", "train_state.json", "metrics.json"):
+        p = run / name
+        if p.is_file():
+            atomic.write_json(p, fix(json.loads(p.read_text())))

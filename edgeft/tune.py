@@ -121,6 +121,11 @@ def tune(cfg: TrainConfig, methods: list[str], trials: int = 20, timeout: float 
                 shutil.rmtree(run, ignore_errors=True)
                 raise optuna.TrialPruned(str(e)) from None
             score = summary["best"]["loss"] if cfg.metric == "loss" else summary["best"][cfg.metric]
+            if not math.isfinite(score):  # a diverged run: failed, so it cannot hold the best place
+                records.append({"trial": trial.number + 1, "method": method, **settings, "state": "failed",
+                                "error": f"{cfg.metric} is {score}", "seconds": round(time.perf_counter() - t, 2)})
+                shutil.rmtree(run, ignore_errors=True)
+                raise optuna.TrialPruned(f"{cfg.metric} is {score}")
             records.append({"trial": trial.number + 1, "method": method, **settings, "state": "complete",
                             cfg.metric: score, "best_epoch": summary["best"]["epoch"],
                             "seconds": round(time.perf_counter() - t, 2)})
@@ -131,7 +136,7 @@ def tune(cfg: TrainConfig, methods: list[str], trials: int = 20, timeout: float 
             if better:
                 if best:
                     shutil.rmtree(best["run"], ignore_errors=True)
-                best.update(score=score, run=run, cfg=trial_cfg, trial=trial.number + 1)
+                best.update(score=score, run=run, cfg=trial_cfg, trial=trial.number + 1, settings=settings)
             else:
                 shutil.rmtree(run, ignore_errors=True)
             return score
@@ -146,13 +151,11 @@ def tune(cfg: TrainConfig, methods: list[str], trials: int = 20, timeout: float 
         done = [r for r in records if r["state"] == "complete"]
         report = {"metric": cfg.metric, "direction": "maximize" if maximize else "minimize",
                   "best": {"trial": best["trial"], "score": best["score"], "method": best["cfg"].method,
-                           **{k: getattr(best["cfg"], k) for k in ("lr", "head_lr", "epochs", "lora_r")}},
+                           **best["settings"]},
                   "trials": records, "completed": len(done), "failed": len(records) - len(done),
                   "methods": methods, "budget": {"trials": trials, "timeout": timeout},
                   "sampler": f"optuna TPESampler(seed={cfg.seed})", "optuna": optuna.__version__,
                   "validation": "the same rows for every trial (--val, or the seeded split of --data)",
                   "seconds": round(time.perf_counter() - t0, 2), "output": str(output)}
-        if not math.isfinite(best["score"]):
-            raise UsageError(f"edgeft tune: the best trial's {cfg.metric} is not a number.")
         atomic.write_json(tmp / "tune.json", report)
     return report

@@ -12,6 +12,7 @@ from tiny import write_csv
 
 from edgeft.cli import main
 from edgeft.folds import fold_of
+from edgeft.runs import training_data, validation_data
 
 
 def test_folds_are_stratified_seeded_and_even():
@@ -44,6 +45,9 @@ def test_cross_validation_writes_a_report_and_keeps_folds_on_request(tiny_bert, 
         values = [f[m] for f in report["per_fold"]]
         assert report["metrics"][m]["mean"] == pytest.approx(statistics.fmean(values))
         assert report["metrics"][m]["std"] == pytest.approx(statistics.stdev(values))
+        last = [f["last_epoch"][m] for f in report["per_fold"]]
+        assert report["metrics"]["last_epoch"][m]["mean"] == pytest.approx(statistics.fmean(last))
+    assert all(f["epochs_run"] == 3 for f in report["per_fold"])  # --epochs 3 < the head's patience
 
     r = _cli(*common, "--keep-folds", "--output", tmp_path / "kept")
     assert r.exit_code == 0, r.output
@@ -55,7 +59,11 @@ def test_cross_validation_writes_a_report_and_keeps_folds_on_request(tiny_bert, 
         train = [json.loads(line) for line in (fold / "data" / "train.jsonl").read_text().splitlines()]
         assert not {v["text"] for v in val} & {t["text"] for t in train}
         seen += [v["text"] for v in val]
-        # a kept fold is a complete run: it evaluates on its own validation rows
+        # a kept fold is a complete run whose recorded rows are where they now are (not in the staging folder)
+        info = json.loads((fold / "run" / "run.json").read_text())
+        assert len(validation_data(info["validation"]).items) == len(val)
+        assert len(training_data(info["training"]).items) == len(train)
+        # and it evaluates on its own validation rows
         r = CliRunner().invoke(main, ["evaluate", str(fold / "run"), "--data", str(fold / "data" / "val.jsonl"),
                                       "--json"])
         assert r.exit_code == 0, r.output

@@ -25,8 +25,9 @@ def test_leave_one_out_scores_equal_a_brute_force_recomputation():
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((3, 8)) * 2
     X, y = _clusters(rng, 7, centres)
-    hold = rng.random(len(y)) < 0.5
+    hold = np.ones(len(y), bool)  # a replay of hold-out rows only (the ridge family's): leave-one-out
     ood = OOD(X, y, hold, 3)
+    assert ood.mode == "leave-one-out"
     U = X / np.linalg.norm(X, axis=1, keepdims=True)
     want = []
     for i in np.flatnonzero(hold):
@@ -46,7 +47,8 @@ def test_threshold_keeps_false_alarms_near_the_target_and_flags_another_domain()
     hold = np.zeros(len(y), bool)
     hold[rng.permutation(len(y))[:200]] = True
     ood = OOD(X, y, hold, 4, false_alarm=0.05)
-    assert math.isfinite(ood.threshold) and ood.calibration_rows == 200
+    assert ood.mode == "split" and math.isfinite(ood.threshold) and ood.calibration_rows == 200
+    assert ood.counts.sum() == 40  # the prototypes come from the 40 rows not held out
     fresh, _ = _clusters(rng, 1000, centres)  # new inputs drawn like the hold-out rows
     _, unknown = ood.flags(fresh)
     assert unknown.mean() <= 0.09, unknown.mean()  # conformal: at most 5% in expectation

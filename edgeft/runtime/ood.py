@@ -6,18 +6,23 @@ class anyway, often confidently. The score here looks at the features instead:
 
     score(x) = 1 - max_c cos(x, prototype_c)
 
-where prototype_c is the mean of class c's L2-normalised features in the bundle's replay memory
-(training and hold-out rows; retrains add the new samples). A score near 0 is an input close to
-a known class; inputs of another domain sit far from all of them.
+where prototype_c is the mean of class c's L2-normalised features in the bundle's replay memory.
+A score near 0 is an input close to a known class; inputs of another domain sit far from all.
 
 The threshold is set on the replay's hold-out rows (validation rows the head never trained on)
-so that a chosen share of in-distribution inputs is flagged (false alarms, default 5%). Each
-hold-out row is scored against prototypes that leave it out, so the threshold is not biased
-by a row seeing itself. It is the split-conformal quantile: the ceil((n + 1)(1 - alpha))-th
-smallest of the n hold-out scores. For an input drawn like the hold-out rows the chance of a
-false alarm is then at most alpha, whatever the feature distribution; with fewer than
-1/alpha - 1 hold-out rows no threshold can promise that, and nothing is flagged (said in
-`describe()`).
+so that a chosen share of in-distribution inputs is flagged (false alarms, default 5%): the
+split-conformal quantile, the ceil((n + 1)(1 - alpha))-th smallest of the n hold-out scores.
+- "split" (the softmax family's replay, which holds training rows of every class): the
+  prototypes come from the training rows only, so a hold-out row and a new input are scored
+  against the same fixed prototypes. For an input drawn like the hold-out rows (the replay's
+  class-balanced mix, not necessarily the field's) the chance of a false alarm is then at
+  most alpha, whatever the feature distribution.
+- "leave-one-out" (a replay without training rows for some class, e.g. the ridge family's,
+  which keeps hold-out rows only): the prototypes use every row, and each hold-out row is
+  scored against prototypes that leave it out. Close to the same promise, not exactly it: a
+  hold-out row is scored without itself, a new input with every hold-out row.
+With fewer than 1/alpha - 1 hold-out rows no threshold can promise alpha, and nothing is flagged
+(said in `describe()`).
 
 numpy only.
 """
@@ -47,13 +52,17 @@ class OOD:
         labels = np.asarray(labels, dtype=np.int64)
         holdout = np.asarray(holdout, dtype=bool)
         self.n_classes, self.false_alarm = n_classes, false_alarm
+        fit = ~holdout
+        split = fit.any() and set(labels[holdout].tolist()) <= set(labels[fit].tolist())
+        self.mode = "split" if split else "leave-one-out"
+        rows = fit if split else np.ones(len(labels), bool)
         self.sums = np.zeros((n_classes, U.shape[1]))
-        np.add.at(self.sums, labels, U)
-        self.counts = np.bincount(labels, minlength=n_classes)
+        np.add.at(self.sums, labels[rows], U[rows])
+        self.counts = np.bincount(labels[rows], minlength=n_classes)
         self.known = self.counts > 0
         self.prototypes = _unit(self.sums)
         self.calibration_rows = int(holdout.sum())
-        scores = self._leave_one_out(U[holdout], labels[holdout])
+        scores = (self.scores(U[holdout]) if split else self._leave_one_out(U[holdout], labels[holdout]))
         n = len(scores)
         rank = math.ceil((n + 1) * (1 - false_alarm))  # 1-based rank of the conformal quantile
         self.threshold = float(np.sort(scores)[rank - 1]) if n and rank <= n else math.inf
@@ -79,7 +88,7 @@ class OOD:
 
     def describe(self, labels: list[str] | None = None) -> dict:
         missing = [labels[c] if labels else c for c in np.flatnonzero(~self.known).tolist()]
-        out = {"score": "1 - max cosine similarity to the class prototypes (replay features)",
+        out = {"score": "1 - max cosine similarity to the class prototypes (replay features)", "mode": self.mode,
                "threshold": None if math.isinf(self.threshold) else self.threshold,
                "false_alarm": self.false_alarm, "calibration_rows": self.calibration_rows,
                "prototype_rows": int(self.counts.sum()), "classes_without_prototype": missing}
