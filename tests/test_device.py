@@ -11,10 +11,8 @@ import hashlib
 import json
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,7 @@ from edgeft.runtime.retrain import RetrainRefused, history, retrain
 from edgeft.runtime.session import OnnxModel
 
 sys.path.insert(0, str(Path(__file__).parent))
+from kill import kill_at_random_moments  # noqa: E402
 from tiny import NEW_CLASS_WORDS, new_class_rows, text_rows  # noqa: E402
 from tolerance import EPS32, dot_tolerance, softmax_sum_tolerance  # noqa: E402
 
@@ -273,27 +272,16 @@ def _retrain_cmd(bundle: Path, data: Path) -> list[str]:
 def test_killed_retrain_never_leaves_a_broken_bundle(built, tmp_path):
     """SIGKILL at random moments: afterwards the bundle always loads, hashes match, head v1 or v2."""
     data = write_csv(tmp_path / "n.csv", new_class_rows(20, seed=2))
-    src = tmp_path / "src"
-    shutil.copytree(built["text"], src)
-    t0 = time.perf_counter()
-    subprocess.run(_retrain_cmd(src, data), check=True, capture_output=True)
-    full = time.perf_counter() - t0
-    rng = random.Random(0)
-    seen = set()
-    for trial in range(20):
-        b = tmp_path / f"t{trial}"
-        shutil.copytree(built["text"], b)
-        p = subprocess.Popen(_retrain_cmd(b, data), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, 1.0) * full)
-        p.send_signal(signal.SIGKILL)
-        p.wait()
+
+    def check(b):
         loaded = Bundle(b)  # raises if any listed file is missing, partial or changed
         assert loaded.head_version in (1, 2)
         assert ("valve" in loaded.labels) == (loaded.head_version == 2)
         assert loaded.predict(["pump leak"])[0]["label"] in loaded.labels
-        seen.add(loaded.head_version)
-        shutil.rmtree(b)
-    assert seen  # trials landed before and/or after the commit point; each left a whole bundle
+        return loaded.head_version
+
+    seen = kill_at_random_moments(built["text"], tmp_path, lambda b: _retrain_cmd(b, data), check, trials=20)
+    assert len(seen) == 20  # trials landed before and/or after the commit point; each left a whole bundle
 
 
 def test_bundle_refuses_a_half_written_head(bundle):

@@ -5,13 +5,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import random
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +24,7 @@ from edgeft.runtime.ridge_bundle import add_ridge_head, load_lineage
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
+from kill import kill_at_random_moments  # noqa: E402
 
 
 def blobs(n_per_class, n_classes, dim=24, seed=0, shift=0.0):
@@ -375,32 +372,19 @@ def test_softmax_bundle_from_before_head_families_still_retrains(built, tmp_path
 def test_killed_ridge_retrain_never_leaves_a_broken_bundle(ridge_built, tmp_path):
     """SIGKILL at random moments of a ridge retrain: the bundle always loads, head, statistics and
     replay files whole, v2 or v3."""
-
-
     data = _csv(tmp_path / "n.csv", tiny.new_class_rows(20, seed=2))
 
     def cmd(b):
         return [sys.executable, "-m", "edgeft.cli", "device", "retrain", str(b), "--data", str(data), "--add-classes"]
 
-    src = tmp_path / "src"
-    shutil.copytree(ridge_built, src)
-    t0 = time.perf_counter()
-    subprocess.run(cmd(src), check=True, capture_output=True)
-    full = time.perf_counter() - t0
-    rng = random.Random(0)
-    for trial in range(12):
-        b = tmp_path / f"t{trial}"
-        shutil.copytree(ridge_built, b)
-        p = subprocess.Popen(cmd(b), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, 1.0) * full)
-        p.send_signal(signal.SIGKILL)
-        p.wait()
+    def check(b):
         loaded = Bundle(b)  # raises if any listed file is missing, partial or changed
         assert loaded.head_version in (2, 3)
         assert ("valve" in loaded.labels) == (loaded.head_version == 3)
         stats, _ = load_lineage(b, loaded.manifest)
         assert len(stats.labels) == len(loaded.labels)
-        shutil.rmtree(b)
+
+    kill_at_random_moments(ridge_built, tmp_path, cmd, check, trials=12)
 
 
 @pytest.mark.slow  # a training run and two builds

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import numpy as np
 
-EPS32 = float(np.finfo(np.float32).eps)  # 1.19e-07
-K = 4.0
-ULPS = 16.0
+from edgeft import float32 as F32
+
+EPS32 = F32.EPS32  # 1.19e-07
+K = 4.0  # against float64; the library's gates compare with float32 PyTorch: K + 1 (edgeft/float32.py)
+ULPS = F32.ULPS
 
 
 def float32_tolerance(exact64, pytorch32, k: float = K, ulps: float = ULPS) -> float:
-    exact64 = np.asarray(exact64, dtype=np.float64)
-    own = float(np.abs(np.asarray(pytorch32, dtype=np.float64) - exact64).max())
-    return k * own + ulps * EPS32 * float(np.abs(exact64).max())
+    return F32.reach(exact64, pytorch32, k=k, ulps=ulps)
 
 
 def assert_float32_close(candidate32, exact64, tol: float, what: str = "") -> None:
@@ -37,16 +37,7 @@ def assert_float32_close(candidate32, exact64, tol: float, what: str = "") -> No
 
 def logits64(model, pre, items) -> np.ndarray:
     """The model's logits computed in float64 (a copy of the model; the original stays float32)."""
-    import copy
-
-    import torch
-
-    m = copy.deepcopy(model).double().eval()
-    arrays = pre(list(items))
-    inputs = {k: torch.from_numpy(v).double() if v.dtype.kind == "f" else torch.from_numpy(v)
-              for k, v in arrays.items()}
-    with torch.no_grad():
-        return m(**inputs).numpy()
+    return F32.logits64(model, pre, list(items))
 
 
 def dot_tolerance(X, W, b=None) -> np.ndarray:
