@@ -28,7 +28,7 @@ from .certify import holds
 from .config import HEAD_FAMILIES, BuildConfig
 from .errors import ParityError, UsageError, refuse_existing
 from .profiles import find_profile
-from .quantize import default_variants, prepare_gate
+from .quantize import prepare_gate, variants_for
 from .quantize import get as get_mode
 from .quantize.choose import choose_variant
 from .runtime import atomic
@@ -127,7 +127,7 @@ def _plan(cfg: BuildConfig) -> _Plan:
     # quantization variants: the target's, else the registry's defaults for the precision; each
     # is gated (with the search where it misses) and the fastest passing one wins
     precision = settings["precision"]
-    variants = target.variants.get(precision, ()) if target.variants else default_variants(precision)
+    variants = variants_for(target, precision, loaded.spec.modality)
     plan = _Plan(cfg, output, profile, target, settings, loaded, head, ds, tuple(variants))
     source_info = loaded.info.get("training") or (
         training_source(loaded.info["config"]) if "config" in loaded.info else None)

@@ -464,6 +464,7 @@ def build(source, device, output, calibration, data, replay, head_family, min_ag
         missed = [f"{t['mode']} (agreement {t['agreement']:.1%})" for t in q["tried"]
                   if not t.get("passed") and t.get("agreement") is not None]
         kept = f", {len(q['kept_float'])} node(s) kept in float" if q.get("kept_float") else ""
+        kept += (", fused " + ", ".join(f"{n} {op}" for op, n in q["fusion"]["fused"].items())) if q.get("fusion") else ""
         click.echo(f"  {q['mode']}{kept}: {q['latency_ms']:.2f} ms per row (backbone, batch 1; fp32 "
                    f"{q['fp32_latency_ms']:.2f} ms)" + (f"; missed the budget: {', '.join(missed)}" if missed else ""))
 
@@ -707,7 +708,7 @@ def device_rollback(bundle, version, public_key):
 
 @main.command()
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--mode", required=True, type=click.Choice(["dynamic", "static", "nncf", "fp16", "weight-only"]), help="dynamic: int8 weights and activations; static: int8 QDQ calibrated on real samples; nncf: int8 QDQ by NNCF's recipe for the model type (needs the openvino extra); fp16: half precision; weight-only: int8 weights, float activations.")
+@click.option("--mode", required=True, type=click.Choice(["dynamic", "dynamic-fused", "static", "nncf", "fp16", "weight-only"]), help="dynamic: int8 weights and activations; dynamic-fused: ONNX Runtime's transformer fusions, then dynamic int8; static: int8 QDQ calibrated on real samples; nncf: int8 QDQ by NNCF's recipe for the model type (needs the openvino extra); fp16: half precision; weight-only: int8 weights, float activations.")
 @click.option("--calibration", help="Real rows (labels optional) that calibrate static/nncf and rank nodes for the search.  [default: the export's validation rows]")
 @click.option("--per-channel/--no-per-channel", default=True, show_default=True, help="int8: one scale per output channel (keeps more answers than one per tensor).")
 @output_option("Folder to write, laid out like the export.")

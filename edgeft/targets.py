@@ -100,7 +100,12 @@ class Target:
     engine: str = "onnxruntime"
     # quantization variants tried per precision (each gated, the fastest passing one kept);
     # None: edgeft's defaults (edgeft.quantize.default_variants)
+    # a "precision:modality" key ("int8:image") is read before the plain precision key
     variants: dict[str, tuple[str, ...]] | None = None
+    # True: the device runs a full ONNX Runtime build, with its contrib (com.microsoft) operators,
+    # so the build may try transformer-fused graphs (Attention, SkipLayerNormalization: quantize.fuse).
+    # False for a reduced-operator build (ONNX Runtime Mobile), TensorRT or any plain ONNX consumer.
+    fused_ops: bool = False
 
     def __post_init__(self):
         if self.precision not in self.precisions:

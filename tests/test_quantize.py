@@ -311,6 +311,58 @@ def test_the_cli_offers_exactly_the_registered_modes():
     from edgeft.quantize import names
 
     option = next(p for p in main.commands["quantize"].params if p.name == "mode")
-    assert tuple(option.type.choices) == names() == ("dynamic", "static", "nncf", "fp16", "weight-only")
+    assert tuple(option.type.choices) == names() == ("dynamic", "dynamic-fused", "static", "nncf", "fp16",
+                                                     "weight-only")
     with pytest.raises(UsageError, match=r"--mode: unknown mode 'dynamc'.*dynamic"):
         quantize_model("x.onnx", "y.onnx", "dynamc", modality="text")
+
+
+# ---------------------------------------------------------------- fused transformer graphs
+
+
+def test_fused_graph_has_the_fused_ops_and_the_fp32_answers(full_text_run, text_export, tmp_path):
+    """ONNX Runtime's BERT fusions on the tiny BERT's export: what fused, and the fused fp32 graph
+    as close to the float64 model as float32 PyTorch allows (tests/tolerance.py), unpadded and padded."""
+    from tolerance import assert_float32_close, float32_tolerance, logits64
+
+    from edgeft.quantize.fuse import fuse
+    from edgeft.runs import load_model, predict_logits, validation_data
+
+    info = fuse(text_export / "backbone.onnx", tmp_path / "fused.onnx")
+    # 2 layers: the embeddings' layer norm, per layer one attention, two skip layer norms, one bias GELU
+    assert info["fused"] == {"Attention": 2, "BiasGelu": 2, "EmbedLayerNormalization": 1, "SkipLayerNormalization": 4}
+    assert (info["num_heads"], info["hidden_size"], info["heads_from"]) == (2, 32, "model config")
+    m = onnx.load(str(tmp_path / "fused.onnx"))
+    assert {o.domain for o in m.opset_import} <= {"", "ai.onnx", "com.microsoft"}  # no training/aten domains
+    assert not {"Softmax", "Erf", "LayerNormalization"} & {n.op_type for n in m.graph.node}
+    assert _meta(tmp_path / "fused.onnx")["labels"] == ["belt", "motor", "pump"]  # the export's metadata stays
+
+    loaded = load_model(full_text_run)
+    items = validation_data(loaded.info["validation"]).items
+    exact = logits64(loaded.model, loaded.pre, items)
+    tol = float32_tolerance(exact, predict_logits(loaded.model, loaded.pre, items).numpy())
+    backbone, head = OnnxModel(tmp_path / "fused.onnx"), OnnxModel(text_export / "head.onnx")
+    for size in (1, 5):  # batch 5: texts of different lengths, so padding and the attention mask count
+        got = np.concatenate([head({"features": backbone(loaded.pre(items[i : i + size]))["features"]})["logits"]
+                              for i in range(0, len(items), size)])
+        assert_float32_close(got, exact, tol, f"fused fp32, batch {size}")
+
+
+def test_dynamic_fused_quantizes_the_fused_graph(text_export, tmp_path):
+    """`edgeft quantize --mode dynamic-fused`: the fused graph gated as fp32, then dynamic int8 of
+    it (QAttention, QEmbedLayerNormalization), within the int8 budget; quantize.json says what fused."""
+    info = quantize(text_export, "dynamic-fused", tmp_path / "q")
+    fusion = info["fusion"]
+    assert fusion["passed"] and fusion["fused"]["Attention"] == 2 and fusion["rows"] == info["parity"]["rows"]
+    assert fusion["max_abs_diff"] <= 1e-4  # the fp32 thresholds (Thresholds()), as export is judged
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / "backbone.onnx")).graph.node}
+    assert {"QAttention", "QEmbedLayerNormalization", "MatMulInteger"} <= ops and "Attention" not in ops
+    assert info["parity"]["agreement"] >= 0.99
+    assert _meta(tmp_path / "q" / "model.onnx")["quantization"]["fused"] == fusion["fused"]
+
+
+def test_fused_mode_refuses_an_image_model(image_export, tmp_path):
+    from edgeft.quantize import quantize_model
+
+    with pytest.raises(UsageError, match="fuses transformer text backbones"):
+        quantize_model(image_export / "backbone.onnx", tmp_path / "q.onnx", "dynamic-fused", modality="image")

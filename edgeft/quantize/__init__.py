@@ -4,6 +4,8 @@ One module per mode, each registering a `registry.Mode` (precision, whether it r
 rows, whether its nodes can be searched, the function that runs it):
 
 dynamic      int8 weights, activation scales computed per call (onnxruntime quantize_dynamic)
+dynamic-fused  ONNX Runtime's transformer fusions (Attention, SkipLayerNormalization, ...; fuse.py),
+             then dynamic int8 of the fused graph; for targets whose runtime has those operators
 static       int8 QDQ, activation scales fixed by calibration on real preprocessed samples
 nncf         int8 QDQ by NNCF's post-training recipe for the model type, calibrated on real
              samples; needs the openvino extra
@@ -24,12 +26,12 @@ from __future__ import annotations
 
 # isort: off
 # each module registers its mode; this order is the order modes are listed and build tries them
-from . import dynamic, static, nncf, fp16, weight_only, openvino_ir  # noqa: F401
+from . import dynamic, fuse, static, nncf, fp16, weight_only, openvino_ir  # noqa: F401
 # isort: on
 from .budget import quantize_model, quantize_to_budget
 from .folder import quantize
 from .gate import Gate, describe_miss, prepare_gate
-from .registry import Mode, default_variants, get, names
+from .registry import Mode, default_variants, get, names, variants_for
 
 __all__ = ["Gate", "Mode", "default_variants", "describe_miss", "get", "names", "prepare_gate", "quantize",
-           "quantize_model", "quantize_to_budget"]
+           "quantize_model", "quantize_to_budget", "variants_for"]

@@ -63,6 +63,18 @@ def quantize_to_budget(src: Path, work: Path, mode: str, *, modality: str, gate:
 
     m = registry.get(mode)
     work.mkdir(parents=True, exist_ok=True)
+    if modality not in m.modalities:
+        return {"mode": mode, "op_types": [], "per_channel": bool(per_channel), "bytes": 0, "path": None,
+                "passed": False, "failed": [f"{mode} applies to {' and '.join(m.modalities)} models only"]}
+    fusion = None
+    if m.fuse:  # fuse the fp32 graph, gate it as fp32, then quantize the fused graph with the base mode
+        fusion, src = _fuse_gated(src, work, gate)
+        if not fusion["passed"]:
+            return {"mode": mode, "op_types": [], "per_channel": bool(per_channel), "bytes": 0, "path": None,
+                    "passed": False, "failed": fusion["failed"], "fusion": fusion}
+        result = quantize_to_budget(src, work / "fused", m.fuse, modality=modality, gate=gate,
+                                    calibration=calibration, per_channel=per_channel, search=search)
+        return {**result, "mode": mode, "fusion": fusion}
     model = onnx.load(str(src))
     if m.searchable and name_nodes(model):  # keeping nodes in float goes by name
         src = work / f"{Path(src).stem}.named.onnx"
@@ -81,6 +93,29 @@ def quantize_to_budget(src: Path, work: Path, mode: str, *, modality: str, gate:
         return _node_search(out, src, work, mode, modality=modality, gate=gate, calibration=calibration,
                             per_channel=per_channel)
     return out
+
+
+def _fuse_gated(src: Path, work: Path, gate: Gate) -> tuple[dict, Path]:
+    """ONNX Runtime's transformer fusions on the fp32 backbone `src` (quantize.fuse), checked like
+    any other step: the fused fp32 graph against the gate's reference with the fp32 thresholds
+    (as export checks its ONNX), and against the unfused graph on the same rows. Returns (what
+    fused with the verdict, the fused file)."""
+    from ..parity import Thresholds, checks, compare
+    from ..runtime.session import OnnxModel
+    from .fuse import fuse
+
+    fused = work / "backbone.fused.onnx"
+    info = fuse(src, fused)
+    if not info["fused"]:
+        return {**info, "passed": False, "failed": ["the transformer optimizer fused nothing in this graph"]}, fused
+    got = gate.logits(OnnxModel(fused))
+    rep = compare(gate.reference, got, gate.y, gate.labels)
+    found = checks(rep, Thresholds())
+    unfused = gate.logits(OnnxModel(src))
+    info.update(passed=all(c["passed"] for c in found), rows=rep["rows"], agreement=rep["agreement"],
+                max_abs_diff=rep["max_abs_diff"], max_abs_diff_vs_unfused=float(np.abs(got - unfused).max()),
+                failed=[f"fused fp32 graph: {c['message']}" for c in found if not c["passed"]])
+    return info, fused
 
 
 def _accuracy_control(out: dict, src: Path, work: Path, *, modality, gate, calibration) -> dict:

@@ -138,7 +138,8 @@ def _write_models(tmp: Path, export_dir: Path, result: dict, mode: str, precisio
              "head.onnx": read_meta(head)}
     metas["model.onnx"] = {**metas["backbone.onnx"], "part": "model"}  # what export writes
     quant_meta = {"mode": mode, "backbone": precision, "head": "fp32", "per_channel": result["per_channel"],
-                  "op_types": result["op_types"], "kept_float": result["kept_float"]}
+                  "op_types": result["op_types"], "kept_float": result["kept_float"],
+                  **({"fused": result["fusion"]["fused"]} if result.get("fusion") else {})}
     fused = fuse(backbone, head)
     for f, m in (("backbone.onnx", backbone), ("head.onnx", head), ("model.onnx", fused)):
         write_meta(m, {**metas[f], "precision": precision, "quantization": quant_meta}, __version__)
@@ -250,6 +251,7 @@ def _summary(cfg, m, tmp: Path, export_dir: Path, result, calib_ds, report, late
         "edgeft_version": __version__, "mode": cfg.mode, "precision": m.precision, "source": str(export_dir),
         "per_channel": result["per_channel"], "op_types": result["op_types"], "head": "fp32",
         "kept_float": result["kept_float"], "search": result.get("search"), "all_int8": result.get("plain"),
+        "fusion": result.get("fusion"),
         "calibration": ({"data": calib_ds.source, "rows": min(len(calib_ds), CALIBRATION_ROWS)}
                         if m.needs_calibration or result.get("search") else None),
         "files": files, "parity": report, "latency": latency,

@@ -26,6 +26,10 @@ class Mode:
     per_channel: bool = True  # honours per_channel (fp16 has no scales)
     engine: str = "onnxruntime"  # what runs the result: "openvino" for the IR variants of the openvino target
     default_for: tuple[str, ...] = ()  # target precisions whose default build variants include it
+    # the mode it runs after ONNX Runtime's transformer fusions (quantize.fuse), e.g. "dynamic";
+    # None: no fusion. Fused graphs hold com.microsoft operators: only targets with fused_ops take them
+    fuse: str | None = None
+    modalities: tuple[str, ...] = ("text", "image")  # the models it applies to
     help: str = ""
 
 
@@ -51,6 +55,27 @@ def get(name: str, engine: str | None = "onnxruntime") -> Mode:
     return _MODES[name]
 
 
-def default_variants(precision: str) -> tuple[str, ...]:
-    """What `edgeft build` tries for a target precision unless the target names its own variants."""
-    return tuple(n for n, m in _MODES.items() if precision in m.default_for)
+def default_variants(precision: str, *, fused_ops: bool = False, modality: str | None = None) -> tuple[str, ...]:
+    """What `edgeft build` tries for a target precision unless the target names its own variants:
+    fused modes only for a target whose runtime has ONNX Runtime's contrib operators, and only the
+    modes that apply to `modality` (None: any)."""
+    return tuple(n for n, m in _MODES.items() if precision in m.default_for and (fused_ops or m.fuse is None)
+                 and (modality is None or modality in m.modalities))
+
+
+def variants_for(target, precision: str, modality: str) -> tuple[str, ...]:
+    """The variants `edgeft build` tries for `target` at `precision` on a `modality` model: the
+    target's own list (a "precision:modality" key before a "precision" one), else the registry's
+    defaults. Modes that do not apply to the modality, and fused modes on a target without
+    fused_ops, are left out either way."""
+    fused_ops = bool(getattr(target, "fused_ops", False))
+    if not target.variants:
+        return default_variants(precision, fused_ops=fused_ops, modality=modality)
+    listed = target.variants.get(f"{precision}:{modality}", target.variants.get(precision, ()))
+    out = []
+    for name in listed:
+        m = _MODES.get(name)
+        if m is not None and (modality not in m.modalities or (m.fuse and not fused_ops)):
+            continue
+        out.append(name)
+    return tuple(out)

@@ -162,7 +162,11 @@ def _float_values(model) -> set[str]:
 
     inferred = onnx.shape_inference.infer_shapes(model)
     values = list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
-    return {v.name for v in values if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    floats = {v.name for v in values if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    # onnx's inference does not know ONNX Runtime's fused operators (quantize.fuse); their first
+    # output is float (Attention, EmbedLayerNormalization, SkipLayerNormalization, BiasGelu)
+    floats |= {n.output[0] for n in model.graph.node if n.domain == "com.microsoft" and n.output}
+    return floats
 
 
 class _Perturbable:

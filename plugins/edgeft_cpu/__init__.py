@@ -14,4 +14,5 @@ def register_targets(register):
         providers=("CPUExecutionProvider",),
         retrain_memory_mb=400,
         retrain_max_samples=5000,
+        fused_ops=True,  # the full onnxruntime wheel: ORT's fused transformer operators run
     ))
