@@ -28,8 +28,8 @@ from .certify import holds
 from .config import HEAD_FAMILIES, BuildConfig
 from .errors import ParityError, UsageError, refuse_existing
 from .profiles import find_profile
-from .quantize import prepare_gate, variants_for
 from .quantize import get as get_mode
+from .quantize import prepare_gate, variants_for
 from .quantize.choose import choose_variant
 from .runtime import atomic
 from .runtime.bundle import Bundle
@@ -269,7 +269,7 @@ def _manifest(plan: _Plan, exported: dict, spec: dict, quant: dict | None, ov_se
     settings, profile, target, loaded = plan.settings, plan.profile, plan.target, plan.loaded
     # dynamic int8: activation scales per call over the whole batch, so the device answers one
     # row per call (the build judged it so); runtime.max_batch says so, in a schema-2 manifest
-    one_row = quant is not None and quant.get("mode") == "dynamic"
+    one_row = quant is not None and get_mode(quant["mode"], engine=None).batch_dependent
     return {
         "schema": 2 if (settings["engine"] != "onnxruntime" or one_row) else 1,
         "edgeft_version": __version__,

@@ -22,5 +22,5 @@ def run(src, dst, *, modality, calibration=None, per_channel=True, exclude=None)
 
 
 # calibrated: dynamic needs no calibration, but the search ranks nodes on real rows
-MODE = register(Mode("dynamic", "int8", run, calibrated=True, searchable=True, default_for=("int8",),
+MODE = register(Mode("dynamic", "int8", run, calibrated=True, searchable=True, default_for=("int8",), batch_dependent=True,
                      help="int8 weights and activations"))

@@ -145,5 +145,5 @@ def run(src, dst, *, modality, calibration=None, per_channel=True, exclude=None)
 
 
 MODE = register(Mode("dynamic-fused", "int8", run, calibrated=True, searchable=True, default_for=("int8",),
-                     fuse="dynamic", modalities=("text",),
+                     fuse="dynamic", modalities=("text",), batch_dependent=True,
                      help="ORT's transformer fusions, then int8 weights and activations (full ONNX Runtime only)"))

@@ -30,6 +30,9 @@ class Mode:
     # None: no fusion. Fused graphs hold com.microsoft operators: only targets with fused_ops take them
     fuse: str | None = None
     modalities: tuple[str, ...] = ("text", "image")  # the models it applies to
+    # activation scales computed per call over the whole batch (dynamic int8): a row's answer
+    # depends on its batch-mates, so the device answers one row per call (runtime.max_batch 1)
+    batch_dependent: bool = False
     help: str = ""
 
 
