@@ -153,7 +153,7 @@ def _build_in(plan: _Plan, work: Path, t0: float) -> dict:  # the build's stages
     if plan.variants:
         quant = choose_variant(plan.variants, backbone_src, work, gate, precision=plan.precision,
                                modality=plan.modality, pre=pre, calib_items=calib_items, ov_settings=ov_settings,
-                               output=plan.output, profile=plan.profile.name)
+                               output=plan.output, profile=plan.profile, target=plan.target)
         backbone_src = Path(quant.pop("path"))
     with atomic.directory(plan.output, replace=cfg.overwrite) as tmp:
         backbone_file = _write_backbone(tmp, backbone_src)

@@ -467,6 +467,8 @@ def build(source, device, output, calibration, data, replay, head_family, min_ag
         kept += (", fused " + ", ".join(f"{n} {op}" for op, n in q["fusion"]["fused"].items())) if q.get("fusion") else ""
         click.echo(f"  {q['mode']}{kept}: {q['latency_ms']:.2f} ms per row (backbone, batch 1; fp32 "
                    f"{q['fp32_latency_ms']:.2f} ms)" + (f"; missed the budget: {', '.join(missed)}" if missed else ""))
+        if q.get("chosen_by"):  # timed here, or the target's documented order when this host is another ISA class
+            click.echo(f"  chosen by {q['chosen_by']['method']}: {q['chosen_by']['said']}")
 
 
 @main.command()

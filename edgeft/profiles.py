@@ -16,6 +16,9 @@ from .targets import PRECISIONS, Target
 
 HINTS = ("latency", "throughput", "cumulative_throughput")
 ARCHES = ("arm64", "x86-64")
+# the instruction-set features a profile's `isa` may name, per arch (edgeft.quantize.isa reads them)
+FEATURES = {"x86-64": ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16"),
+            "arm64": ("neon", "dotprod", "i8mm", "sve", "bf16")}
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,10 @@ class Profile:
     # the instruction set: arch "arm64" or "x86-64"; cpu the core QEMU emulates for `device check --emulate`
     arch: str | None = None
     cpu: str | None = None
+    # the int8-relevant instruction-set extensions of the device's CPU (edgeft.quantize.isa):
+    # x86-64 avx2, avx512f, avx512_vnni, avx_vnni, amx_int8; arm64 neon, dotprod, i8mm, sve.
+    # Unset: an Arm `cpu` the isa module knows fills it in; otherwise any host of `arch` ranks alike
+    isa: tuple[str, ...] | None = None
     # mobile: also ship backbone.onnx beside mobile/backbone.ort (by default only the .ort)
     keep_onnx: bool = False
     path: str = ""
@@ -55,6 +62,14 @@ class Profile:
         if self.arch is not None and self.arch not in ARCHES:
             raise ProfileError(f"{self.path or self.name}: arch: {self.arch!r} is not one of {', '.join(ARCHES)}."
                                f"{did_you_mean(str(self.arch), ARCHES)}")
+        if self.isa is not None:
+            known = FEATURES.get(self.arch or "", ())
+            bad = [f for f in self.isa if f not in known]
+            if self.arch is None or bad:
+                raise ProfileError(f"{self.path or self.name}: isa: " + (
+                    "needs arch" if self.arch is None else
+                    f"{bad[0]!r} is not an {self.arch} feature edgeft knows ({', '.join(known)})."
+                    f"{did_you_mean(str(bad[0]), known)}"))
         for key in ("threads", "memory_mb", "max_length", "image_size", "batch_size", "retrain_max_samples", "streams"):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
@@ -108,6 +123,11 @@ def read_profile(path: str | Path) -> Profile:
     flat.setdefault("name", path.stem)
     if "target" not in flat:
         raise ProfileError(f"{path}: missing key 'target' (the plugin target, e.g. \"cpu\").")
+    if "isa" in flat:
+        v = flat["isa"]
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise ProfileError(f"{path}: isa: expected a list of instruction-set features, got {v!r}.")
+        flat["isa"] = tuple(v)
     if "providers" in flat:
         p = flat["providers"]
         if not isinstance(p, list) or not p or not all(isinstance(x, str) for x in p):

@@ -106,6 +106,12 @@ class Target:
     # so the build may try transformer-fused graphs (Attention, SkipLayerNormalization: quantize.fuse).
     # False for a reduced-operator build (ONNX Runtime Mobile), TensorRT or any plain ONNX consumer.
     fused_ops: bool = False
+    # variant names in order of preference per ISA class ("arm64/dotprod") or arch ("arm64"):
+    # what the build ships when the build host is of another class than the profile's, so its
+    # timings say nothing about the device (edgeft.quantize.isa). variant_order_notes: per key,
+    # the measured facts behind the order and their source.
+    variant_order: dict[str, tuple[str, ...]] | None = None
+    variant_order_notes: dict[str, str] | None = None
 
     def __post_init__(self):
         if self.precision not in self.precisions:

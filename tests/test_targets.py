@@ -36,6 +36,25 @@ def test_the_cpu_text_bundle_reports_what_fused(device_bundles):
     assert fused["fusion"]["fused"]["Attention"] == 2 and fused["fusion"]["passed"]
     if q["mode"] == "dynamic-fused":
         assert q["fusion"]["fused"] == fused["fusion"]["fused"]
+    # x86-64-server names no ISA features: any x86-64 host is its class, so the build timed the variants
+    from edgeft.quantize.isa import host
+
+    assert q["chosen_by"]["method"] == ("timed" if host()["arch"] == "x86-64" else "timed, host of another class")
+    assert q["chosen_by"]["host"]["model"] == host()["model"]
+
+
+@pytest.mark.slow
+def test_a_pi_bundle_built_on_x86_follows_the_documented_order(lora_text_run, tmp_path):
+    from edgeft.build import build
+    from edgeft.quantize.isa import host
+
+    if host()["arch"] != "x86-64":
+        pytest.skip("the point is a build host of another class than the Pi's")
+    m = build(lora_text_run, "raspberry-pi-5", tmp_path / "b")
+    how = m["quantization"]["chosen_by"]
+    assert how["method"] == "documented order" and how["order_for"] == "arm64"
+    passing = [t["mode"] for t in m["quantization"]["tried"] if t["passed"]]
+    assert m["quantization"]["mode"] == min(passing, key=how["order"].index)
 
 
 @pytest.mark.slow
@@ -45,6 +64,72 @@ def test_the_mobile_int8_bundle_stays_unfused(lora_text_run, tmp_path):
     phone = tmp_path / "phone.toml"
     phone.write_text('description = "test phone"\ntarget = "mobile"\nprecision = "int8"\nmax_length = 32\n')
     m = build(lora_text_run, str(phone), tmp_path / "b")
-    assert all(t["mode"] != "dynamic-fused" for t in m["quantization"]["tried"])
-    ops = (tmp_path / "b" / "mobile" / "required_operators.config").read_text()
-    assert "Attention" not in ops and "SkipLayerNormalization" not in ops, ops
+    assert all(t["mode"] != "dynamic-fused" for t in m["quantization"]["tried"]) and "fusion" not in m["quantization"]
+    # the ORT-format conversion applies ONNX Runtime's own session fusions (SkipLayerNormalization,
+    # Gelu: the reduced build compiles what the config lists); the transformer optimizer's attention
+    # and embedding fusions appear only from the fused mode
+    config = (tmp_path / "b" / "mobile" / "required_operators.config").read_text()
+    ops = {op for line in config.splitlines() if not line.startswith("#") for op in line.split(";")[-1].split(",")}
+    assert not ops & {"Attention", "QAttention", "EmbedLayerNormalization", "QEmbedLayerNormalization"}, ops
+
+
+# ---------------------------------------------------------------- choosing for the target, not the host
+
+AMD = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx2 avx512f avx512_vnni avx512_bf16\n"
+ARM_A76 = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\n"
+OLD_XEON = "model name\t: Intel(R) Xeon(R) CPU E5-2680 v4\nflags\t\t: fpu sse4_2 avx avx2 fma\n"
+
+
+def test_host_class_from_cpuinfo():
+    from edgeft.quantize.isa import host
+
+    assert host(AMD, "x86_64") == {"arch": "x86-64", "model": "AMD EPYC", "class": "x86-64/vnni",
+                                   "features": ["avx2", "avx512_bf16", "avx512_vnni", "avx512f"]}
+    assert host(OLD_XEON, "x86_64")["class"] == "x86-64/avx2"
+    a76 = host(ARM_A76, "aarch64")
+    assert a76["class"] == "arm64/dotprod" and a76["features"] == ["dotprod", "neon"]
+
+
+def test_profiles_name_their_isa(tmp_path):
+    from edgeft.errors import ProfileError
+    from edgeft.profiles import find_profile, read_profile
+    from edgeft.quantize.isa import profile_isa
+
+    assert profile_isa(find_profile("raspberry-pi-4")[0])["class"] == "arm64/neon"
+    assert profile_isa(find_profile("raspberry-pi-5")[0])["class"] == "arm64/dotprod"
+    assert profile_isa(find_profile("intel-n100")[0])["class"] == "x86-64/vnni"
+    generic = profile_isa(find_profile("x86-64-server")[0])  # "AVX2 or newer": any x86-64 host is its class
+    assert generic["arch"] == "x86-64" and generic["class"] is None
+    bad = tmp_path / "bad.toml"
+    bad.write_text('target = "cpu"\narch = "arm64"\nisa = ["neon", "avx512_vnni"]\n')
+    with pytest.raises(ProfileError, match=r"isa: 'avx512_vnni' is not an arm64 feature"):
+        read_profile(bad)
+    bad.write_text('target = "cpu"\nisa = ["avx2"]\n')
+    with pytest.raises(ProfileError, match="isa: needs arch"):
+        read_profile(bad)
+
+
+def _passing(*modes_ms):
+    return [{"mode": m, "latency_ms": ms, "kept_float": []} for m, ms in modes_ms]
+
+
+def test_the_build_host_ranks_only_devices_of_its_class():
+    from edgeft.profiles import find_profile
+    from edgeft.quantize.isa import choose, host
+
+    cpu = get_target("cpu")
+    amd = host(AMD, "x86_64")
+    passing = _passing(("dynamic", 1.0), ("dynamic-fused", 0.9), ("weight-only", 0.7))
+    # a generic x86-64 profile on an x86-64 host: timed, the fastest wins
+    best, how = choose(passing, find_profile("x86-64-server")[0], cpu, amd)
+    assert best["mode"] == "weight-only" and how["method"] == "timed"
+    # a Raspberry Pi 5 built on this x86 host: the plugin's documented Arm order, not the host's timings
+    best, how = choose(passing, find_profile("raspberry-pi-5")[0], cpu, amd)
+    assert best["mode"] == "dynamic-fused" and how["method"] == "documented order"
+    assert how["order_for"] == "arm64" and how["source"] and how["fastest_on_host"] == "weight-only"
+    assert "x86-64/vnni" in how["said"]
+    # the same Pi built on an Arm host with the dot product: timed there
+    assert choose(passing, find_profile("raspberry-pi-5")[0], cpu, host(ARM_A76, "aarch64"))[1]["method"] == "timed"
+    # a class the target documents no order for: the host's timings, and the build says so
+    best, how = choose(passing, find_profile("intel-n100")[0], cpu, host(OLD_XEON, "x86_64"))
+    assert best["mode"] == "weight-only" and how["method"] == "timed, host of another class"

@@ -1,5 +1,7 @@
-"""Which quantized backbone a bundle ships: every variant the target offers, gated, the fastest
-passing one measured on real rows wins (`edgeft build`)."""
+"""Which quantized backbone a bundle ships (`edgeft build`): every variant the target offers,
+gated; of the passing ones, the fastest measured on real rows when the build host is of the
+device profile's ISA class, else the first in the target's documented order for that class
+(edgeft.quantize.isa). The manifest's quantization entry says which, and why ("chosen_by")."""
 
 from __future__ import annotations
 
@@ -32,11 +34,14 @@ def backbone_ms(model, arrays: list[dict]) -> float:
 
 
 def choose_variant(variants, backbone_src: Path, work: Path, gate, *, precision: str, modality: str, pre,
-                   calib_items: list, ov_settings: dict | None, output, profile: str) -> dict:
-    """Every variant of `variants`, judged by `gate` (with the search where one misses); the
-    fastest measured passing one wins. ParityError with every variant's numbers if none passes."""
+                   calib_items: list, ov_settings: dict | None, output, profile, target=None) -> dict:
+    """Every variant of `variants`, judged by `gate` (with the search where one misses); of the
+    passing ones, `isa.choose` picks for the device `profile` (a Profile; a name alone: the
+    fastest on this host). ParityError with every variant's numbers if none passes."""
     from ..runtime.session import OnnxModel
+    from .isa import choose
 
+    name = getattr(profile, "name", profile)
     items = gate.items
     opener = gate.open_model or OnnxModel
     calib = [pre(calib_items[i : i + 1]) for i in range(len(calib_items))] if calib_items else None
@@ -58,11 +63,15 @@ def choose_variant(variants, backbone_src: Path, work: Path, gate, *, precision:
         tried.append({k: v for k, v in r.items() if k not in ("path", "plain_path")})
     if not passing:
         detail = "; ".join(describe_miss(r) for r in tried)
-        raise ParityError(f"{output}: no {precision} variant for {profile} meets the budget against PyTorch on "
+        raise ParityError(f"{output}: no {precision} variant for {name} meets the budget against PyTorch on "
                           f"{len(items)} rows ({detail}). Pass more held-out rows with --data, loosen the budget "
                           "knowingly with --min-agreement/--max-drop, or choose fp16/fp32.")
-    best = min(passing, key=lambda r: r["latency_ms"])
-    log.info("%s: %s wins at %.2f ms per row (backbone, batch 1)", profile, best["mode"], best["latency_ms"])
+    if target is None or isinstance(profile, str):
+        best, how = min(passing, key=lambda r: r["latency_ms"]), {"method": "timed", "said": "fastest on the build host"}
+    else:
+        best, how = choose(passing, profile, target)
+    log.info("%s: %s chosen (%s); %.2f ms per row on this host (backbone, batch 1)", name, best["mode"], how["said"],
+             best["latency_ms"])
     return {**{k: v for k, v in best.items() if k not in ("failed", "plain_path")},
             "fp32_bytes": backbone_src.stat().st_size,
-            "fp32_latency_ms": backbone_ms(OnnxModel(backbone_src), timing), "tried": tried}
+            "fp32_latency_ms": backbone_ms(OnnxModel(backbone_src), timing), "tried": tried, "chosen_by": how}

@@ -69,12 +69,14 @@ def default_variants(precision: str, *, fused_ops: bool = False, modality: str |
 def variants_for(target, precision: str, modality: str) -> tuple[str, ...]:
     """The variants `edgeft build` tries for `target` at `precision` on a `modality` model: the
     target's own list (a "precision:modality" key before a "precision" one), else the registry's
-    defaults. Modes that do not apply to the modality, and fused modes on a target without
+    defaults for the precision. Modes that do not apply to the modality, and fused modes on a target without
     fused_ops, are left out either way."""
     fused_ops = bool(getattr(target, "fused_ops", False))
-    if not target.variants:
+    own = target.variants or {}
+    key = next((k for k in (f"{precision}:{modality}", precision) if k in own), None)
+    if key is None:
         return default_variants(precision, fused_ops=fused_ops, modality=modality)
-    listed = target.variants.get(f"{precision}:{modality}", target.variants.get(precision, ()))
+    listed = own[key]
     out = []
     for name in listed:
         m = _MODES.get(name)

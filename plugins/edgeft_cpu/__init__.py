@@ -1,6 +1,41 @@
-"""Built-in target `cpu`: x86-64 and ARM64 Linux CPUs with onnxruntime's CPU provider."""
+"""Built-in target `cpu`: x86-64 and ARM64 Linux CPUs with onnxruntime's CPU provider.
+
+Variants: text int8 tries the registry's defaults (dynamic int8, dynamic int8 of the
+transformer-fused graph, weight-only int8); image int8 tries static QDQ int8 (calibrated on
+real images, per-channel weights: QLinearConv kernels) before dynamic int8 (ConvInteger).
+
+Which passing variant ships: when the build host is of the profile's ISA class
+(edgeft.quantize.isa), the fastest measured there; otherwise the first in VARIANT_ORDER for the
+profile's class, whose reasons and sources are in ORDER_NOTES. An order is written down only
+where something backs it; a class without one is ranked by the host's timings, and the build
+says so.
+"""
 
 from edgeft.hookspecs import Target, hookimpl
+
+VARIANT_ORDER = {
+    # Raspberry Pi 4 (Cortex-A72: NEON, no dot product) and Pi 5 (Cortex-A76: SDOT/UDOT)
+    "arm64": ("static", "dynamic-fused", "dynamic", "weight-only"),
+    # Intel Xeon with AVX-512 VNNI and AMX (STACK.md, issue 16)
+    "x86-64/amx": ("dynamic-fused", "dynamic", "weight-only", "static"),
+}
+ORDER_NOTES = {
+    "arm64": (
+        "Not timed on an Arm device (QEMU proves numbers, never speed: STACK.md). From which ONNX "
+        "Runtime MLAS kernels exist for Arm64: QLinearConv (static QDQ) runs MLAS's symmetric int8 "
+        "convolution (onnxruntime/core/mlas/lib/convsym.cpp, convsym_kernel_neon.cpp; ORT PR #9772: "
+        "'With DOT-CPUs, 32 deep conv is already faster'), while ConvInteger (dynamic int8 of a CNN) has "
+        "no such kernel and ran EfficientNet-Lite0 about 18x slower than fp32 on x86 "
+        "(examples/solar-cells/README.md). MatMulInteger and QAttention run MLAS's int8 GEMM "
+        "(NEON, UDOT/SDOT on dot-product cores); the fused graph runs fewer, larger kernels than the "
+        "unfused one (faster on both x86 hosts measured). Weight-only int8 (MatMulNBits, "
+        "accuracy_level 4) computes in int8 only with the dot product; on a Cortex-A72 it computes "
+        "in float."),
+    "x86-64/amx": (
+        "Measured on an Intel Xeon with AVX-512 VNNI and AMX, 2 cores, batch 1, MiniLM (STACK.md and "
+        "issue 16): dynamic int8 per-channel 1.02 ms unfused, 0.84 ms fused; ORT dynamic int8 1.51 ms "
+        "against weight-only int8 2.29 ms in one `python -m bench --quick` run."),
+}
 
 
 @hookimpl
@@ -15,4 +50,8 @@ def register_targets(register):
         retrain_memory_mb=400,
         retrain_max_samples=5000,
         fused_ops=True,  # the full onnxruntime wheel: ORT's fused transformer operators run
+        # images: static QDQ first (a CNN's usual int8), dynamic (ConvInteger) after; text: the defaults
+        variants={"int8:image": ("static", "dynamic")},
+        variant_order=VARIANT_ORDER,
+        variant_order_notes=ORDER_NOTES,
     ))
