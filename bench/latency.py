@@ -252,7 +252,7 @@ def summary(ms: list[float]) -> dict:
             "mean_ms": statistics.fmean(ms), "n": len(ms)}
 
 
-def variants(run: Path, artifacts: Path, rebuild: bool):
+def variants(run: Path, artifacts: Path, rebuild: bool, only: set[str] | None = None):
     """Each variant: name, fn(text) -> logits (1, C), on-disk size, and how it was made; and the loaded run."""
     import numpy as np
     import torch
@@ -313,7 +313,7 @@ def variants(run: Path, artifacts: Path, rebuild: bool):
                 "quantization": {k: fjson.get(k) for k in ("mode", "op_types", "kept_float", "per_channel", "fusion")},
                 "build_parity": fjson.get("parity"), "path": str(fused_dir)})
     probe = ["Festoon cable on stacker crane torn, order new cable and trolleys"]
-    for key, name, device in BUNDLES:
+    for key, name, device in (b for b in BUNDLES if only is None or b[0] in only):
         path, gate = ensure_bundle(run, key, device, artifacts, rebuild)
         b = Bundle(path, threads=THREADS)
         m = b.manifest
@@ -440,8 +440,6 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
 SOLAR = CACHE / "solar-cells"  # the example's CSVs (paths into the installed elpv-dataset) and its run
 IMAGE_BUNDLES = [  # (key, label, device profile)
     ("raspberry-pi-5", "bundle raspberry-pi-5 (cpu int8, kept {mode}, {kept} nodes in float; {chosen})", "raspberry-pi-5"),
-    ("x86-64-server-image", "bundle x86-64-server (cpu int8, kept {mode}, {kept} nodes in float; {chosen})",
-     "x86-64-server"),
 ]
 
 
@@ -601,6 +599,8 @@ def main() -> None:
     ap.add_argument("--run", help="an edgeft run to measure (default: train the bench's own once, then reuse it)")
     ap.add_argument("--rebuild", action="store_true", help="export and build the bundles again even if cached")
     ap.add_argument("--output", default=str(ROOT / "bench" / "results" / "latency.json"))
+    ap.add_argument("--bundles", help="text bundles to build and measure, comma-separated keys (default: all: "
+                    + ", ".join(b[0] for b in BUNDLES) + ")")
     ap.add_argument("--model", choices=("text", "image", "both"), default="both",
                     help="text: MiniLM on the maintenance example; image: EfficientNet-Lite0 on the solar-cell "
                          "example (needs elpv-dataset); both (default)")
@@ -634,7 +634,8 @@ def main() -> None:
     artifacts = cache_dir(run)
     if args.run is None:
         prune_stale(artifacts)
-    vs, loaded = variants(run, artifacts, args.rebuild)
+    only = set(args.bundles.split(",")) if args.bundles else None
+    vs, loaded = variants(run, artifacts, args.rebuild, only)
     labels, pre = loaded.labels, loaded.pre
     texts, names = read_csv(DATA / "test.csv")
     index = {n: i for i, n in enumerate(labels)}

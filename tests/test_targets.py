@@ -133,3 +133,32 @@ def test_the_build_host_ranks_only_devices_of_its_class():
     # a class the target documents no order for: the host's timings, and the build says so
     best, how = choose(passing, find_profile("intel-n100")[0], cpu, host(OLD_XEON, "x86_64"))
     assert best["mode"] == "weight-only" and how["method"] == "timed, host of another class"
+
+
+def test_x86_without_vnni_gets_7_bit_weights(tmp_path):
+    """A profile that says its x86-64 CPU has no VNNI: weights quantize to 7 bits (reduce_range), so
+    its u8 x s8 kernels cannot saturate; a VNNI or Arm profile keeps full 8-bit weights."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeft.profiles import find_profile, read_profile
+    from edgeft.quantize import quantize_model
+    from edgeft.quantize.isa import reduce_range
+
+    old = tmp_path / "old-xeon.toml"
+    old.write_text('target = "cpu"\narch = "x86-64"\nisa = ["avx2"]\n')
+    assert reduce_range(read_profile(old))
+    assert not any(reduce_range(find_profile(n)[0]) for n in ("raspberry-pi-4", "intel-n100", "x86-64-server"))
+
+    w = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+                          initializer=[numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    for rr, limit in ((False, 127), (True, 64)):
+        info = quantize_model(tmp_path / "m.onnx", tmp_path / f"q{rr}.onnx", "dynamic", modality="text", reduce_range=rr)
+        q = [numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / f"q{rr}.onnx")).graph.initializer
+             if i.data_type == TensorProto.INT8]
+        assert max(int(np.abs(a).max()) for a in q) == limit and info.get("reduce_range", False) == rr

@@ -20,7 +20,7 @@ IMAGE_SENSITIVITY_ROWS = 4  # a CNN's activations are large: 4 images x every no
 
 def quantize_model(src: Path, dst: Path, mode: str, *, modality: str,
                    calibration: list[dict[str, np.ndarray]] | None = None, per_channel: bool = True,
-                   exclude: list[str] | None = None) -> dict:
+                   exclude: list[str] | None = None, reduce_range: bool = False) -> dict:
     """Quantize one ONNX file (a backbone) `src` -> `dst`, self-contained, by the registered `mode`.
 
     `calibration`: input dicts of real preprocessed samples (static and nncf need them);
@@ -33,7 +33,9 @@ def quantize_model(src: Path, dst: Path, mode: str, *, modality: str,
     m = registry.get(mode)
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    op_types = m.run(src, dst, modality=modality, calibration=calibration, per_channel=per_channel, exclude=exclude)
+    rr = bool(reduce_range and m.takes_reduce_range)  # 7-bit weights: for x86-64 CPUs without VNNI
+    op_types = m.run(src, dst, modality=modality, calibration=calibration, per_channel=per_channel, exclude=exclude,
+                     **({"reduce_range": True} if rr else {}))
     out = onnx.load(str(dst), load_external_data=False)
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in out.graph.initializer):
         raise UsageError(f"{dst}: the quantizer wrote external data; edgeft ships single-file models.")
@@ -42,12 +44,12 @@ def quantize_model(src: Path, dst: Path, mode: str, *, modality: str,
         write_meta(out, {**meta, "precision": m.precision}, __version__)
         onnx.save(out, str(dst))
     return {"mode": mode, "op_types": op_types, "per_channel": bool(per_channel and m.per_channel),
-            "bytes": dst.stat().st_size}
+            "bytes": dst.stat().st_size, **({"reduce_range": True} if rr else {})}
 
 
 def quantize_to_budget(src: Path, work: Path, mode: str, *, modality: str, gate: Gate,
                        calibration: list[dict[str, np.ndarray]] | None = None, per_channel: bool = True,
-                       search: bool = True) -> dict:
+                       search: bool = True, reduce_range: bool = False) -> dict:
     """Quantize `src` with `mode` into `work`; when the result misses the gate, keep the nodes
     int8 hurts most in float until it passes (searchable modes, quantize.search) or let NNCF's
     accuracy control revert quantizers (nncf).
@@ -73,7 +75,8 @@ def quantize_to_budget(src: Path, work: Path, mode: str, *, modality: str, gate:
             return {"mode": mode, "op_types": [], "per_channel": bool(per_channel), "bytes": 0, "path": None,
                     "passed": False, "failed": fusion["failed"], "fusion": fusion}
         result = quantize_to_budget(src, work / "fused", m.fuse, modality=modality, gate=gate,
-                                    calibration=calibration, per_channel=per_channel, search=search)
+                                    calibration=calibration, per_channel=per_channel, search=search,
+                                    reduce_range=reduce_range)
         return {**result, "mode": mode, "fusion": fusion}
     model = onnx.load(str(src))
     if m.searchable and name_nodes(model):  # keeping nodes in float goes by name
@@ -81,7 +84,8 @@ def quantize_to_budget(src: Path, work: Path, mode: str, *, modality: str, gate:
         onnx.save(model, str(src))
     del model
     plain = work / f"backbone.{mode}.onnx"
-    info = quantize_model(src, plain, mode, modality=modality, calibration=calibration, per_channel=per_channel)
+    info = quantize_model(src, plain, mode, modality=modality, calibration=calibration, per_channel=per_channel,
+                          reduce_range=reduce_range)
     if not info["op_types"]:  # e.g. weight-only on a CNN: nothing it can quantize
         return {**info, "path": None, "passed": False, "failed": ["no operator of this model to quantize"]}
     out = {**info, **gate(plain, mode), "path": plain, "kept_float": []}
@@ -91,7 +95,7 @@ def quantize_to_budget(src: Path, work: Path, mode: str, *, modality: str, gate:
         return _accuracy_control(out, src, work, modality=modality, gate=gate, calibration=calibration)
     if m.searchable:
         return _node_search(out, src, work, mode, modality=modality, gate=gate, calibration=calibration,
-                            per_channel=per_channel)
+                            per_channel=per_channel, reduce_range=reduce_range)
     return out
 
 
@@ -142,14 +146,16 @@ def _accuracy_control(out: dict, src: Path, work: Path, *, modality, gate, calib
     return out
 
 
-def _node_search(out: dict, src: Path, work: Path, mode: str, *, modality, gate, calibration, per_channel) -> dict:
+def _node_search(out: dict, src: Path, work: Path, mode: str, *, modality, gate, calibration, per_channel,
+                 reduce_range=False) -> dict:
     """The plain attempt missed: rank the nodes by what int8 costs downstream, keep the fewest
     worst ones in float that make it pass (or report the closest miss)."""
     from .search import SENSITIVITY_ROWS, max_float, node_errors
     from .search import search as search_nodes
 
     def quantize_one(a: Path, b: Path, rows: list[dict]) -> None:
-        quantize_model(a, b, mode, modality=modality, calibration=rows, per_channel=per_channel)
+        quantize_model(a, b, mode, modality=modality, calibration=rows, per_channel=per_channel,
+                       reduce_range=reduce_range)
 
     t0 = time.perf_counter()
     ranking = node_errors(src, quantize_one, out["op_types"], calibration,
@@ -158,7 +164,7 @@ def _node_search(out: dict, src: Path, work: Path, mode: str, *, modality, gate,
     def attempt(names: list[str]) -> dict:
         path = work / f"backbone.{mode}.float{len(names)}.onnx"
         quantize_model(src, path, mode, modality=modality, calibration=calibration, per_channel=per_channel,
-                       exclude=names)
+                       exclude=names, reduce_range=reduce_range)
         return {**gate(path, f"{mode} with {len(names)} node(s) in float"), "path": path}
 
     best, tried = search_nodes(ranking, attempt)

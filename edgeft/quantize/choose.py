@@ -39,13 +39,14 @@ def choose_variant(variants, backbone_src: Path, work: Path, gate, *, precision:
     passing ones, `isa.choose` picks for the device `profile` (a Profile; a name alone: the
     fastest on this host). ParityError with every variant's numbers if none passes."""
     from ..runtime.session import OnnxModel
-    from .isa import choose
+    from .isa import choose, reduce_range
 
     name = getattr(profile, "name", profile)
     items = gate.items
     opener = gate.open_model or OnnxModel
     calib = [pre(calib_items[i : i + 1]) for i in range(len(calib_items))] if calib_items else None
     timing = [pre(items[i : i + 1]) for i in range(min(LATENCY_ROWS, len(items)))]
+    rr = reduce_range(profile) if not isinstance(profile, str) else False
     tried, passing = [], []
     for mode in variants:
         if get_mode(mode, engine=None).engine == "openvino":
@@ -54,7 +55,8 @@ def choose_variant(variants, backbone_src: Path, work: Path, gate, *, precision:
             r = ir_variant(backbone_src, work / mode, mode, modality=modality, gate=gate, calibration=calib,
                            settings=ov_settings)
         else:
-            r = quantize_to_budget(backbone_src, work / mode, mode, modality=modality, gate=gate, calibration=calib)
+            r = quantize_to_budget(backbone_src, work / mode, mode, modality=modality, gate=gate, calibration=calib,
+                                   reduce_range=rr)
         if r["passed"]:
             r["latency_ms"] = backbone_ms(opener(r["path"]), timing)
             if r.get("plain") and r.get("plain_path"):  # what the search's float nodes cost in speed

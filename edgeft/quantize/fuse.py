@@ -130,20 +130,21 @@ def is_fused(path: Path) -> bool:
     return any(n.domain == CONTRIB for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
-def run(src, dst, *, modality, calibration=None, per_channel=True, exclude=None) -> list[str]:
+def run(src, dst, *, modality, calibration=None, per_channel=True, exclude=None, reduce_range=False) -> list[str]:
     """dynamic int8 of the fused graph (src fused here unless it is already)."""
     if modality != "text":
         raise UsageError(f"{src}: dynamic-fused fuses transformer text backbones; this is an {modality} model.")
     if is_fused(src):
         return dynamic.run(src, dst, modality=modality, calibration=calibration, per_channel=per_channel,
-                           exclude=exclude)
+                           exclude=exclude, reduce_range=reduce_range)
     with tempfile.TemporaryDirectory(prefix="edgeft-fuse-") as tmp:
         fused = Path(tmp) / "fused.onnx"
         fuse(src, fused)
         return dynamic.run(fused, dst, modality=modality, calibration=calibration, per_channel=per_channel,
-                           exclude=exclude)
+                           exclude=exclude, reduce_range=reduce_range)
 
 
 MODE = register(Mode("dynamic-fused", "int8", run, calibrated=True, searchable=True, default_for=("int8",),
                      fuse="dynamic", modalities=("text",), batch_dependent=True,
+                     takes_reduce_range=True,
                      help="ORT's transformer fusions, then int8 weights and activations (full ONNX Runtime only)"))

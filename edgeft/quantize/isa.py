@@ -132,3 +132,13 @@ def choose(passing: list[dict], profile, target, host_info: dict | None = None) 
                   "source": notes.get(key, ""),
                   "said": f"documented order for {key} (target {target.name}); the build host is "
                           f"{h['class']}, so its timings do not rank variants for this device"}
+
+
+def reduce_range(profile) -> bool:
+    """Quantize weights to 7 bits for this device? Yes for an x86-64 profile that names its ISA and
+    has no VNNI: there ONNX Runtime's u8 x s8 kernels (vpmaddubsw) sum pairs of products into 16
+    bits, which saturate with full 8-bit weights (ONNX Runtime's quantization docs: reduce_range
+    "may improve the accuracy ... on non-VNNI machines"), so the device would not compute what the
+    VNNI or Arm build host gated. A host of that class computes the same 7-bit model the same way."""
+    want = profile_isa(profile)
+    return bool(want and want["class"] == "x86-64/avx2")

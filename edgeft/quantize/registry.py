@@ -33,6 +33,9 @@ class Mode:
     # activation scales computed per call over the whole batch (dynamic int8): a row's answer
     # depends on its batch-mates, so the device answers one row per call (runtime.max_batch 1)
     batch_dependent: bool = False
+    # honours reduce_range (7-bit weights): what x86-64 CPUs without VNNI need so that u8 x s8
+    # multiply-adds cannot saturate their 16-bit sums (edgeft.quantize.isa.reduce_range)
+    takes_reduce_range: bool = False
     help: str = ""
 
 

@@ -22,7 +22,7 @@ from .registry import Mode, register
 STATIC_OP_TYPES = {"text": ["MatMul"], "image": ["Conv", "Clip", "Relu", "Add", "MatMul", "Gemm"]}
 
 
-def run(src, dst, *, modality, calibration=None, per_channel=True, exclude=None) -> list[str]:
+def run(src, dst, *, modality, calibration=None, per_channel=True, exclude=None, reduce_range=False) -> list[str]:
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.registry import QDQRegistry
@@ -46,7 +46,7 @@ def run(src, dst, *, modality, calibration=None, per_channel=True, exclude=None)
     # search's attempts on the same model reuse the first calibration instead of running it again
     with no_preprocess_nag():
         quantize_static(str(src), str(dst), Reader(calibration, inputs), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=op_types, per_channel=per_channel,
+                        op_types_to_quantize=op_types, per_channel=per_channel, reduce_range=reduce_range,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=exclude or None, extra_options=extra_options(),
                         calibration_cache_path=_cache_path(src, calibration, op_types))
@@ -77,4 +77,4 @@ def _cache_path(src, calibration, op_types) -> Path:
 
 
 MODE = register(Mode("static", "int8", run, calibrated=True, needs_calibration=True, searchable=True,
-                     default_for=("int8-static",), help="int8 QDQ calibrated on real samples"))
+                     default_for=("int8-static",), takes_reduce_range=True, help="int8 QDQ calibrated on real samples"))
