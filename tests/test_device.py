@@ -229,6 +229,26 @@ def test_history_pruning_and_feature_cache(bundle, tmp_path):
     assert r.exit_code == 0 and "* v3" in r.stdout and "x v1" in r.stdout
 
 
+def test_device_features_run_by_length_and_come_back_in_file_order(built, tmp_path):
+    """Texts are batched in order of length (less padding), yet row i of the result is row i of
+    the file: each equals that text's features computed alone, to float rounding of the padding."""
+    from edgeft.runtime.dataset import load_dataset
+    from edgeft.runtime.retrain import device_features
+
+    dst = tmp_path / "b"
+    shutil.copytree(built["text"], dst, ignore=shutil.ignore_patterns("cache"))
+    rows = text_rows(6, seed=21)
+    rows = [(" ".join([t] * (1 + i % 4)), y) for i, (t, y) in enumerate(rows)]  # lengths out of order
+    ds = load_dataset(write_csv(tmp_path / "n.csv", rows))
+    b = Bundle(dst)
+    feats, hit = device_features(b, ds)
+    alone = np.concatenate([b.features([t], 1) for t, _ in rows])
+    assert not hit and feats.shape == alone.shape
+    scale = np.abs(alone).max()
+    assert np.abs(feats - alone).max() <= 1e-5 * scale  # another row's features would be ~scale away
+    assert np.array_equal(device_features(b, ds)[0], feats)  # the cache returns the same rows
+
+
 def test_max_samples_limit(bundle, tmp_path):
     m = read_manifest(bundle)
     limit = m["retrain"]["max_samples"]
