@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .certify import holds
+from .certify import Rows, holds, judging_rows, reference_rows, refusal, too_few
 from .config import HEAD_FAMILIES, BuildConfig
 from .errors import ParityError, UsageError, refuse_existing
 from .profiles import find_profile
@@ -44,8 +44,8 @@ REFERENCE_ROWS = 16
 CALIBRATION_ROWS = 300  # NNCF's recipe calibrates on 300; MinMax ranges rarely move beyond
 REPLAY_HOLDOUT = 0.25  # validation rows per class for the retrain guard, as a share of per_class (at least 5)
 HEAD_FILE = "heads/head-0001.onnx"
-PARITY_KEYS = ("rows", "max_abs_diff", "mean_abs_diff", "agreement", "accuracy", "reference_accuracy",
-               "accuracy_drop", "bounds")  # what the manifest keeps of parity.json
+PARITY_KEYS = ("rows", "sources", "judged_on", "max_abs_diff", "mean_abs_diff", "agreement", "accuracy",
+               "reference_accuracy", "accuracy_drop", "bounds", "emulated")  # what the manifest keeps of parity.json
 
 
 def now() -> str:
@@ -65,7 +65,10 @@ class _Plan:
     head: str  # the head family the bundle answers with (HEAD_FAMILIES)
     ds: object  # the labelled rows that judge parity
     variants: tuple[str, ...]  # quantization variants to try (none: fp32)
-    train_ds: object | None = None  # the training rows: replay memory, and calibration unless given
+    train_ds: object | None = None  # the training rows: replay memory, calibration unless given, and judging
+    calib_items: list = ()  # the rows that calibrate (and rank nodes for the search); they never judge
+    rows: Rows | None = None  # the rows that judge: every row calibration did not use (edgeft.certify)
+    certify: bool = False  # judge agreement on its 95% lower bound (quantized, unless --uncertified)
 
     @property
     def precision(self) -> str:
@@ -131,9 +134,25 @@ def _plan(cfg: BuildConfig) -> _Plan:
     plan = _Plan(cfg, output, profile, target, settings, loaded, head, ds, tuple(variants))
     source_info = loaded.info.get("training") or (
         training_source(loaded.info["config"]) if "config" in loaded.info else None)
-    if cfg.replay or (plan.calibrated and not cfg.calibration):
-        plan.train_ds = training_data(source_info)
+    plan.train_ds = training_data(source_info)
+    plan.calib_items = _calibration_items(plan)
+    _judging_rows(plan, validation_data(loaded.info.get("validation")) if cfg.data else None)
     return plan
+
+
+def _judging_rows(plan: _Plan, validation) -> None:
+    """The gate's rows: the validation and --data rows, the training rows calibration did not
+    draw and --parity-data, stratified and seeded (edgeft.certify); refused before any work when
+    they are too few to certify the budget even with no flip."""
+    cfg = plan.cfg
+    held_out = [("validation", validation), ("data", plan.ds)] if cfg.data else [("validation", plan.ds)]
+    plan.rows = judging_rows(plan.loaded.labels, held_out=held_out, training=plan.train_ds,
+                             calibrated=set(plan.calib_items), parity_data=cfg.parity_data, modality=plan.modality)
+    t = cfg.budget(plan.precision)
+    plan.certify = plan.precision != "fp32" and not cfg.uncertified and t.min_agreement < 1.0
+    need = too_few(plan.rows, t.min_agreement) if plan.certify else None
+    if need:
+        raise ParityError(refusal(plan.output, plan.rows, t.min_agreement, need))
 
 
 def _build_in(plan: _Plan, work: Path, t0: float) -> dict:  # the build's stages, in order, in `work`
@@ -141,7 +160,7 @@ def _build_in(plan: _Plan, work: Path, t0: float) -> dict:  # the build's stages
 
     cfg, settings, export_dir = plan.cfg, plan.settings, work / "export"
     exported = export(cfg.source, export_dir, opset=settings["opset"], data=cfg.data)
-    calib_items = _calibration_items(plan)
+    calib_items = plan.calib_items
     spec, pre = _preprocessing(plan, exported, export_dir, calib_items)
     ov_settings = None
     if settings["engine"] == "openvino":
@@ -153,7 +172,8 @@ def _build_in(plan: _Plan, work: Path, t0: float) -> dict:  # the build's stages
     if plan.variants:
         quant = choose_variant(plan.variants, backbone_src, work, gate, precision=plan.precision,
                                modality=plan.modality, pre=pre, calib_items=calib_items, ov_settings=ov_settings,
-                               output=plan.output, profile=plan.profile, target=plan.target)
+                               output=plan.output, profile=plan.profile, target=plan.target,
+                               judged=plan.rows.describe())
         backbone_src = Path(quant.pop("path"))
     with atomic.directory(plan.output, replace=cfg.overwrite) as tmp:
         backbone_file = _write_backbone(tmp, backbone_src)
@@ -161,7 +181,7 @@ def _build_in(plan: _Plan, work: Path, t0: float) -> dict:  # the build's stages
         if plan.modality == "text":
             shutil.copy2(export_dir / "tokenizer.json", tmp / "tokenizer.json")
         (tmp / "preprocessor.json").write_text(json.dumps(spec, indent=2) + "\n")
-        reference = _write_reference_inputs(tmp, plan, pre)
+        reference = _write_reference_inputs(tmp, plan, pre, gate)
         manifest = _manifest(plan, exported, spec, quant, ov_settings, backbone_file, head)
         if plan.target.package is not None:
             plan.target.package(BuildContext(tmp, plan.profile, plan.target, manifest, exported["inputs"],
@@ -222,9 +242,10 @@ def _gate(plan: _Plan, pre, export_dir: Path, ov_settings: dict | None):
 
         opener = lambda p: open_ir(p, ov_settings, build=True)  # noqa: E731
     loaded = plan.loaded
-    return prepare_gate("build", plan.ds, loaded.labels, pre, OnnxModel(export_dir / "head.onnx"),
+    return prepare_gate("build", None, loaded.labels, pre, OnnxModel(export_dir / "head.onnx"),
                         plan.cfg.budget(plan.precision), modality=plan.modality, open_model=opener,
-                        reference=lambda items, _batches: predict_logits(loaded.model, loaded.pre, items).numpy())
+                        reference=lambda items, _batches: predict_logits(loaded.model, loaded.pre, items).numpy(),
+                        rows=(plan.rows.items, plan.rows.labels()), certify=plan.certify)
 
 
 def _write_backbone(tmp: Path, src: Path) -> str:
@@ -245,12 +266,13 @@ def _write_head(tmp: Path, export_dir: Path, plan: _Plan) -> dict:
             "base_model": plan.loaded.spec.source, "method": plan.loaded.info.get("method")}
 
 
-def _write_reference_inputs(tmp: Path, plan: _Plan, pre) -> dict:
-    """reference/inputs.npz and items.json (the device re-runs them with `edgeft device check`);
-    returns PyTorch's logits and features of them, for outputs.npz."""
+def _write_reference_inputs(tmp: Path, plan: _Plan, pre, gate) -> dict:
+    """reference/inputs.npz and items.json (the device re-runs them with `edgeft device check`):
+    of the gate's rows, every class PyTorch answers and the smallest-margin ones
+    (certify.reference_rows); returns PyTorch's logits and features of them, for outputs.npz."""
     import torch
 
-    ref_items = plan.ds.items[:REFERENCE_ROWS]
+    ref_items = [gate.items[i] for i in reference_rows(gate.reference, REFERENCE_ROWS)]
     (tmp / "reference").mkdir()
     arrays = pre(ref_items)
     np.savez(tmp / "reference" / "inputs.npz", **arrays)
@@ -321,20 +343,46 @@ def _bundle_parity(tmp: Path, plan: _Plan, manifest: dict, gate, reference: dict
     bundle = _draft(tmp, manifest)
     got = bundle.logits(gate.items, batch_size=1 if plan.modality == "text" else 32)
     parity = compare(gate.reference, got, gate.y, plan.loaded.labels, gate.items, examples=plan.cfg.keep_examples)
-    parity["checks"] = checks(parity, gate.thresholds)
+    parity["checks"] = checks(parity, gate.thresholds, certify=plan.certify)
     parity["passed"] = all(c["passed"] for c in parity["checks"])
     parity["precision"] = plan.precision
+    parity["sources"] = plan.rows.counts()
+    parity["judged_on"] = _judged_on(plan)
     if not parity["passed"]:
-        raise ParityError(f"{plan.output}: the {plan.precision} bundle for {plan.profile.name} fails parity with PyTorch: "
+        raise ParityError(f"{plan.output}: the {plan.precision} bundle for {plan.profile.name} fails parity with PyTorch "
+                          f"on {len(gate.items)} rows ({plan.rows.describe()}): "
                           + "; ".join(c["message"] for c in parity["checks"] if not c["passed"]))
     outputs = dict(reference)
     if plan.precision != "fp32":  # what `edgeft device check` compares a device with (see Bundle.check)
         outputs["bundle_features"] = bundle.reference_features()
     np.savez(tmp / "reference" / "outputs.npz", **outputs)
+    parity["emulated"] = _emulated_check(tmp, plan, manifest)
     parity["export_fp32"] = ({k: exported["parity"][k] for k in ("max_abs_diff", "agreement")}
                              if exported["parity"] else None)
     (tmp / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
     return parity
+
+
+def _emulated_check(tmp: Path, plan: _Plan, manifest: dict) -> dict | None:
+    """ARM64 profiles: the device check under QEMU with ONNX Runtime's aarch64 kernels on the
+    profile's core (edgeft.emulate), when it is set up; a bundle whose answers there differ from
+    this host's is refused (its `device check` on that core would fail)."""
+    from .emulate import build_check
+
+    r = build_check(tmp, manifest, getattr(plan.profile, "arch", None), getattr(plan.profile, "cpu", None),
+                    plan.cfg.emulate)
+    if r and r["status"] == "ran" and not r["passed"]:
+        raise ParityError(f"{plan.output}: on an emulated {r['describes']} the bundle does not answer as on this "
+                          f"host: {'; '.join(r['failed'])}. `edgeft device check` on that core would fail.")
+    return r
+
+
+def _judged_on(plan: _Plan) -> str:
+    if plan.precision == "fp32":
+        return "every row: 100% agreement and max |Δ logits| within the limit"
+    if plan.certify:
+        return "agreement on its one-sided 95% lower bound (certified)"
+    return "point estimates (--uncertified: not certified)"
 
 
 def _add_ridge_head(tmp: Path, plan: _Plan, manifest: dict) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
-from .runtime.stats import cover_classes, margins, stratified
+from .runtime.stats import CONFIDENCE, cover_classes, margins, rows_needed, stratified
 
 MAX_ROWS = 5000  # per source; more rarely moves a bound and costs build time
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -96,33 +96,53 @@ def reference_rows(reference_logits: np.ndarray, n: int, smallest: int | None = 
 
 
 def judging_rows(labels: list[str], *, held_out=None, training=None, calibrated: set | None = None,
-                 parity_data=None, modality: str, seed: int = 0, max_rows: int = MAX_ROWS) -> Rows:
+                 parity_data=None, modality: str, seed: int = 0, max_rows: int = MAX_ROWS,
+                 text_column: str = "text") -> Rows:
     """Every row calibration did not use, drawn stratified per source (up to `max_rows` each).
 
-    held_out: the validation and/or --data Datasets (labelled, judge accuracy); training: the
-    training Dataset, of which rows in `calibrated` (their items) are left out and the rest
-    judge agreement only; parity_data: a path for parity_inputs (labels, where present and
-    known, judge accuracy)."""
+    held_out: the validation and/or --data Datasets (labelled, judge accuracy), each alone or as
+    (tag, Dataset) to name its source (default "validation"); training: the training Dataset,
+    whose rows judge agreement only; rows whose items are in `calibrated` are left out of both;
+    parity_data: a path for parity_inputs (labels, where present and known, judge accuracy)."""
     index = {n: i for i, n in enumerate(labels)}
     rows = Rows()
     calibrated = calibrated or set()
     seen: set = set()
-    for ds in (held_out if isinstance(held_out, list | tuple) else [held_out]):
+    for entry in (held_out if isinstance(held_out, list) else [held_out]):
+        tag, ds = entry if isinstance(entry, tuple) else ("validation", entry)
         if ds is None:
             continue
-        pick = [i for i in stratified(ds.labels, max_rows, seed) if ds.items[i] not in seen]
+        free = [i for i, x in enumerate(ds.items) if x not in calibrated and x not in seen]
+        pick = [free[j] for j in stratified([ds.labels[i] for i in free], max_rows, seed)]
         seen.update(ds.items[i] for i in pick)
-        rows.add([ds.items[i] for i in pick], [index.get(ds.labels[i]) for i in pick], "validation")
+        rows.add([ds.items[i] for i in pick], [index.get(ds.labels[i]) for i in pick], tag)
     if training is not None:
         free = [i for i, x in enumerate(training.items) if x not in calibrated and x not in seen]
         pick = [free[j] for j in stratified([training.labels[i] for i in free], max_rows, seed)]
         rows.add([training.items[i] for i in pick], [None] * len(pick), "training")
     if parity_data is not None:
-        items, names = parity_inputs(parity_data, modality)
+        items, names = parity_inputs(parity_data, modality, text_column)
         pick = stratified([n if n in index else None for n in names], max_rows, seed)
         rows.add([items[i] for i in pick], [index.get(names[i]) if names[i] is not None else None for i in pick],
                  "parity-data")
     return rows
+
+
+def too_few(rows: Rows, min_agreement: float, confidence: float = CONFIDENCE) -> int | None:
+    """The rows a gate needs to certify `min_agreement` even with no flip, when `rows` has fewer
+    (None when it has enough, or when the budget is 100%: judged on every row, no bound)."""
+    if min_agreement >= 1.0:
+        return None
+    need = rows_needed(min_agreement, 0, confidence)
+    return need if need is not None and len(rows) < need else None
+
+
+def refusal(where, rows: Rows, min_agreement: float, need: int) -> str:
+    """The one line of a gate that has too few rows to certify its budget."""
+    return (f"{where}: {len(rows)} rows to judge ({rows.describe()}) cannot certify {min_agreement:.2%} agreement "
+            f"at {CONFIDENCE:.0%} confidence: that takes at least {need} rows with no flip ({need - len(rows)} more). "
+            "Pass unlabelled inputs with --parity-data FILE (one per line), or judge the point estimate knowingly "
+            "with --uncertified.")
 
 
 def holds(rel: str, keep_examples: bool = False) -> str:

@@ -435,8 +435,11 @@ def compare_cmd(a, b, data, text_column, label_column, require, margin, confiden
 @click.option("--archive", is_flag=True, help="Also write BUNDLE.tar.gz.")
 @overwrite_option
 @click.option("--keep-examples", is_flag=True, help="Keep the input texts/image names of parity and reference rows in the bundle (by default rows are named by hash).")
+@click.option("--parity-data", help="More inputs that judge agreement, labels optional: .txt one per line, CSV/JSONL, image folder.")
+@click.option("--uncertified", is_flag=True, help="Quantized: pass on the point estimate instead of its 95% lower bound (too few rows then pass; the bundle says it is not certified).")
+@click.option("--emulate/--no-emulate", default=None, help="ARM64 profiles: run the device check under QEMU with aarch64 kernels.  [default: when tools/arm64-emulator.sh has set it up]")
 def build(source, device, output, calibration, data, replay, head_family, min_agreement, max_drop, sign_key, archive,
-          overwrite, keep_examples):
+          overwrite, keep_examples, parity_data, uncertified, emulate):
     """Build a verified bundle of a run or model directory for one device.
 
     \b
@@ -452,13 +455,21 @@ def build(source, device, output, calibration, data, replay, head_family, min_ag
 
     m = run_build(BuildConfig(source, device, output, calibration=calibration, data=data, archive=archive,
                               overwrite=overwrite, min_agreement=min_agreement, max_drop=max_drop, replay=replay,
-                              sign_key=sign_key, keep_examples=keep_examples, head=head_family))
+                              sign_key=sign_key, keep_examples=keep_examples, head=head_family,
+                              parity_data=parity_data, uncertified=uncertified, emulate=emulate))
     size = sum(f["bytes"] for f in m["files"].values()) / 1e6
     p = m["parity"]
+    judged = " + ".join(f"{n} {s}" for s, n in (p.get("sources") or {}).items())
     click.echo(f"build  ok  {m['build_seconds']:.1f} s  {m['device']['profile']} ({m['target']['name']}, {m['precision']})  "
-               f"{size:.1f} MB  agreement {p['agreement']:.2%} on {p['rows']} rows"
-               + (f" (at least {p['bounds']['agreement_lower']:.2%} at 95%)" if p.get("bounds") else "")
-               + f"  accuracy {p['accuracy']:.4f} (PyTorch {p['reference_accuracy']:.4f})  -> {output}")
+               f"{size:.1f} MB  agreement {p['agreement']:.2%} on {p['rows']} rows" + (f" ({judged})" if judged else "")
+               + (f", at least {p['bounds']['agreement_lower']:.2%} at 95%" if p.get("bounds") else "")
+               + (" (uncertified)" if "not certified" in (p.get("judged_on") or "") else "")
+               + f"  accuracy {p['accuracy']:.4f} (PyTorch {p['reference_accuracy']:.4f}) on "
+               f"{(p.get('bounds') or {}).get('labelled_rows', p['rows'])} labelled rows  -> {output}")
+    e = p.get("emulated")
+    if e:
+        click.echo(f"  arm64 check: {e['cpu']} emulated, {e['agreement']:.2%} of {e['rows']} reference rows as on this host "
+                   "(the kernels' numbers, not the device's speed)" if e["status"] == "ran" else f"  arm64 check {e['status']}")
     q = m.get("quantization")
     if q:
         missed = [f"{t['mode']} (agreement {t['agreement']:.1%})" for t in q["tried"]
@@ -718,8 +729,10 @@ def device_rollback(bundle, version, public_key):
 @threshold_options("the fp32 export", "0.99", "0.005")
 @click.option("--search/--no-search", default=True, show_default=True, help="When int8 misses the budget, keep the nodes it hurts most in float (dynamic, static) or run NNCF's accuracy control (nncf) until it holds.")
 @overwrite_option
+@click.option("--parity-data", help="More inputs that judge agreement, labels optional: .txt one per line, CSV/JSONL, image folder.")
+@click.option("--uncertified", is_flag=True, help="Pass on the point estimate instead of its 95% lower bound (too few rows then pass; quantize.json says it is not certified).")
 def quantize(export_dir, mode, calibration, per_channel, output, text_column, label_column, min_agreement,
-             max_drop, search, overwrite):
+             max_drop, search, overwrite, parity_data, uncertified):
     """Quantize an export's backbone (int8 or fp16) and check it against the fp32 export.
 
     \b
@@ -738,11 +751,14 @@ def quantize(export_dir, mode, calibration, per_channel, output, text_column, la
 
     r = run_quantize(QuantizeConfig(export_dir, mode, output, calibration=calibration, text_column=text_column,
                                     label_column=label_column, per_channel=per_channel, overwrite=overwrite,
-                                    min_agreement=min_agreement, max_drop=max_drop, search=search))
+                                    min_agreement=min_agreement, max_drop=max_drop, search=search,
+                                    parity_data=parity_data, uncertified=uncertified))
     b, p, lat = r["files"]["backbone.onnx"], r["parity"], r["latency"]
     drop = f"  accuracy drop {100 * p['accuracy_drop']:.1f} pt" if "accuracy_drop" in p else ""
     click.echo(f"quantize  ok  {r['seconds']:.1f} s  {mode}  backbone.onnx {b['bytes'] / 1e6:.1f} MB "
-               f"(fp32 {b['fp32_bytes'] / 1e6:.1f} MB)  agreement {p['agreement']:.1%}{drop}  "
+               f"(fp32 {b['fp32_bytes'] / 1e6:.1f} MB)  agreement {p['agreement']:.1%} on {p['rows']} rows "
+               f"({' + '.join(f'{n} {s}' for s, n in p.get('sources', {}).items())}), at least "
+               f"{p['bounds']['agreement_lower']:.1%} at 95%{'' if p.get('certified') else ' (uncertified)'}{drop}  "
                f"{lat['quantized_ms']:.1f} ms vs {lat['fp32_ms']:.1f} ms  -> {output}")
     if r.get("kept_float"):
         cost = r["search"].get("cost", {})

@@ -215,6 +215,8 @@ class QuantizeConfig:
     min_agreement: float | None = None  # None: the precision's budget (runtime.compare.Thresholds.for_precision)
     max_drop: float | None = None  # accuracy units: 0.005 = 0.5 point
     thresholds: Thresholds | None = None  # the whole budget at once; min_agreement/max_drop still apply
+    parity_data: str | Path | None = None  # more inputs (labels optional) that judge agreement (certify.parity_inputs)
+    uncertified: bool = False  # judge the point estimate, not the 95% lower bound (quantize.json says so)
 
     def __post_init__(self):
         from .quantize.registry import get
@@ -244,6 +246,9 @@ class BuildConfig:
     thresholds: Thresholds | None = None  # the whole budget at once; min_agreement/max_drop still apply
     keep_examples: bool = False  # parity.json and reference/items.json keep the rows' texts (image names)
     head: str | None = None  # the head family (HEAD_FAMILIES); None: the run's own, else softmax
+    parity_data: str | Path | None = None  # more inputs (labels optional) that judge agreement (certify.parity_inputs)
+    uncertified: bool = False  # quantized: judge the point estimate, not the 95% lower bound (the bundle says so)
+    emulate: bool | None = None  # ARM64 profiles: the emulated check (edgeft.emulate); None: when it is set up
 
     def __post_init__(self):
         if self.head is not None and self.head not in HEAD_FAMILIES:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +38,11 @@ import numpy as np
 import onnxruntime
 from edgeft.runtime.bundle import Bundle
 
-b = Bundle(sys.argv[1], providers=["CPUExecutionProvider"])
+if len(sys.argv) > 2:  # a bundle being built: its manifest still in memory, passed as a file (no hashes yet)
+    b = Bundle(sys.argv[1], providers=["CPUExecutionProvider"], check_hashes=False,
+               manifest=json.load(open(sys.argv[2], encoding="utf-8")))
+else:
+    b = Bundle(sys.argv[1], providers=["CPUExecutionProvider"])
 r = b.check()
 expected = np.load(b.path / "reference" / "outputs.npz")
 if "bundle_features" in expected.files:
@@ -87,8 +92,11 @@ def profile_cpu(manifest: dict) -> str | None:
     return cpu if arch == "arm64" else None
 
 
-def check(bundle: str | Path, cpu: str, timeout: int = TIMEOUT) -> dict:
-    """`Bundle(bundle).check()` computed by aarch64 onnxruntime on an emulated `cpu`."""
+def check(bundle: str | Path, cpu: str, timeout: int = TIMEOUT, manifest: dict | None = None) -> dict:
+    """`Bundle(bundle).check()` computed by aarch64 onnxruntime on an emulated `cpu`.
+
+    `manifest`: the manifest of a bundle still being built (edgeft build), used instead of its
+    manifest.json (which is written last)."""
     if cpu not in CPUS:
         raise UsageError(f"--emulate: unknown CPU {cpu!r}; choose one of {', '.join(CPUS)}.")
     info = status()
@@ -105,10 +113,14 @@ def check(bundle: str | Path, cpu: str, timeout: int = TIMEOUT) -> dict:
            "OMP_NUM_THREADS": "1", "LANG": "C.UTF-8"}
     cmd = [info["qemu"], "-cpu", cpu, "-L", str(root), str(python), "-c", GUEST, str(bundle)]
     t0 = time.perf_counter()
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise BundleError(f"{bundle}: the emulated check on {cpu} took over {timeout} s.") from None
+    with tempfile.TemporaryDirectory(prefix="edgeft-emulate-") as d:
+        if manifest is not None:
+            (Path(d) / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+            cmd.append(str(Path(d) / "manifest.json"))
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise BundleError(f"{bundle}: the emulated check on {cpu} took over {timeout} s.") from None
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("EDGEFT-JSON ")), None)
     if done.returncode != 0 or line is None:
         tail = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
@@ -118,3 +130,28 @@ def check(bundle: str | Path, cpu: str, timeout: int = TIMEOUT) -> dict:
                           "seconds": round(time.perf_counter() - t0, 1),
                           "proves": "the aarch64 kernels' numbers on this core's instruction set, not its speed"}
     return report
+
+
+def build_check(bundle: Path, manifest: dict, arch: str | None, cpu: str | None, wanted: bool | None) -> dict | None:
+    """The emulated check `edgeft build` runs for an ARM64 profile, as a record for the manifest
+    and parity.json: {"cpu", "passed", "rows", "agreement", ...} when it ran; {"status": why not}
+    when it did not (never downloads: the set-up is tools/arm64-emulator.sh's). None for other
+    profiles, or when the caller turned it off (wanted=False)."""
+    if arch != "arm64" or wanted is False:
+        return None
+    if cpu is None:
+        return {"status": "not run: the profile names no ARM core (cpu = \"cortex-a72\" or \"cortex-a76\")"}
+    if cpu not in CPUS:
+        return {"status": f"not run: no emulation of {cpu!r} (known: {', '.join(CPUS)})"}
+    if status() is None:
+        if wanted:
+            raise UsageError(f"--emulate: {not_set_up()}.")
+        return {"status": f"not run: {not_set_up()}"}
+    try:
+        r = check(bundle, cpu, manifest=manifest)
+    except BundleError as e:
+        return {"status": f"not run: {e}"}
+    keep = ("passed", "rows", "agreement", "max_abs_diff", "features_max_abs_diff", "x86_features_max_abs_diff",
+            "machine", "onnxruntime", "against")
+    return {"cpu": cpu, "status": "ran", **{k: r.get(k) for k in keep}, **r["emulated"],
+            "failed": [c["message"] for c in r.get("checks", []) if not c["passed"]]}

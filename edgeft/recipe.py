@@ -9,7 +9,8 @@ chain with its error. The end is a summary table and summary.json.
     output = "out"                 # folders: run/, model/, export/, bundles/<device>/, retrain/
     [train]                        # the options of edgeft train (model, data, method, ...)
     [export]     opset = 17        # optional
-    [build]      devices = ["raspberry-pi-5"], data = "test.csv", calibration = "..."
+    [build]      devices = ["raspberry-pi-5"], data = "test.csv", calibration = "...",
+                 parity_data = "inputs.txt" (or a script writing them), uncertified = false
     [verify]     data = "test.csv"  (+ min_agreement, max_drop, max_abs_diff)
     [retrain]    device = "raspberry-pi-5", data = "new.csv", add_classes = true,
                  margin = 0.02, test = ["test.csv", "new_test.csv"]
@@ -22,6 +23,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -34,7 +37,7 @@ log = logging.getLogger(__name__)
 TABLES = {
     "train": None,  # checked by TrainConfig
     "export": {"opset"},
-    "build": {"devices", "data", "calibration", "replay", "min_agreement", "max_drop"},
+    "build": {"devices", "data", "calibration", "replay", "min_agreement", "max_drop", "parity_data", "uncertified"},
     "verify": {"data", "min_agreement", "max_drop", "max_abs_diff"},
     "retrain": {"device", "data", "add_classes", "margin", "keep", "test"},
 }
@@ -124,7 +127,7 @@ def load_recipe(path: str | Path, output: str | Path | None = None) -> dict:  # 
     recipe = {"path": str(path), "output": str(Path(output).resolve() if output else base / doc.get("output", "out"))}
     for table in ("export", "build", "verify", "retrain"):
         t = {k.replace("-", "_"): v for k, v in doc.get(table, {}).items()}
-        for k in ("data", "calibration", "test"):
+        for k in ("data", "calibration", "test", "parity_data"):
             if k in t:
                 t[k] = rel(t[k])
         recipe[table] = t
@@ -192,6 +195,30 @@ def run_recipe(path: str | Path, force: bool = False, output: str | Path | None 
     return summary
 
 
+def _parity_data(source: str, out: Path) -> str:
+    """[build] parity_data: a file of inputs, or a Python script that writes one (`python SCRIPT
+    FILE`, e.g. examples/maintenance/make_parity_inputs.py): run into OUT/parity-data/ when the
+    file is missing or older than the script, so generated inputs never land beside the recipe."""
+    if not str(source).endswith(".py"):
+        return source
+    script = Path(source)
+    if not script.is_file():
+        raise ConfigError(f"[build] parity_data: {script}: no such script.")
+    dest = out / "parity-data" / (script.stem.removeprefix("make_") + ".txt")
+    if dest.exists() and dest.stat().st_mtime_ns >= script.stat().st_mtime_ns:
+        return str(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    done = subprocess.run([sys.executable, str(script), str(tmp)], capture_output=True, text=True)
+    if done.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        tail = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        raise ConfigError(f"[build] parity_data: {script} failed ({tail}).")
+    tmp.replace(dest)
+    log.info("parity data: %s (from %s)", dest, script.name)
+    return str(dest)
+
+
 def _train_to_export(step: _Steps, r: dict, out: Path) -> dict:
     """train -> merge -> export; returns the train step's result (what later steps depend on)."""
     from .export import export
@@ -226,7 +253,9 @@ def _device_steps(step: _Steps, r: dict, out: Path, device: str, name: str, trai
     b, verify_cfg, run_dir = r["build"], r["verify"], out / "run"
     bundle_dir = out / "bundles" / name
     profile, _ = find_profile(device)
-    given = {k: b[k] for k in ("data", "calibration", "replay", "min_agreement", "max_drop") if k in b}
+    given = {k: b[k] for k in ("data", "calibration", "replay", "min_agreement", "max_drop", "uncertified") if k in b}
+    if b.get("parity_data"):
+        given["parity_data"] = _parity_data(b["parity_data"], out)
 
     def do_build(folder):
         m = build(BuildConfig(run_dir, device, folder, **given))

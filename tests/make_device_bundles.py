@@ -39,7 +39,7 @@ def make_bundles(out: Path) -> dict[str, Path]:
     train(TrainConfig(model=str(bert), data=str(train_csv), val=str(val_csv), output=str(out / "text-run"),
                       method="lora", pooling="mean", epochs=8, batch_size=8, lr=5e-3, head_lr=3e-2, patience=8,
                       progress=False))
-    build(out / "text-run", "x86-64-server", out / "text")
+    build(out / "text-run", "x86-64-server", out / "text", uncertified=True)  # its 24 validation rows cannot certify 99% (the training rows calibrate)
     phone = out / "phone.toml"  # the mobile target: its bundle's backbone is the .ort alone
     phone.write_text('description = "test phone"\ntarget = "mobile"\nprecision = "fp32"\nmax_length = 32\n')
     build(out / "text-run", str(phone), out / "mobile")

@@ -261,6 +261,83 @@ def test_verify_refuses_on_the_bound_with_too_few_rows_and_passes_with_parity_da
     assert rep["bounds"]["agreement_lower"] >= 0.98
 
 
+def test_build_refuses_on_the_bound_with_too_few_rows_and_passes_with_parity_data(lora_text_run, tmp_path,
+                                                                                 monkeypatch):
+    """The tiny LoRA run has 18 validation rows to judge (its 48 training rows calibrate int8):
+    its int8 bundle passes on the point estimate, but 18 rows cannot certify 98% at 95%
+    confidence (149 without a flip could), so the default build refuses before any work, exit 1,
+    nothing on disk; 900 unlabelled inputs (--parity-data) bring enough rows to pass on the bound."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from edgeft.build import build
+    from edgeft.cli import main
+    from edgeft.errors import ParityError
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import text_rows
+
+    monkeypatch.setenv("EDGEFT_ARM64", str(tmp_path / "no-emulator"))  # an ARM profile says plainly it is not set up
+    args = ["build", str(lora_text_run), "--device", "raspberry-pi-5", "--min-agreement", "0.98", "--replay", "0"]
+    with pytest.raises(ParityError, match=r"18 rows to judge \(18 validation\) cannot certify 98.00% agreement at "
+                                          r"95% confidence: that takes at least 149 rows.*--parity-data"):
+        build(lora_text_run, "raspberry-pi-5", tmp_path / "few", min_agreement=0.98, replay=0)
+    r = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "few")])
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1 and "149 rows" in r.stderr, r.output
+    assert list(tmp_path.iterdir()) == []
+
+    # the point estimate alone passes: named as such, on the bundle and in the summary line
+    r = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "point"), "--uncertified"])
+    assert r.exit_code == 0, r.output
+    assert "on 18 rows (18 validation)" in r.output and "(uncertified)" in r.output
+    assert "arm64 check not run: the ARM64 emulator is not set up" in r.output
+    point = json.loads((tmp_path / "point" / "manifest.json").read_text())["parity"]
+    assert point["agreement"] >= 0.98 and point["bounds"]["agreement_lower"] < 0.98
+    assert point["judged_on"].startswith("point estimates") and point["emulated"]["status"].startswith("not run")
+
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("\n".join(t for t, _ in text_rows(300, 11)) + "\n", encoding="utf-8")
+    r = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "many"), "--parity-data", str(inputs)])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "many" / "manifest.json").read_text())["parity"]
+    assert m["sources"] == {"validation": 18, "parity-data": 900} and m["rows"] == 918
+    assert m["bounds"]["labelled_rows"] == 18  # the unlabelled inputs judge agreement, not accuracy
+    assert m["bounds"]["agreement_lower"] >= 0.98 and m["judged_on"].endswith("(certified)")
+    assert "on 918 rows (18 validation + 900 parity-data)" in r.output
+    parity = json.loads((tmp_path / "many" / "parity.json").read_text())
+    assert parity["sources"] == m["sources"] and all(c["passed"] for c in parity["checks"])
+
+
+@pytest.mark.slow
+def test_an_arm_build_runs_the_emulated_check(lora_text_run, tmp_path):
+    from edgeft import emulate
+    from edgeft.build import build
+
+    if emulate.status() is None:
+        pytest.skip(emulate.not_set_up())
+    m = build(lora_text_run, "raspberry-pi-5", tmp_path / "b", uncertified=True, replay=0)
+    e = m["parity"]["emulated"]
+    assert e["status"] == "ran" and e["cpu"] == "cortex-a76" and e["machine"] == "aarch64" and e["passed"], e
+    assert e["rows"] == 16 and e["agreement"] == 1.0
+
+
+def test_reference_rows_cover_every_class_the_reference_answers_and_the_smallest_margins(device_bundles):
+    """`device check`'s rows are not the head of the validation file: every class the build's
+    reference answers is there, and the rows closest to flipping."""
+    import json
+
+    b = device_bundles["text"]
+    out = np.load(b / "reference" / "outputs.npz")
+    answers = set(out["logits"].argmax(1).tolist())
+    assert len(answers) == out["logits"].shape[1]  # the tiny model answers all three classes
+    parity = json.loads((b / "parity.json").read_text())
+    ids = [x["id"] for x in json.loads((b / "reference" / "items.json").read_text())]
+    assert len(ids) == 16 and {r["id"] for r in parity["smallest_margin"][:4]} <= set(ids)
+
+
 # ---- what a bundle reveals ------------------------------------------------------------------
 
 def test_a_default_bundle_holds_none_of_its_validation_texts_or_image_names(device_bundles):

@@ -46,7 +46,7 @@ def text_export(full_text_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def text_quantized(text_export, tmp_path_factory):
     root = tmp_path_factory.mktemp("quantized")
-    return {m: (root / m, quantize(text_export, m, root / m)) for m in ("dynamic", "static", "fp16")}
+    return {m: (root / m, quantize(text_export, m, root / m, uncertified=True)) for m in ("dynamic", "static", "fp16")}
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,10 @@ def test_text_modes_keep_parity_and_layout(mode, text_quantized, text_export):
         assert info["files"]["backbone.onnx"]["bytes"] < info["files"]["backbone.onnx"]["fp32_bytes"]
     p = info["parity"]
     assert all(c["passed"] for c in p["checks"]) and [c["name"] for c in p["checks"]] == ["agreement", "accuracy_drop"]
-    assert p["agreement"] >= 0.99 and p["accuracy_drop"] <= 0.005 and p["rows"] == 18
+    assert p["agreement"] >= 0.99 and p["accuracy_drop"] <= 0.005 and p["labelled_rows"] == 18
+    # every row calibration did not use judges: the 18 validation rows, and fp16 (uncalibrated) the 48 training rows
+    assert p["sources"] == ({"validation": 18, "training": 48} if mode == "fp16" else {"validation": 18})
+    assert p["rows"] == sum(p["sources"].values()) and p["certified"] is False
     # the same quantized backbone in both graphs: only the float32 head's rounding differs, 32-term
     # dot products with logits of order 1-10 (a priori 2 * 33 * eps32 * |logits| <= 8e-5; seen 0)
     assert p["fused_vs_split_max_abs_diff"] < 1e-5
@@ -119,7 +122,7 @@ def test_verify_passes_with_quantized_thresholds(mode, text_quantized, full_text
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
 def test_image_int8(mode, image_export, tmp_path):
-    info = quantize(image_export, mode, tmp_path / "q")
+    info = quantize(image_export, mode, tmp_path / "q", uncertified=True)
     # dynamic: the convolutions; static also the activations after them and the residual Adds, so
     # each Conv output is quantized with its activation's range (quantize.static)
     assert info["op_types"] == (["Conv"] if mode == "dynamic" else ["Add", "Conv", "Relu"])
@@ -157,11 +160,11 @@ def _corrupting(real, only: str | None = None, loud: bool = False):
 def test_broken_quantization_is_refused_and_nothing_written(text_export, tmp_path, monkeypatch):
     monkeypatch.setattr(Q, "quantize_model", _corrupting(Q.quantize_model))
     with pytest.raises(ParityError, match=r"dynamic quantization misses the budget .* top-1 agreement") as e:
-        quantize(text_export, "dynamic", tmp_path / "q", search=False)
+        quantize(text_export, "dynamic", tmp_path / "q", search=False, uncertified=True)
     assert "Nothing was written" in str(e.value)
     assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary folder
     # the CLI: one line, exit 1
-    r = CliRunner().invoke(main, ["-q", "quantize", str(text_export), "--mode", "dynamic", "--no-search", "-o", str(tmp_path / "q")])
+    r = CliRunner().invoke(main, ["-q", "quantize", "--uncertified", str(text_export), "--mode", "dynamic", "--no-search", "-o", str(tmp_path / "q")])
     assert r.exit_code == 1 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
     assert "Traceback" not in r.output and not (tmp_path / "q").exists()
 
@@ -179,7 +182,7 @@ def test_search_keeps_exactly_the_harmful_node_in_float(text_export, tmp_path, m
     keeps it, and only it, in float."""
     node, weight = _weight_nodes(text_export / "backbone.onnx")[3]
     monkeypatch.setattr(Q, "quantize_model", _corrupting(Q.quantize_model, only=weight))
-    info = quantize(text_export, "dynamic", tmp_path / "q")
+    info = quantize(text_export, "dynamic", tmp_path / "q", uncertified=True)
     assert info["kept_float"] == [node]
     assert info["search"]["ranking"][0]["name"] == node
     assert info["all_int8"]["agreement"] < 0.99 and info["parity"]["agreement"] >= 0.99
@@ -190,7 +193,7 @@ def test_search_keeps_exactly_the_harmful_node_in_float(text_export, tmp_path, m
     q = onnx.load(str(tmp_path / "q" / "backbone.onnx"))
     names = {n.name: n.op_type for n in q.graph.node}
     assert names.get(node) == "MatMul" and "MatMulInteger" in names.values()
-    r = CliRunner().invoke(main, ["quantize", str(text_export), "--mode", "dynamic", "-o", str(tmp_path / "q2")])
+    r = CliRunner().invoke(main, ["quantize", "--uncertified", str(text_export), "--mode", "dynamic", "-o", str(tmp_path / "q2")])
     assert r.exit_code == 0, r.output
     assert f"kept in float: 1 of {info['search']['nodes']} nodes" in r.output and node in r.output
 
@@ -201,7 +204,7 @@ def test_a_budget_that_cannot_be_met_fails_with_the_numbers(text_export, tmp_pat
     monkeypatch.setattr(Q, "quantize_model", _corrupting(Q.quantize_model, loud=True))  # every int8 matrix is garbage
     monkeypatch.setattr(S, "MAX_FLOAT_SHARE", 0.01)  # and the search may keep only one node in float
     with pytest.raises(ParityError) as e:
-        quantize(text_export, "dynamic", tmp_path / "q")
+        quantize(text_export, "dynamic", tmp_path / "q", uncertified=True)
     msg = str(e.value)
     assert "top-1 agreement" in msg and re.search(r"even with 1 of \d+ nodes kept in float \(the search stops at 1\)", msg)
     assert "\n" not in msg and list(tmp_path.iterdir()) == []
@@ -217,7 +220,7 @@ def test_static_over_every_op_type_is_still_judged(text_export, tmp_path, monkey
 
     monkeypatch.setitem(STATIC_OP_TYPES, "text", None)
     try:
-        info = quantize(text_export, "static", tmp_path / "q")
+        info = quantize(text_export, "static", tmp_path / "q", uncertified=True)
     except ParityError as e:
         assert "agreement" in str(e) and not (tmp_path / "q").exists()
         return
@@ -228,7 +231,7 @@ def test_calibration_file_and_fallback_parity_rows(text_export, text_data, tmp_p
     unlabelled = tmp_path / "calib.csv"
     unlabelled.write_text("text\n" + "\n".join(t for t, _ in
                                                  [r.split(",") for r in text_data["train"].read_text().splitlines()[1:]]))
-    info = quantize(text_export, "static", tmp_path / "q", calibration=unlabelled)
+    info = quantize(text_export, "static", tmp_path / "q", calibration=unlabelled, uncertified=True)
     assert info["calibration"] == {"data": str(unlabelled), "rows": 48}
     assert info["parity"]["data"].endswith("val.csv")  # parity stays on held-out rows
     # an export whose validation rows are gone: the calibration rows check parity instead
@@ -237,10 +240,10 @@ def test_calibration_file_and_fallback_parity_rows(text_export, text_data, tmp_p
     meta = json.loads((orphan / "export.json").read_text())
     (orphan / "export.json").write_text(json.dumps({**meta, "validation": None}))
     with pytest.raises(UsageError, match="validation data is gone"):
-        quantize(orphan, "dynamic", tmp_path / "q2")
-    info = quantize(orphan, "dynamic", tmp_path / "q2", calibration=text_data["val"])
+        quantize(orphan, "dynamic", tmp_path / "q2", uncertified=True)
+    info = quantize(orphan, "dynamic", tmp_path / "q2", calibration=text_data["val"], uncertified=True)
     assert info["parity"]["data"] == str(text_data["val"]) and "accuracy_drop" in info["parity"]
-    info = quantize(orphan, "fp16", tmp_path / "q3", calibration=unlabelled)
+    info = quantize(orphan, "fp16", tmp_path / "q3", calibration=unlabelled, uncertified=True)
     assert "accuracy_drop" not in info["parity"] and info["parity"]["rows"] == 48
 
 
@@ -256,17 +259,17 @@ def test_quantize_model_api_and_bad_requests(full_text_run, text_export, text_qu
     export(full_text_run, old, opset=11)
     with pytest.raises(UsageError, match="opset 13 or newer"):
         quantize_model(old / "backbone.onnx", tmp_path / "c.onnx", "static", modality="text", calibration=[{}])
-    info = quantize(old, "static", tmp_path / "q11", per_channel=False)
+    info = quantize(old, "static", tmp_path / "q11", per_channel=False, uncertified=True)
     assert not info["per_channel"] and onnx.load(str(tmp_path / "q11" / "model.onnx")).opset_import[0].version == 11
     with pytest.raises(UsageError, match="already int8"):
-        quantize(text_quantized["dynamic"][0], "dynamic", tmp_path / "again")
+        quantize(text_quantized["dynamic"][0], "dynamic", tmp_path / "again", uncertified=True)
     with pytest.raises(UsageError, match="already exists"):
-        quantize(text_export, "dynamic", text_quantized["dynamic"][0])
+        quantize(text_export, "dynamic", text_quantized["dynamic"][0], uncertified=True)
 
 
 def test_cli_happy_path_and_bad_input(text_export, tmp_path):
     out = tmp_path / "q"
-    r = CliRunner().invoke(main, ["quantize", str(text_export), "--mode", "dynamic", "--output", str(out)])
+    r = CliRunner().invoke(main, ["quantize", "--uncertified", str(text_export), "--mode", "dynamic", "--output", str(out)])
     assert r.exit_code == 0, r.output
     line = r.stdout.strip()
     assert line.startswith("quantize  ok  ") and "  dynamic  backbone.onnx " in line and "(fp32 " in line
@@ -275,13 +278,13 @@ def test_cli_happy_path_and_bad_input(text_export, tmp_path):
 
     bad = tmp_path / "bad.csv"
     bad.write_text("text,label\npump leak,pump\nbelt,unknown-label\n")
-    r = CliRunner().invoke(main, ["quantize", str(text_export), "--mode", "static", "--calibration", str(bad),
+    r = CliRunner().invoke(main, ["quantize", "--uncertified", str(text_export), "--mode", "static", "--calibration", str(bad),
                                   "-o", str(tmp_path / "q2")])
     assert r.exit_code == 2
     assert r.stderr.startswith(f"error: {bad}: line 3: unknown label 'unknown-label'")
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
     assert not (tmp_path / "q2").exists()
-    r = CliRunner().invoke(main, ["quantize", str(tmp_path), "--mode", "fp16", "-o", str(tmp_path / "q3")])
+    r = CliRunner().invoke(main, ["quantize", "--uncertified", str(tmp_path), "--mode", "fp16", "-o", str(tmp_path / "q3")])
     assert r.exit_code == 2 and "not a folder from edgeft export" in r.stderr
 
 
@@ -353,7 +356,7 @@ def test_fused_graph_has_the_fused_ops_and_the_fp32_answers(full_text_run, text_
 def test_dynamic_fused_quantizes_the_fused_graph(text_export, tmp_path):
     """`edgeft quantize --mode dynamic-fused`: the fused graph gated as fp32, then dynamic int8 of
     it (QAttention, QEmbedLayerNormalization), within the int8 budget; quantize.json says what fused."""
-    info = quantize(text_export, "dynamic-fused", tmp_path / "q")
+    info = quantize(text_export, "dynamic-fused", tmp_path / "q", uncertified=True)
     fusion = info["fusion"]
     assert fusion["passed"] and fusion["fused"]["Attention"] == 2 and fusion["rows"] == info["parity"]["rows"]
     # judged as a float32 step: against the unfused graph, within twice the export's float32 limit

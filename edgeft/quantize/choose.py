@@ -34,7 +34,8 @@ def backbone_ms(model, arrays: list[dict]) -> float:
 
 
 def choose_variant(variants, backbone_src: Path, work: Path, gate, *, precision: str, modality: str, pre,
-                   calib_items: list, ov_settings: dict | None, output, profile, target=None) -> dict:
+                   calib_items: list, ov_settings: dict | None, output, profile, target=None,
+                   judged: str = "") -> dict:
     """Every variant of `variants`, judged by `gate` (with the search where one misses); of the
     passing ones, `isa.choose` picks for the device `profile` (a Profile; a name alone: the
     fastest on this host). ParityError with every variant's numbers if none passes."""
@@ -66,8 +67,9 @@ def choose_variant(variants, backbone_src: Path, work: Path, gate, *, precision:
     if not passing:
         detail = "; ".join(describe_miss(r) for r in tried)
         raise ParityError(f"{output}: no {precision} variant for {name} meets the budget against PyTorch on "
-                          f"{len(items)} rows ({detail}). Pass more held-out rows with --data, loosen the budget "
-                          "knowingly with --min-agreement/--max-drop, or choose fp16/fp32.")
+                          f"{len(items)} rows{f' ({judged})' if judged else ''} ({detail}). Pass more held-out rows "
+                          "with --data or unlabelled ones with --parity-data, loosen the budget knowingly with "
+                          "--min-agreement/--max-drop, or choose fp16/fp32.")
     if target is None or isinstance(profile, str):
         best, how = min(passing, key=lambda r: r["latency_ms"]), {"method": "timed", "said": "fastest on the build host"}
     else:

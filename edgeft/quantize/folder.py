@@ -100,8 +100,9 @@ def _parity(quant, backbone, head, pre, items) -> tuple[np.ndarray, float, list]
 
 
 def _datasets(cfg: QuantizeConfig, export_dir: Path, info: dict, calibrated: bool):
-    """(calibration rows or None, the rows that judge): the user's calibration rows, else the
-    training rows, else the validation rows; the validation rows judge, else the calibration rows."""
+    """(calibration rows or None, the held-out rows): the user's calibration rows, else the
+    training rows, else the validation rows; the validation rows judge, else the calibration rows
+    (see _judging_rows: the rows calibration used never judge)."""
     from ..data import check_labels, load_dataset
     from ..runs import validation_data
 
@@ -125,6 +126,27 @@ def _datasets(cfg: QuantizeConfig, export_dir: Path, info: dict, calibrated: boo
                         "the result (pass --calibration to keep them apart).", export_dir)
             calib_ds = val_ds
     return calib_ds, parity_ds
+
+
+def _judging_rows(cfg: QuantizeConfig, info: dict, parity_ds, calib_ds, calib_items: list, precision: str, t):
+    """Every row calibration did not use judges (edgeft.certify): the validation rows, the
+    training rows not drawn for calibration, --parity-data; agreement passes on its 95% lower
+    bound unless --uncertified, and too few rows to certify are refused before any work."""
+    from ..certify import judging_rows, refusal, too_few
+
+    train = _training_rows(info)
+    # the held-out rows also calibrate (the validation or the training rows are gone, see _datasets,
+    # which warns): they judge all the same, as before, and are named so
+    fallback = parity_ds is calib_ds and bool(calib_items)
+    held_out = [("calibration" if fallback else "validation", parity_ds)]
+    rows = judging_rows(info["labels"], held_out=held_out, training=train,
+                        calibrated=set() if fallback else set(calib_items), parity_data=cfg.parity_data,
+                        modality=info["modality"], text_column=cfg.text_column)
+    certify = not cfg.uncertified and t.min_agreement < 1.0 and precision != "fp32"
+    need = too_few(rows, t.min_agreement) if certify else None
+    if need:
+        raise ParityError(refusal(cfg.output, rows, t.min_agreement, need) + " Nothing was written.")
+    return rows, certify
 
 
 def _write_models(tmp: Path, export_dir: Path, result: dict, mode: str, precision: str) -> None:
@@ -156,7 +178,8 @@ def _miss(output, mode: str, precision: str, what: str) -> ParityError:
                        "--max-drop loosen the gate knowingly.")
 
 
-def _final_parity(cfg, quant, tmp: Path, export_dir: Path, gate, pre, parity_ds, t, precision) -> tuple[dict, list]:
+def _final_parity(cfg, quant, tmp: Path, export_dir: Path, gate, pre, parity_ds, t, precision,
+                  judged: str) -> tuple[dict, list]:
     """The written model.onnx (`quant`) against the fp32 one on the gate's rows (and fused against split)."""
     from ..runtime.session import OnnxModel
 
@@ -164,11 +187,11 @@ def _final_parity(cfg, quant, tmp: Path, export_dir: Path, gate, pre, parity_ds,
                              OnnxModel(tmp / "head.onnx"), pre, gate.items)
     report = compare(gate.reference, got, gate.y, gate.labels, gate.items)
     report.update(fused_vs_split_max_abs_diff=gap, batch=1, reference=str(export_dir / "model.onnx"),
-                  data=parity_ds.source, thresholds=t.__dict__, checks=checks(report, t))
+                  data=parity_ds.source, thresholds=t.__dict__, checks=checks(report, t, certify=gate.certify))
     failed = [c for c in report["checks"] if not c["passed"]]
     if failed:
-        raise _miss(cfg.output, cfg.mode, precision, f"strays too far from the fp32 export on {report['rows']} rows of "
-                    f"{parity_ds.source}: " + "; ".join(c["message"] for c in failed))
+        raise _miss(cfg.output, cfg.mode, precision, f"strays too far from the fp32 export on {report['rows']} rows "
+                    f"({judged}; held out: {parity_ds.source}): " + "; ".join(c["message"] for c in failed))
     return report, kept
 
 
@@ -215,22 +238,25 @@ def _run(cfg: QuantizeConfig) -> dict:  # the step in order; each stage is a fun
     if m.needs_calibration:
         log.debug("calibrating on %d rows of %s", min(len(calib_ds), CALIBRATION_ROWS), calib_ds.source)
     ref_model = OnnxModel(export_dir / "model.onnx")
+    calib_items = calib_ds.items[:CALIBRATION_ROWS] if m.calibrated and calib_ds is not None else []
+    rows, certify = _judging_rows(cfg, info, parity_ds, calib_ds, calib_items, precision, t)
     gate = prepare_gate("quantize", parity_ds, info["labels"], pre, OnnxModel(export_dir / "head.onnx"), t,
-                        modality=modality,
+                        modality=modality, rows=(rows.items, rows.labels()), certify=certify,
                         reference=lambda items, batches: np.concatenate([ref_model(a)["logits"] for a in batches]))
     log.debug("parity against fp32 on %d rows of %s", len(gate.items), parity_ds.source)
     with atomic.directory(output, replace=cfg.overwrite) as tmp, tempfile.TemporaryDirectory(prefix="edgeft-quantize-") as work:
-        calib_rows = ([pre([x]) for x in calib_ds.items[:CALIBRATION_ROWS]]
-                      if m.calibrated and calib_ds is not None else None)
+        calib_rows = [pre([x]) for x in calib_items] if calib_items else None
         result = quantize_to_budget(export_dir / "backbone.onnx", Path(work), cfg.mode, modality=modality, gate=gate,
                                     calibration=calib_rows, per_channel=cfg.per_channel, search=cfg.search)
         del calib_rows
         if not result["passed"]:
             raise _miss(output, cfg.mode, precision, f"misses the budget against the fp32 export on {len(gate.items)} "
-                        f"rows of {parity_ds.source}: {describe_miss(result)}")
+                        f"rows ({rows.describe()}; held out: {parity_ds.source}): {describe_miss(result)}")
         _write_models(tmp, export_dir, result, cfg.mode, precision)
         quant_model = OnnxModel(tmp / "model.onnx")
-        report, kept = _final_parity(cfg, quant_model, tmp, export_dir, gate, pre, parity_ds, t, precision)
+        report, kept = _final_parity(cfg, quant_model, tmp, export_dir, gate, pre, parity_ds, t, precision,
+                                     rows.describe())
+        report.update(sources=rows.counts(), certified=certify)
         latency = _latency(ref_model, quant_model, kept)
         if result.get("search"):
             _search_cost(result, tmp, kept)

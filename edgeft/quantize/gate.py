@@ -36,8 +36,9 @@ class Gate:
     logits on fixed rows. `batches`: preprocessed input dicts, in the order of `reference`."""
 
     def __init__(self, reference: np.ndarray, y: list[int] | None, labels: list[str], batches, head,
-                 thresholds: Thresholds, open_model=None, items: list | None = None):
+                 thresholds: Thresholds, open_model=None, items: list | None = None, certify: bool = False):
         self.reference, self.y, self.labels, self.head, self.thresholds = reference, y, labels, head, thresholds
+        self.certify = certify  # judge agreement on its one-sided lower bound (runtime.compare.checks)
         self.open_model = open_model  # path -> model(arrays) -> {"features"}; None: onnxruntime
         self.batches = batches  # a list, or a callable giving a fresh iterable (images: decoded per use)
         self.items = items  # the raw rows, in the order of `reference`
@@ -54,7 +55,7 @@ class Gate:
 
         model = (self.open_model or OnnxModel)(path)
         rep = compare(self.reference, self.logits(model), self.y, self.labels)
-        found = checks(rep, self.thresholds)
+        found = checks(rep, self.thresholds, certify=self.certify)
         verdict = {"passed": all(c["passed"] for c in found), "agreement": rep["agreement"],
                    "accuracy_drop": rep.get("accuracy_drop"), "bytes": file_bytes(path),
                    "failed": [c["message"] for c in found if not c["passed"]],
@@ -80,10 +81,12 @@ def select_rows(ds, labels: list[str], n: int) -> tuple[list, list[int] | None]:
 
 
 def prepare_gate(step: str, ds, labels: list[str], pre, head, thresholds: Thresholds, *, modality: str,
-                 reference: Callable[[list, Iterable[dict]], np.ndarray], open_model=None) -> Gate:
-    """The gate of `step` ("quantize" or "build") on rows of `ds`: `reference(items, batches)`
+                 reference: Callable[[list, Iterable[dict]], np.ndarray], open_model=None,
+                 rows: tuple[list, list | None] | None = None, certify: bool = False) -> Gate:
+    """The gate of `step` ("quantize" or "build") on rows of `ds` (or on `rows`, (items, label
+    indices or None), drawn by the caller: edgeft.certify.judging_rows): `reference(items, batches)`
     gives the logits every candidate is judged against, computed once."""
-    items, y = select_rows(ds, labels, ROWS[step])
+    items, y = rows if rows is not None else select_rows(ds, labels, ROWS[step])
     if modality == "text":
         # one text per call, as a device answers them: dynamic int8 takes its activation scales
         # from the whole batch, padding included, so batch-mates would move the answers judged.
@@ -92,7 +95,7 @@ def prepare_gate(step: str, ds, labels: list[str], pre, head, thresholds: Thresh
     else:
         size = IMAGE_BATCH[step]
         batches = lambda: (pre(items[i : i + size]) for i in range(0, len(items), size))  # noqa: E731
-    gate = Gate(None, y, labels, batches, head, thresholds, open_model=open_model, items=items)
+    gate = Gate(None, y, labels, batches, head, thresholds, open_model=open_model, items=items, certify=certify)
     gate.reference = reference(items, gate.iter_batches())
     return gate
 

@@ -1,6 +1,9 @@
-"""Write parity_inputs.txt: unlabelled maintenance-log entries for the parity gate.
+"""Write unlabelled maintenance-log entries (one per line) for the parity gate.
 
-`python examples/maintenance/make_parity_inputs.py` (seeded: the same file every time).
+`python examples/maintenance/make_parity_inputs.py OUT.txt` (seeded: the same file every time).
+The recipe names this script as its [build] parity_data, so `edgeft demo` and `edgeft run`
+write the file into the recipe's output folder (OUT/parity-data/parity_inputs.txt) at run
+time; it is never generated into the repository.
 
 A gate that certifies "at least 99% of answers kept" at 95% confidence needs about 300
 judged rows without a flip, more with one: the example's 120 held-out rows cannot. Agreement
@@ -13,6 +16,7 @@ train.csv (no text of train.csv or test.csv is copied), so they certify agreemen
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 
 ASSETS = {
@@ -73,6 +77,8 @@ def entries(n: int = 600, seed: int = 7) -> list[str]:
 
 
 if __name__ == "__main__":
-    path = Path(__file__).with_name("parity_inputs.txt")
+    if len(sys.argv) != 2:
+        sys.exit("usage: python make_parity_inputs.py OUT.txt")
+    path = Path(sys.argv[1])
     path.write_text("\n".join(entries()) + "\n", encoding="utf-8")
     print(f"wrote {path}")
