@@ -44,6 +44,7 @@ REFERENCE_ROWS = 16
 CALIBRATION_ROWS = 300  # NNCF's recipe calibrates on 300; MinMax ranges rarely move beyond
 REPLAY_HOLDOUT = 0.25  # validation rows per class for the retrain guard, as a share of per_class (at least 5)
 HEAD_FILE = "heads/head-0001.onnx"
+EMULATED_FEATURE_SHARE = 0.05  # aarch64 int8 features may differ from x86's by rounding, never by this much
 PARITY_KEYS = ("rows", "sources", "judged_on", "max_abs_diff", "mean_abs_diff", "agreement", "accuracy",
                "reference_accuracy", "accuracy_drop", "bounds", "emulated")  # what the manifest keeps of parity.json
 
@@ -365,15 +366,23 @@ def _bundle_parity(tmp: Path, plan: _Plan, manifest: dict, gate, reference: dict
 
 def _emulated_check(tmp: Path, plan: _Plan, manifest: dict) -> dict | None:
     """ARM64 profiles: the device check under QEMU with ONNX Runtime's aarch64 kernels on the
-    profile's core (edgeft.emulate), when it is set up; a bundle whose answers there differ from
-    this host's is refused (its `device check` on that core would fail)."""
+    profile's core (edgeft.emulate), when it is set up; recorded either way.
+
+    Refused only when the aarch64 features stray beyond EMULATED_FEATURE_SHARE of the features'
+    own scale (broken kernels, e.g. QEMU 7.2's SME paths). Smaller int8 rounding differences can
+    flip a reference row whose margin is below twice them: the reference rows include the
+    smallest-margin ones on purpose, so such a flip is reported (and `device check` on that core
+    would report it too), not refused: the gate's budget, not 16 rows, judges agreement."""
     from .emulate import build_check
 
     r = build_check(tmp, manifest, getattr(plan.profile, "arch", None), getattr(plan.profile, "cpu", None),
                     plan.cfg.emulate)
-    if r and r["status"] == "ran" and not r["passed"]:
-        raise ParityError(f"{plan.output}: on an emulated {r['describes']} the bundle does not answer as on this "
-                          f"host: {'; '.join(r['failed'])}. `edgeft device check` on that core would fail.")
+    if r and r["status"] == "ran":
+        diff, scale = r.get("x86_features_max_abs_diff"), r.get("x86_features_max_abs")
+        if diff is not None and scale and diff > EMULATED_FEATURE_SHARE * scale:
+            raise ParityError(f"{plan.output}: on an emulated {r['describes']} the backbone's features differ from "
+                              f"this host's by {diff:.3g} (over {EMULATED_FEATURE_SHARE:.0%} of their scale "
+                              f"{scale:.3g}): the aarch64 kernels compute another model.")
     return r
 
 

@@ -468,8 +468,11 @@ def build(source, device, output, calibration, data, replay, head_family, min_ag
                f"{(p.get('bounds') or {}).get('labelled_rows', p['rows'])} labelled rows  -> {output}")
     e = p.get("emulated")
     if e:
-        click.echo(f"  arm64 check: {e['cpu']} emulated, {e['agreement']:.2%} of {e['rows']} reference rows as on this host "
-                   "(the kernels' numbers, not the device's speed)" if e["status"] == "ran" else f"  arm64 check {e['status']}")
+        click.echo(f"  arm64 check: {e['cpu']} emulated, {e['agreement']:.2%} of {e['rows']} reference rows answer as on "
+                   "this host" + (f" ({e['disagreements']} near-tie row(s) differ: the reference rows include the "
+                                  "smallest margins)" if e.get("disagreements") else "")
+                   + "; the kernels' numbers, not the device's speed" if e["status"] == "ran"
+                   else f"  arm64 check {e['status']}")
     q = m.get("quantization")
     if q:
         missed = [f"{t['mode']} (agreement {t['agreement']:.1%})" for t in q["tried"]

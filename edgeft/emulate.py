@@ -151,7 +151,7 @@ def build_check(bundle: Path, manifest: dict, arch: str | None, cpu: str | None,
         r = check(bundle, cpu, manifest=manifest)
     except BundleError as e:
         return {"status": f"not run: {e}"}
-    keep = ("passed", "rows", "agreement", "max_abs_diff", "features_max_abs_diff", "x86_features_max_abs_diff",
-            "machine", "onnxruntime", "against")
+    keep = ("passed", "rows", "agreement", "disagreements", "max_abs_diff", "features_max_abs_diff",
+            "x86_features_max_abs_diff", "x86_features_max_abs", "machine", "onnxruntime", "against")
     return {"cpu": cpu, "status": "ran", **{k: r.get(k) for k in keep}, **r["emulated"],
             "failed": [c["message"] for c in r.get("checks", []) if not c["passed"]]}

@@ -17,6 +17,8 @@ from edgeft.recipe import load_recipe, run_recipe
 def recipe(tmp_path, tiny_bert, text_data):
     write_csv(tmp_path / "new.csv", new_class_rows(24, seed=1))
     write_csv(tmp_path / "new_test.csv", new_class_rows(8, seed=2))
+    (tmp_path / "make_inputs.py").write_text(
+        "import sys\nopen(sys.argv[1], 'w').write('\\n'.join(f'pump seal leak {i}' for i in range(40)) + '\\n')\n")
     p = tmp_path / "recipe.toml"
     p.write_text(f"""
 output = "out"
@@ -33,6 +35,8 @@ head-lr = 0.03
 patience = 8
 [build]
 devices = ["x86-64-server"]
+parity_data = "make_inputs.py"  # a script the recipe runs into out/parity-data/
+uncertified = true              # 18 + 40 rows cannot certify 99%: judged on the point estimate
 [verify]
 data = "{text_data['val']}"
 [retrain]
@@ -55,6 +59,9 @@ def test_recipe_runs_the_chain_then_skips_current_steps(recipe, tmp_path):
     assert all(st["status"] == "ok" for st in s["steps"])
     dev = s["devices"]["x86-64-server"]
     assert dev["precision"] == "int8" and dev["agreement"] >= 0.99 and dev["ms_per_input"] > 0
+    assert (out / "parity-data" / "inputs.txt").read_text().count("\n") == 40 and not (tmp_path / "inputs.txt").exists()
+    built = json.loads((out / "bundles/x86-64-server/manifest.json").read_text())["parity"]
+    assert built["sources"] == {"validation": 18, "parity-data": 40} and "not certified" in built["judged_on"]
     assert s["retrain"]["added_classes"] == ["valve"]
     assert s["retrain"]["test_after"]["new_test.csv"]["accuracy"] > s["retrain"]["test_before"]["new_test.csv"]["accuracy"]
     for d in ("run", "model", "export", "bundles/x86-64-server", "verify/x86-64-server", "retrain/bundle"):

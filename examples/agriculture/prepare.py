@@ -23,6 +23,7 @@ Files (stratified per disease, seeded; identical notes never straddle two files)
     new_class.csv       40 plants with phytophthora-rot, a disease the model has never seen,
                         for the on-device retrain that adds it as a class
     new_class_test.csv  the rest of the phytophthora-rot plants, held out
+    parity_inputs.txt   600 made-up plants' notes, unlabelled, that the parity gate also judges
 The four rarest diseases (2-4-d-injury, diaporthe-pod-&-stem-blight, cyst-nematode,
 herbicide-injury: 8-16 plants each) are left out, as in most prior work on this data.
 """
@@ -46,6 +47,7 @@ ARFF_IN_PACKAGE = Path("usr/share/doc/weka/examples/soybean.arff")
 RARE = {"2-4-d-injury", "diaporthe-pod-&-stem-blight", "cyst-nematode", "herbicide-injury"}
 NEW_CLASS = "phytophthora-rot"
 NEW_CLASS_ROWS = 40
+PARITY_INPUTS = 600  # certifying 99% agreement at 95% takes about 300 judged rows with no flip
 
 # ------------------------------------------------------------------ finding the ARFF
 
@@ -248,6 +250,31 @@ def main(argv=None) -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train), ("test", test), ("new_class", new), ("new_class_test", new_test)):
         write(a.out / f"{name}.csv", rows, rng)
+    write_parity_inputs(a.out / "parity_inputs.txt", names, values, {r["text"] for r in train + test}, rng)
+
+
+def write_parity_inputs(path: Path, names: list[str], values: list[list[str]], real: set[str],
+                        rng: random.Random, n: int = PARITY_INPUTS) -> None:
+    """Unlabelled notes for the parity gate (recipe.toml's parity_data): made-up plants, each
+    observation drawn on its own from what plants of one disease showed (no plant of the data is
+    copied; notes equal to a real plant's are skipped). Agreement needs no labels, and these
+    certify int8 on notes *like* the scouts', not on a real field: the README says so."""
+    by_disease: dict[str, list[dict]] = defaultdict(list)
+    for v in values:
+        r = dict(zip(names, v, strict=True))
+        if r["class"] not in RARE and r["class"] != NEW_CLASS:
+            by_disease[r["class"]].append(r)
+    diseases, out, seen = sorted(by_disease), [], set(real)
+    while len(out) < n:
+        plants = by_disease[diseases[len(out) % len(diseases)]]
+        text = notes({k: rng.choice(plants)[k] for k in names})
+        if text and text not in seen:
+            seen.add(text)
+            out.append(text)
+    tmp = path.with_suffix(".txt.tmp")
+    tmp.write_text("\n".join(out) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    print(f"{path}: {len(out)} made-up plants' notes (unlabelled, for the parity gate)")
 
 
 if __name__ == "__main__":
