@@ -35,7 +35,6 @@ from .runtime import atomic
 from .runtime.bundle import Bundle
 from .runtime.compare import checks, compare
 from .runtime.manifest import MANIFEST, check_files, file_entry, read_manifest
-from .runtime.stats import row_id
 from .targets import BuildContext
 
 log = logging.getLogger(__name__)
@@ -182,8 +181,9 @@ def _build_in(plan: _Plan, work: Path, t0: float) -> dict:  # the build's stages
         if plan.modality == "text":
             shutil.copy2(export_dir / "tokenizer.json", tmp / "tokenizer.json")
         (tmp / "preprocessor.json").write_text(json.dumps(spec, indent=2) + "\n")
-        reference = _write_reference_inputs(tmp, plan, pre, gate)
+        reference, reference_kind = _write_reference_inputs(tmp, plan, pre, gate)
         manifest = _manifest(plan, exported, spec, quant, ov_settings, backbone_file, head)
+        manifest["reference"] = reference_kind
         if plan.target.package is not None:
             plan.target.package(BuildContext(tmp, plan.profile, plan.target, manifest, exported["inputs"],
                                              plan.modality, spec))
@@ -194,7 +194,7 @@ def _build_in(plan: _Plan, work: Path, t0: float) -> dict:  # the build's stages
         if plan.head == "ridge":
             manifest = _add_ridge_head(tmp, plan, manifest)
         manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
-        _write_manifest(tmp, manifest, cfg.keep_examples)
+        _write_manifest(tmp, manifest, manifest["reference"]["kind"] == "examples")
     return manifest
 
 
@@ -267,23 +267,65 @@ def _write_head(tmp: Path, export_dir: Path, plan: _Plan) -> dict:
             "base_model": plan.loaded.spec.source, "method": plan.loaded.info.get("method")}
 
 
-def _write_reference_inputs(tmp: Path, plan: _Plan, pre, gate) -> dict:
-    """reference/inputs.npz and items.json (the device re-runs them with `edgeft device check`):
-    of the gate's rows, every class PyTorch answers and the smallest-margin ones
-    (certify.reference_rows); returns PyTorch's logits and features of them, for outputs.npz."""
+def _write_reference_inputs(tmp: Path, plan: _Plan, pre, gate) -> tuple[dict, dict]:
+    """reference/inputs.npz and items.json (the device re-runs them with `edgeft device check`).
+
+    By default synthetic inputs (edgeft.synthetic: no row of the owner's data leaves with the
+    bundle); with keep_examples the gate's real rows. Either way certify.reference_rows keeps
+    every class PyTorch answers and the smallest-margin rows. Returns PyTorch's logits and
+    features of them (for outputs.npz), and what they are (the manifest's "reference")."""
+    if plan.cfg.keep_examples:
+        ref_items = [gate.items[i] for i in reference_rows(gate.reference, REFERENCE_ROWS)]
+        arrays, names = pre(ref_items), [str(x) for x in ref_items]
+        kind = {"kind": "examples", "rows": len(ref_items), "from": "the gate's rows (--keep-examples)"}
+    else:
+        arrays, kind = _synthetic_inputs(plan, pre, gate)
+        names = [{"synthetic": i} for i in range(kind["rows"])]
+    (tmp / "reference").mkdir()
+    np.savez(tmp / "reference" / "inputs.npz", **arrays)
+    feats, logits = _pytorch_outputs(plan, arrays)
+    (tmp / "reference" / "items.json").write_text(json.dumps(names, indent=1))
+    labels = plan.loaded.labels
+    kind["classes"] = sorted({labels[i] for i in logits.argmax(1).tolist()})
+    return {"logits": logits, "features": feats}, kind
+
+
+def _pytorch_outputs(plan: _Plan, arrays: dict, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """PyTorch's features and logits of preprocessed arrays."""
     import torch
 
-    ref_items = [gate.items[i] for i in reference_rows(gate.reference, REFERENCE_ROWS)]
-    (tmp / "reference").mkdir()
-    arrays = pre(ref_items)
-    np.savez(tmp / "reference" / "inputs.npz", **arrays)
+    n = len(next(iter(arrays.values())))
+    feats, logits = [], []
     with torch.no_grad():
-        tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
-        feats = plan.loaded.model.features(**tensors)
-        logits = plan.loaded.model.head(feats)
-    (tmp / "reference" / "items.json").write_text(json.dumps(
-        [str(x) if plan.cfg.keep_examples else {"id": row_id(x)} for x in ref_items], indent=1))
-    return {"logits": logits.numpy(), "features": feats.numpy()}
+        for i in range(0, n, batch):
+            tensors = {k: torch.from_numpy(v[i : i + batch]) for k, v in arrays.items()}
+            f = plan.loaded.model.features(**tensors)
+            feats.append(f.numpy())
+            logits.append(plan.loaded.model.head(f).numpy())
+    return np.concatenate(feats), np.concatenate(logits)
+
+
+def _synthetic_inputs(plan: _Plan, pre, gate) -> tuple[dict, dict]:
+    """REFERENCE_ROWS synthetic inputs chosen from a pool by PyTorch's answers on them."""
+    from .synthetic import POOL, image_pool, text_pool
+
+    n = POOL[plan.modality]
+    if plan.modality == "text":
+        lengths = [len(ids) for ids, _ in pre.encode_ids([str(x) for x in gate.items[:1000]])]
+        pool = text_pool(pre, lengths, n)
+        arrays = pre.collate(pool)
+    else:
+        pool = image_pool(pre, n)
+        arrays = pre(pool)
+    _, logits = _pytorch_outputs(plan, arrays)
+    pick = reference_rows(logits, REFERENCE_ROWS)
+    chosen = [pool[i] for i in pick]
+    labels = plan.loaded.labels
+    kind = {"kind": "synthetic", "rows": len(pick), "pool": n,
+            "made": ("random token sequences over the tokenizer's vocabulary, lengths as the judged rows'"
+                     if plan.modality == "text" else "smooth colour noise images in the preprocessor's range"),
+            "pool_classes": sorted({labels[i] for i in logits.argmax(1).tolist()})}
+    return (pre.collate(chosen) if plan.modality == "text" else pre(chosen)), kind
 
 
 def _manifest(plan: _Plan, exported: dict, spec: dict, quant: dict | None, ov_settings: dict | None,

@@ -153,12 +153,15 @@ def holds(rel: str, keep_examples: bool = False) -> str:
     if rel.startswith("replay/"):
         return "features and labels of training and validation rows (derived data: not the rows, but from them)"
     if rel == "reference/inputs.npz":
-        return ("examples: preprocessed reference rows (token ids map back to text, pixels are the images), "
-                "for device check")
+        return ("examples: preprocessed rows of the owner's data (token ids map back to text, pixels are the "
+                "images), for device check (--keep-examples)" if keep_examples else
+                "synthetic inputs made by edgeft (random token ids over the vocabulary, or noise images), "
+                "for device check: no rows of the owner's data")
     if rel == "reference/outputs.npz":
-        return "statistics: the model's outputs and features of the reference rows at build"
+        return "statistics: the model's outputs and features of the reference inputs at build"
     if rel == "reference/items.json":
-        return "examples: the reference rows' texts or image names" if keep_examples else "row ids (hashes) only"
+        return ("examples: the reference rows' texts or image names" if keep_examples
+                else "the synthetic reference inputs' numbers only")
     if rel == "parity.json":
         return ("statistics of the parity check, with example inputs" if keep_examples
                 else "statistics of the parity check; rows by index and hash")

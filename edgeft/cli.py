@@ -434,7 +434,7 @@ def compare_cmd(a, b, data, text_column, label_column, require, margin, confiden
 @click.option("--sign", "sign_key", type=click.Path(dir_okay=False, exists=True), help="Sign the bundle with this private key (see edgeft keys generate).")
 @click.option("--archive", is_flag=True, help="Also write BUNDLE.tar.gz.")
 @overwrite_option
-@click.option("--keep-examples", is_flag=True, help="Keep the input texts/image names of parity and reference rows in the bundle (by default rows are named by hash).")
+@click.option("--keep-examples", is_flag=True, help="The owner's rows may ship: parity.json keeps their texts/image names, and device check's reference inputs are real rows (by default: rows named by hash, synthetic reference inputs).")
 @click.option("--parity-data", help="More inputs that judge agreement, labels optional: .txt one per line, CSV/JSONL, image folder.")
 @click.option("--uncertified", is_flag=True, help="Quantized: pass on the point estimate instead of its 95% lower bound (too few rows then pass; the bundle says it is not certified).")
 @click.option("--emulate/--no-emulate", default=None, help="ARM64 profiles: run the device check under QEMU with aarch64 kernels.  [default: when tools/arm64-emulator.sh has set it up]")

@@ -314,6 +314,37 @@ def test_answers_do_not_depend_on_batch_mates(name, bundles):
     assert b.check()["passed"]
 
 
+def test_device_check_fails_on_a_changed_backbone_even_with_its_hashes_redone(device_bundles, tmp_path):
+    """The synthetic reference inputs exercise the backbone: weights changed by a tenth of their
+    own scale, the manifest's hashes rewritten to match (so only the numbers can tell), and
+    `device check` fails; the untouched bundle passes."""
+    import shutil
+
+    import onnx
+
+    from edgeft.runtime.manifest import file_entry
+
+    src = device_bundles["image"]
+    assert Bundle(src).check()["passed"]
+    b = tmp_path / "b"
+    shutil.copytree(src, b)
+    model = onnx.load(str(b / "backbone.onnx"))
+    rng = np.random.default_rng(0)
+    for init in model.graph.initializer:
+        w = onnx.numpy_helper.to_array(init)
+        if w.dtype == np.float32 and w.ndim >= 2:
+            w = w + (0.1 * w.std() * rng.standard_normal(w.shape)).astype(np.float32)
+            init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+    onnx.save(model, str(b / "backbone.onnx"))
+    m = json.loads((b / "manifest.json").read_text())
+    m["files"]["backbone.onnx"] = {**m["files"]["backbone.onnx"], **file_entry(b / "backbone.onnx")}
+    (b / "manifest.json").write_text(json.dumps(m, indent=2))
+    report = Bundle(b).check()
+    assert not report["passed"] and report["max_abs_diff"] > 1e-3, report["checks"]
+    r = CliRunner().invoke(main, ["device", "check", str(b)])
+    assert r.exit_code == 1 and "FAILED" in r.output
+
+
 def test_device_check_of_a_quantized_bundle_compares_with_the_build(bundles):
     """int8: the device must reproduce the answers the build recorded for the finished bundle
     (PyTorch agreement on the 16 rows is reported beside it); a device that computes other

@@ -325,18 +325,47 @@ def test_an_arm_build_runs_the_emulated_check(lora_text_run, tmp_path):
     assert e["x86_features_max_abs_diff"] <= 0.05 * e["x86_features_max_abs"]
 
 
-def test_reference_rows_cover_every_class_the_reference_answers_and_the_smallest_margins(device_bundles):
-    """`device check`'s rows are not the head of the validation file: every class the build's
-    reference answers is there, and the rows closest to flipping."""
+@pytest.mark.parametrize("kind", ["text", "image"])
+def test_default_reference_inputs_are_synthetic_and_cover_the_classes_the_pool_answers(device_bundles, kind):
+    """A default bundle's `device check` inputs are made by edgeft (random token ids over the
+    vocabulary, noise images), not the owner's rows; of a pool of them the build keeps every
+    class PyTorch answered and the smallest margins. Token ids stay inside the vocabulary."""
     import json
 
-    b = device_bundles["text"]
+    b = device_bundles[kind]
+    m = json.loads((b / "manifest.json").read_text())
+    ref = m["reference"]
+    assert ref["kind"] == "synthetic" and ref["rows"] == 16 and ref["pool"] > 16
+    assert ref["classes"] == ref["pool_classes"] and len(ref["classes"]) >= 2, ref
     out = np.load(b / "reference" / "outputs.npz")
-    answers = set(out["logits"].argmax(1).tolist())
-    assert len(answers) == out["logits"].shape[1]  # the tiny model answers all three classes
-    parity = json.loads((b / "parity.json").read_text())
-    ids = [x["id"] for x in json.loads((b / "reference" / "items.json").read_text())]
-    assert len(ids) == 16 and {r["id"] for r in parity["smallest_margin"][:4]} <= set(ids)
+    assert sorted({m["labels"][i] for i in out["logits"].argmax(1).tolist()}) == ref["classes"]
+    assert json.loads((b / "reference" / "items.json").read_text()) == [{"synthetic": i} for i in range(16)]
+    inputs = np.load(b / "reference" / "inputs.npz")
+    if kind == "text":
+        from tokenizers import Tokenizer
+
+        vocab = Tokenizer.from_file(str(b / "tokenizer.json")).get_vocab_size()
+        ids = inputs["input_ids"][inputs["attention_mask"] == 1]
+        assert ids.min() >= 0 and ids.max() < vocab and len(set(ids.tolist())) > 10
+    else:
+        assert np.isfinite(inputs["pixel_values"]).all() and inputs["pixel_values"].std() > 0.1
+
+
+def test_kept_examples_are_real_rows_with_the_smallest_margins(lora_text_run, tmp_path):
+    """--keep-examples: the reference inputs are the gate's own rows: every class PyTorch answers,
+    the rows closest to flipping first (certify.reference_rows); the manifest says so."""
+    import json
+
+    from edgeft.build import build
+
+    profile = tmp_path / "box.toml"
+    profile.write_text('description = "test box"\ntarget = "cpu"\nprecision = "fp32"\n')
+    m = build(lora_text_run, str(profile), tmp_path / "b", keep_examples=True, replay=0)
+    assert m["reference"]["kind"] == "examples" and len(m["reference"]["classes"]) == 3
+    assert m["files"]["reference/inputs.npz"]["holds"].startswith("examples: preprocessed rows of the owner's data")
+    texts = json.loads((tmp_path / "b" / "reference" / "items.json").read_text())
+    parity = json.loads((tmp_path / "b" / "parity.json").read_text())
+    assert len(texts) == 16 and {r["input"] for r in parity["smallest_margin"][:4]} <= set(texts)
 
 
 # ---- what a bundle reveals ------------------------------------------------------------------
@@ -356,4 +385,6 @@ def test_a_default_bundle_holds_none_of_its_validation_texts_or_image_names(devi
 
         m = json.loads((device_bundles[kind] / "manifest.json").read_text())
         assert all("holds" in e for e in m["files"].values())
-        assert m["files"]["reference/items.json"]["holds"] == "row ids (hashes) only"
+        assert m["files"]["reference/items.json"]["holds"] == "the synthetic reference inputs' numbers only"
+        assert m["files"]["reference/inputs.npz"]["holds"].startswith("synthetic inputs made by edgeft")
+        assert m["reference"]["kind"] == "synthetic"
