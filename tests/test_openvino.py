@@ -42,7 +42,7 @@ class _Bundles(dict):
 
     def __missing__(self, precision: str):
         path = self.base / precision
-        self[precision] = (build(self.run, str(_profile(self.base, precision)), path), path)
+        self[precision] = (build(self.run, str(_profile(self.base, precision)), path, uncertified=True), path)
         return self[precision]
 
 
@@ -133,7 +133,7 @@ def test_image_bundles_fp16_and_int8(full_image_run, tmp_path):
     run = full_image_run
     for precision in ("fp16", "int8"):
         try:
-            m = build(run, str(_profile(tmp_path, precision)), tmp_path / precision, replay=0)
+            m = build(run, str(_profile(tmp_path, precision)), tmp_path / precision, replay=0, uncertified=True)
         except ParityError as e:  # a tiny random CNN may not keep int8's answers: then the numbers say so
             assert precision == "int8" and "agreement" in str(e) and not (tmp_path / precision).exists()
             continue
@@ -152,7 +152,8 @@ def test_accuracy_control_runs_and_an_unmeetable_budget_fails_with_numbers(full_
 
     budget = Thresholds(max_abs_diff=1e-7, min_agreement=0.99, max_accuracy_drop=0.005)  # no int8 model meets it
     with pytest.raises(ParityError) as e:
-        build(full_text_run, str(_profile(tmp_path, "int8")), tmp_path / "b", replay=0, thresholds=budget)
+        build(full_text_run, str(_profile(tmp_path, "int8")), tmp_path / "b", replay=0, thresholds=budget,
+              uncertified=True)
     msg = str(e.value)
     assert "openvino-int8" in msg and "max |Δ logits|" in msg
     assert "nncf.quantize_with_accuracy_control reverted" in msg and "quantizers to float" in msg
@@ -179,7 +180,8 @@ def test_without_openvino_the_plugin_says_what_to_install(ov_bundles, full_text_
     r = run("device", "predict", str(path), "pump seal leak")
     assert r.returncode == 2 and r.stderr.startswith("error: openvino is not installed"), r.stderr
     assert 'edgeft[openvino]' in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = run("-q", "build", str(full_text_run), "--device", "intel-n100", "-o", str(tmp_path / "b"), "--replay", "0")
+    r = run("-q", "build", str(full_text_run), "--device", "intel-n100", "-o", str(tmp_path / "b"), "--replay", "0",
+            "--uncertified")
     assert r.returncode == 2 and "is not installed" in r.stderr and 'edgeft[openvino]' in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
 

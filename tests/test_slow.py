@@ -78,17 +78,21 @@ def test_minilm_int8_bundle_keeps_its_answers(device, runs, tmp_path):
     """The int8 bundles of the real LoRA run, cpu (ONNX Runtime) and openvino (NNCF), on the 120
     held-out rows: at least 99% of PyTorch's answers and at most 0.5 point lost, or refused
     with the numbers. Nothing in between: a bundle on disk has met the budget."""
+    import runpy
+
     from edgeft.build import build
     from edgeft.errors import ParityError
     from edgeft.runtime.bundle import Bundle
 
     out = tmp_path / "bundle"
+    inputs = tmp_path / "parity_inputs.txt"  # the example's 600 unlabelled entries: enough rows to certify 99%
+    inputs.write_text("\n".join(runpy.run_path(str(EXAMPLE / "make_parity_inputs.py"))["entries"]()) + "\n")
     try:
-        m = build(runs["lora"], device, out, data=EXAMPLE / "test.csv")
+        m = build(runs["lora"], device, out, data=EXAMPLE / "test.csv", parity_data=inputs)
     except ParityError as e:
         assert "top-1 agreement" in str(e) and "accuracy" in str(e) and not out.exists()
         pytest.xfail(f"refused with the numbers: {e}")
-    assert m["precision"] == "int8" and m["parity"]["rows"] == 120
+    assert m["precision"] == "int8" and m["parity"]["sources"]["data"] == 120
     assert m["parity"]["agreement"] >= 0.99 and m["parity"]["accuracy_drop"] <= 0.005
     q = m["quantization"]
     assert q["bytes"] < q["fp32_bytes"] / 2.5
