@@ -32,7 +32,7 @@ from .quantize import get as get_mode
 from .quantize import prepare_gate, variants_for
 from .quantize.choose import choose_variant
 from .runtime import atomic
-from .runtime.bundle import Bundle
+from .runtime.bundle import FEATURE_DRIFT, Bundle
 from .runtime.compare import checks, compare
 from .runtime.manifest import MANIFEST, check_files, file_entry, read_manifest
 from .targets import BuildContext
@@ -43,7 +43,7 @@ REFERENCE_ROWS = 16
 CALIBRATION_ROWS = 300  # NNCF's recipe calibrates on 300; MinMax ranges rarely move beyond
 REPLAY_HOLDOUT = 0.25  # validation rows per class for the retrain guard, as a share of per_class (at least 5)
 HEAD_FILE = "heads/head-0001.onnx"
-EMULATED_FEATURE_SHARE = 0.05  # aarch64 int8 features may differ from x86's by rounding, never by this much
+EMULATED_FEATURE_SHARE = FEATURE_DRIFT  # aarch64 int8 features may differ from x86's by rounding, never by this much
 PARITY_KEYS = ("rows", "sources", "judged_on", "max_abs_diff", "mean_abs_diff", "agreement", "accuracy",
                "reference_accuracy", "accuracy_drop", "bounds", "emulated")  # what the manifest keeps of parity.json
 

@@ -345,6 +345,45 @@ def test_device_check_fails_on_a_changed_backbone_even_with_its_hashes_redone(de
     assert r.exit_code == 1 and "FAILED" in r.output
 
 
+def test_device_check_excuses_a_flip_only_on_a_near_tie_with_close_features(bundles):
+    """Another CPU's int8 kernels round otherwise: a smallest-margin reference row may flip when
+    the features stay close; a flip elsewhere, or features far from the build's, fails."""
+    from edgeft.runtime.head import read_head_onnx
+    from edgeft.runtime.stats import margins
+
+    _, path = bundles["raspberry-pi-5"]
+    b = Bundle(path)
+    expected = np.load(path / "reference" / "outputs.npz")
+    base = expected["bundle_features"].astype(np.float64)
+    W, bias = read_head_onnx(path / b.manifest["head"]["file"])
+    ref = base @ W.T + bias
+    order = np.argsort(margins(ref), kind="stable")
+
+    def nudged(row):
+        """The build's features, with `row` moved just past its runner-up's decision boundary."""
+        top, second = np.argsort(-ref[row])[:2]
+        d = W[second] - W[top]
+        gap = ref[row, top] - ref[row, second]
+        f = base.copy()
+        f[row] += d * (1.0001 * gap / float(d @ d)) + d * (1e-3 / np.linalg.norm(d))
+        return f.astype(np.float32)
+
+    def check_with(f):
+        b2 = Bundle(path)
+        b2.reference_features = lambda: f
+        return b2.check()
+
+    near = check_with(nudged(int(order[0])))
+    assert near["passed"] and near["agreement"] < 1.0 and near["near_tie_flips"], near["checks"]
+    far = check_with(nudged(int(order[-1])))  # the largest margin: not a rounding flip
+    assert not far["passed"] and not next(c for c in far["checks"] if c["name"] == "agreement")["passed"]
+    drifted = base.copy()
+    drifted[0] += 0.2 * np.abs(base).max()
+    report = check_with(drifted.astype(np.float32))
+    features = next(c for c in report["checks"] if c["name"] == "features")
+    assert not features["passed"] and not report["passed"]
+
+
 def test_device_check_of_a_quantized_bundle_compares_with_the_build(bundles):
     """int8: the device must reproduce the answers the build recorded for the finished bundle
     (PyTorch agreement on the 16 rows is reported beside it); a device that computes other
