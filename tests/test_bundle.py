@@ -236,6 +236,12 @@ def test_user_profile_file(lora_text_run, tmp_path):
     assert m["device"]["profile"] == "line3-box" and m["precision"] == "fp32" and m["runtime"]["threads"] == 2
     # fp32 ONNX against float32 PyTorch on the run's validation rows: float32's reach (tests/tolerance.py)
     assert m["parity"]["max_abs_diff"] <= validation_tolerance(lora_text_run), m["parity"]
+    # the build's own gate is that rule too, measured on its judging rows and kept for `device check`
+    limit = m["parity"]["max_abs_diff_limit"]
+    assert m["parity"]["max_abs_diff"] <= limit < 1e-2
+    report = Bundle(tmp_path / "bundle").check()
+    gate = next(c for c in report["checks"] if c["name"] == "max_abs_diff")
+    assert report["passed"] and gate["limit"] == limit
 
 
 def test_devices_command_lists_targets_and_profiles():
