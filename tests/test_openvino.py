@@ -197,7 +197,9 @@ def test_quantize_mode_nncf_on_onnx(full_text_run, tmp_path):
     from edgeft.runtime.compare import Thresholds
 
     export(full_text_run, tmp_path / "export")
-    r = CliRunner().invoke(main, ["quantize", str(tmp_path / "export"), "--mode", "nncf", "-o", str(tmp_path / "q")])
+    # 18 validation rows cannot certify 99% (this tests NNCF's recipe, not the bound): the point estimate
+    r = CliRunner().invoke(main, ["quantize", str(tmp_path / "export"), "--mode", "nncf", "-o", str(tmp_path / "q"),
+                                  "--uncertified"])
     assert r.exit_code == 0, r.output
     info = json.loads((tmp_path / "q" / "quantize.json").read_text())
     assert info["mode"] == "nncf" and info["precision"] == "int8" and "MatMul" in info["op_types"]
@@ -205,7 +207,7 @@ def test_quantize_mode_nncf_on_onnx(full_text_run, tmp_path):
     ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / "backbone.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     with pytest.raises(ParityError) as e:
-        quantize(tmp_path / "export", "nncf", tmp_path / "q2",
+        quantize(tmp_path / "export", "nncf", tmp_path / "q2", uncertified=True,
                  thresholds=Thresholds(max_abs_diff=1e-7, min_agreement=0.99, max_accuracy_drop=0.005))
     assert "nncf.quantize_with_accuracy_control reverted" in str(e.value) and not (tmp_path / "q2").exists()
 
