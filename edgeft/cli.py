@@ -297,7 +297,7 @@ def evaluate(run, data, text_column, label_column, as_json, json_file):
 @click.option("--data", help="Labelled rows to check merged against unmerged on.  [default: the run's validation data]")
 @overwrite_option
 def merge(run, output, data, overwrite):
-    """Fold LoRA adapters into the base weights; write a self-contained model directory.
+    """Fold LoRA or (IA)3 adapters into the base weights; write a self-contained model directory.
 
     \b
     Example:
