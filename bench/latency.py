@@ -648,20 +648,8 @@ def main() -> None:
 
     # Other processes only ever slow a block down: each variant's least disturbed round (its
     # median over every test text) is the figure; all rounds and all samples are in the JSON.
+    rows = finish(vs)
     for v in vs:
-        v.update(summary(v["ms"]))
-        v["best_round"] = min(v["rounds"], key=lambda x: x["median_ms"])
-        v["ms_per_text"] = v["best_round"]["median_ms"]
-    base = vs[0]["ms_per_text"]
-    rows = []
-    for v in vs:
-        v["speedup_vs_pytorch_eager"] = base / v["ms_per_text"]
-        judge(v, vs[0]["accuracy"])
-        target = "-" if v["key"].startswith("pytorch") else ("yes" if v["meets_target"] else "no")
-        v["p99_ms_per_text"] = v["best_round"]["p99_ms"]
-        rows.append((v["name"], f"{v['bytes'] / MB:.1f}", f"{v['ms_per_text']:.2f}", f"{v['p99_ms_per_text']:.2f}",
-                     f"{v['speedup_vs_pytorch_eager']:.2f}x",
-                     f"{100 * v['agreement']:.1f}%", f"{100 * v['accuracy']:.1f}%", budget_cell(v), target, gate_cell(v)))
         if v.get("engine") == "openvino":  # what OpenVINO computed in, now that shapes are compiled
             v["runs_on"] = v["bundle"].backbone.describe()
     candidates = [v for v in vs if not v["key"].startswith("pytorch")]

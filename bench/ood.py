@@ -22,7 +22,6 @@ softmax head's 1 - max probability. Prints the table; writes every number as JSO
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import sys
@@ -54,12 +53,6 @@ def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
             ranks[m] = ranks[m].mean()
     r_out = ranks[len(inside):].sum()
     return float((r_out - len(outside) * (len(outside) + 1) / 2) / (len(inside) * len(outside)))
-
-
-def conformal(scores: np.ndarray, alpha: float = 0.05) -> float:
-    n = len(scores)
-    rank = math.ceil((n + 1) * (1 - alpha))
-    return float(np.sort(scores)[rank - 1]) if rank <= n else math.inf
 
 
 def ensure_bundle(run: str | None) -> Path:
@@ -100,6 +93,7 @@ def main() -> None:
 
     from edgeft.runtime.bundle import Bundle
     from edgeft.runtime.metrics import softmax
+    from edgeft.runtime.ood import conformal_threshold
 
     bundle = Bundle(ensure_bundle(args.run))
     ood = bundle.ood()
@@ -109,7 +103,7 @@ def main() -> None:
     with np.load(bundle.path / rel) as z:
         hold = z["features"][z["holdout"]]
     hold_soft = 1 - softmax(bundle.head_outputs(hold)["logits"]).max(1)
-    soft_threshold = conformal(hold_soft)
+    soft_threshold = conformal_threshold(hold_soft, 0.05)
 
     def scores(texts):
         f = bundle.features(texts)

@@ -129,7 +129,7 @@ class Bundle:
 
     def ood(self, false_alarm: float = FALSE_ALARM) -> OOD | None:
         """The out-of-distribution scorer of the active head, from its replay memory (None without one)."""
-        key = ("_ood", self.head_version, false_alarm)
+        key = (self.head_version, false_alarm)
         if getattr(self, "_ood_key", None) != key:
             m = self.manifest
             rel = m["head"].get("replay") or next((h.get("replay") for h in m["heads"]

@@ -36,6 +36,14 @@ import numpy as np
 FALSE_ALARM = 0.05
 
 
+def conformal_threshold(scores: np.ndarray, alpha: float) -> float:
+    """The split-conformal quantile: the ceil((n + 1)(1 - alpha))-th smallest of n scores; inf
+    when n is too small for that rank (no threshold can promise alpha)."""
+    n = len(scores)
+    rank = math.ceil((n + 1) * (1 - alpha))
+    return float(np.sort(scores)[rank - 1]) if n and rank <= n else math.inf
+
+
 def _unit(X: np.ndarray) -> np.ndarray:
     X = np.asarray(X, dtype=np.float64)
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
@@ -63,9 +71,7 @@ class OOD:
         self.prototypes = _unit(self.sums)
         self.calibration_rows = int(holdout.sum())
         scores = (self.scores(U[holdout]) if split else self._leave_one_out(U[holdout], labels[holdout]))
-        n = len(scores)
-        rank = math.ceil((n + 1) * (1 - false_alarm))  # 1-based rank of the conformal quantile
-        self.threshold = float(np.sort(scores)[rank - 1]) if n and rank <= n else math.inf
+        self.threshold = conformal_threshold(scores, false_alarm)
 
     def _leave_one_out(self, U: np.ndarray, y: np.ndarray) -> np.ndarray:
         sims = U @ self.prototypes.T  # (n, C) against the full prototypes
