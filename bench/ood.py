@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -133,12 +132,9 @@ def main() -> None:
     print(f"bundle {bundle.path.name}: threshold {ood.threshold:.4f} from {ood.calibration_rows} hold-out rows "
           f"(5% false alarms), in-distribution: {len(inside)} test rows")
     print_cells(cells, left=(0, 2))
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor()
-    results.update({"cpu": cpu, "cpus": os.cpu_count(), "bench_seconds": time.perf_counter() - t0})
+    from edgeft.quantize.isa import host
+
+    results.update({"cpu": host()["model"], "cpus": os.cpu_count(), "bench_seconds": time.perf_counter() - t0})
     write_results(results, args.output)
 
 
