@@ -97,36 +97,21 @@ class Side:
 
 
 def open_side(path: str | Path, public_key=None) -> Side:
-    """A run or model directory, an export folder or .onnx file, or a bundle, as a predictor."""
-    import json
-
+    """A run or model directory, an export folder or .onnx file (verify.open_artifact), or a bundle, as a predictor."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: no such run, model, export or bundle.")
-    if path.is_dir() and (path / MANIFEST).exists():
-        from .runtime.bundle import Bundle
+    is_onnx = path.suffix == ".onnx" if path.is_file() else (path / "model.onnx").is_file()
+    if (path.is_dir() and (path / MANIFEST).exists()) or is_onnx:
+        from .verify import open_artifact
 
-        bundle = Bundle(path, public_key=public_key)
-        return Side(str(path), "bundle", list(bundle.manifest["labels"]), bundle.manifest["modality"], lambda items: bundle.logits(items, 16))
-    onnx_path = path if path.is_file() else path / "model.onnx"
-    if onnx_path.suffix == ".onnx" and onnx_path.is_file():
-        from .runtime.preprocess import load_preprocessor
-        from .runtime.session import OnnxModel
-
-        folder = onnx_path.parent
-        if not (folder / "preprocessor.json").exists():
-            raise UsageError(f"{onnx_path}: no preprocessor.json beside it; compare an edgeft export folder.")
-        model = OnnxModel(onnx_path)
-        labels = model.metadata().get("labels")
+        folder = path.parent if path.is_file() else path
+        if is_onnx and not (folder / "preprocessor.json").exists():
+            raise UsageError(f"{path}: no preprocessor.json beside it; compare an edgeft export folder.")
+        run, _, labels, kind, modality = open_artifact(path, None, public_key)
         if not labels:
-            raise UsageError(f"{onnx_path}: its metadata names no labels; compare an edgeft export folder.")
-        spec = json.loads((folder / "preprocessor.json").read_text())
-        pre = load_preprocessor(folder, spec)
-
-        def run(items):
-            return np.concatenate([model(pre(items[i : i + 16]))["logits"] for i in range(0, len(items), 16)])
-
-        return Side(str(path), "onnx", list(labels), "text" if "max_length" in spec else "image", run)
+            raise UsageError(f"{path}: its metadata names no labels; compare an edgeft export folder.")
+        return Side(str(path), kind, list(labels), modality, run)
     if path.is_file():
         raise UsageError(f"{path}: expected a run or model directory, an export folder, an .onnx file or a bundle.")
     from .runs import load_model, predict_logits

@@ -26,12 +26,13 @@ BATCH = 16
 FLOAT64_ROWS = 128  # rows of the float64 run that sets the fp32 |Δ logits| limit (edgeft/float32.py)
 
 
-def _candidate(artifact: Path, ref_pre, public_key=None):
-    """(run(items) -> logits, precision, labels, description) for an export folder, an .onnx file or a bundle."""
+def open_artifact(artifact: Path, ref_pre, public_key=None):
+    """(run(items) -> logits, precision, labels, description, modality) for an export folder, an
+    .onnx file or a bundle; modality is None for a bare .onnx file run with `ref_pre`."""
     if artifact.is_dir() and (artifact / MANIFEST).exists():
         bundle = Bundle(artifact, public_key=public_key)  # signature and hashes before anything runs
         m = bundle.manifest
-        return (lambda items: bundle.logits(items, BATCH)), m["precision"], m["labels"], "bundle"
+        return (lambda items: bundle.logits(items, BATCH)), m["precision"], m["labels"], "bundle", m["modality"]
     if artifact.is_file():
         if artifact.suffix != ".onnx":
             raise UsageError(f"{artifact}: expected an .onnx file, a folder from edgeft export, or a bundle.")
@@ -42,14 +43,15 @@ def _candidate(artifact: Path, ref_pre, public_key=None):
         raise UsageError(f"{artifact}: no model.onnx or manifest.json here; expected a folder from edgeft export, a bundle or an .onnx file.")
     model = OnnxModel(onnx_path)
     meta = model.metadata()
-    pre = ref_pre
+    pre, modality = ref_pre, None
     if pre_dir is not None:
-        pre = load_preprocessor(pre_dir, json.loads((pre_dir / "preprocessor.json").read_text()))
+        spec = json.loads((pre_dir / "preprocessor.json").read_text())
+        pre, modality = load_preprocessor(pre_dir, spec), "text" if "max_length" in spec else "image"
 
     def run(items):
         return np.concatenate([model(pre(items[i : i + BATCH]))["logits"] for i in range(0, len(items), BATCH)])
 
-    return run, meta.get("precision", "fp32"), meta.get("labels"), "onnx"
+    return run, meta.get("precision", "fp32"), meta.get("labels"), "onnx", modality
 
 
 def verify(artifact: str | Path, reference: str | Path, data: str | Path, *, text_column="text",
@@ -67,7 +69,7 @@ def verify(artifact: str | Path, reference: str | Path, data: str | Path, *, tex
     t0 = time.perf_counter()
     artifact = Path(artifact)
     ref = load_model(reference)
-    run, precision, artifact_labels, kind = _candidate(artifact, ref.pre, public_key)
+    run, precision, artifact_labels, kind, _ = open_artifact(artifact, ref.pre, public_key)
     ds = load_labelled(data, ref, text_column, label_column)
     index = {n: i for i, n in enumerate(ref.labels)}
     pick = stratified(ds.labels, limit) if limit else range(len(ds))  # across classes, never the head
