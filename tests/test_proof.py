@@ -108,17 +108,6 @@ def test_row_id_hashes_text_and_image_bytes(tmp_path):
 
 # ---- device bench -------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def device_bundles(tmp_path_factory):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from make_device_bundles import make_bundles
-
-    return make_bundles(tmp_path_factory.mktemp("proof-bundles"))
-
-
 @pytest.mark.parametrize("kind", ["text", "image"])
 def test_device_bench_reports_and_writes_json_beside_the_history(device_bundles, kind, tmp_path):
     import json

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
 import shutil
 import sys
 import tempfile
@@ -231,14 +230,10 @@ def _tmp_stats(stats):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """The device tests' text bundle (softmax head, as every bundle before head families) and its data."""
-    prebuilt = os.environ.get("EDGEFT_DEVICE_BUNDLES")
-    if prebuilt:
-        return {p.name: p for p in Path(prebuilt).iterdir() if (p / "manifest.json").exists()}
-    from make_device_bundles import make_bundles  # the full environment builds them here
-
-    return make_bundles(tmp_path_factory.mktemp("ridge-bundles"))
+def built(device_bundles):
+    """The device tests' text bundle (softmax head, as every bundle before head families) and its
+    data: conftest.py's session bundles, prebuilt or built once for the whole run (read-only)."""
+    return device_bundles
 
 
 @pytest.fixture(scope="module")
