@@ -181,9 +181,9 @@ def edgeft_run(data: dict, out: Path, **kw) -> dict:
     t0 = time.perf_counter()
     summary = train(cfg)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "samples_per_second": summary["timing"]["samples_per_second"],
-            "timing": summary["timing"], "epochs_run": len(summary["epochs"]),
-            "best_epoch": summary["best"]["epoch"], "test_accuracy": evaluate(out, files["test"])["accuracy"]}
+    return {"seconds": seconds, "samples_per_second": summary.timing["samples_per_second"],
+            "timing": summary.timing, "epochs_run": len(summary.epochs),
+            "best_epoch": summary.best["epoch"], "test_accuracy": evaluate(out, files["test"])["accuracy"]}
 
 
 def edgeft_nproc(data: dict, out: Path, nproc: int, epochs: int) -> dict:

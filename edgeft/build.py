@@ -32,6 +32,7 @@ from .profiles import find_profile
 from .quantize import get as get_mode
 from .quantize import prepare_gate, variants_for
 from .quantize.choose import choose_variant
+from .results import BuildResult, ExportResult
 from .runtime import atomic
 from .runtime.bundle import FEATURE_DRIFT, Bundle
 from .runtime.compare import checks, compare
@@ -86,8 +87,8 @@ class _Plan:
         return any(get_mode(v, engine=None).calibrated for v in self.variants)
 
 
-def build(source, device=None, output=None, **options) -> dict:
-    """Build the bundle; return its manifest. Takes a BuildConfig, or its fields.
+def build(source, device=None, output=None, **options) -> BuildResult:
+    """Build the bundle; return where it is and its manifest. Takes a BuildConfig, or its fields.
 
     Fails (ParityError) without writing if parity breaks. keep_examples: parity.json and
     reference/items.json hold the input texts (image names) of their rows; by default they
@@ -109,7 +110,7 @@ def build(source, device=None, output=None, **options) -> dict:
         write_archive(plan.output)
     log.info("built %s for %s (%s, %s) in %.1f s", plan.output, plan.profile.name, plan.target.name,
              plan.precision, time.perf_counter() - t0)
-    return manifest
+    return BuildResult(plan.output, manifest)
 
 
 def _plan(cfg: BuildConfig) -> _Plan:
@@ -187,7 +188,7 @@ def _build_in(plan: _Plan, work: Path, t0: float) -> dict:  # the build's stages
         manifest = _manifest(plan, exported, spec, quant, ov_settings, backbone_file, head)
         manifest["reference"] = reference_kind
         if plan.target.package is not None:
-            plan.target.package(BuildContext(tmp, plan.profile, plan.target, manifest, exported["inputs"],
+            plan.target.package(BuildContext(tmp, plan.profile, plan.target, manifest, exported.inputs,
                                              plan.modality, spec))
         if cfg.replay:
             _add_replay(tmp, plan, manifest)
@@ -213,12 +214,12 @@ def _calibration_items(plan: _Plan) -> list:
     return _spread(items, CALIBRATION_ROWS)
 
 
-def _preprocessing(plan: _Plan, exported: dict, export_dir: Path, calib_items: list):
+def _preprocessing(plan: _Plan, exported: ExportResult, export_dir: Path, calib_items: list):
     """The bundle's preprocessing: the export's, fitted to the device (length, fixed shapes,
     OpenVINO's buckets); and the preprocessor it makes."""
     from .runtime.preprocess import load_preprocessor
 
-    spec, settings = dict(exported["preprocessing"]), plan.settings
+    spec, settings = dict(exported.preprocessing), plan.settings
     if plan.modality == "text":
         if settings["max_length"]:
             spec["max_length"] = min(spec["max_length"], settings["max_length"])
@@ -330,7 +331,7 @@ def _synthetic_inputs(plan: _Plan, pre, gate) -> tuple[dict, dict]:
     return (pre.collate(chosen) if plan.modality == "text" else pre(chosen)), kind
 
 
-def _manifest(plan: _Plan, exported: dict, spec: dict, quant: dict | None, ov_settings: dict | None,
+def _manifest(plan: _Plan, exported: ExportResult, spec: dict, quant: dict | None, ov_settings: dict | None,
               backbone_file: str, head: dict) -> dict:
     """The manifest, in memory until the bundle passed; "files" is filled in last."""
     settings, profile, target, loaded = plan.settings, plan.profile, plan.target, plan.loaded
@@ -346,9 +347,9 @@ def _manifest(plan: _Plan, exported: dict, spec: dict, quant: dict | None, ov_se
         "modality": plan.modality,
         "labels": loaded.labels,
         "preprocessing": spec,
-        "inputs": exported["inputs"],
+        "inputs": exported.inputs,
         "outputs": {"backbone": ["features"], "head": ["logits", "probs"]},
-        "feature_dim": exported["feature_dim"],
+        "feature_dim": exported.feature_dim,
         "precision": plan.precision,
         "quantization": quant,
         "device": {"profile": profile.name, "description": profile.description,
@@ -382,7 +383,7 @@ def _add_replay(tmp: Path, plan: _Plan, manifest: dict) -> None:
     manifest["heads"][0]["replay"] = rel
 
 
-def _bundle_parity(tmp: Path, plan: _Plan, manifest: dict, gate, reference: dict, exported: dict) -> dict:
+def _bundle_parity(tmp: Path, plan: _Plan, manifest: dict, gate, reference: dict, exported: ExportResult) -> dict:
     """The finished bundle, run as a device runs it, against PyTorch on the gate's rows: ParityError
     if it fails; else reference/outputs.npz and parity.json written, parity returned."""
     bundle = _draft(tmp, manifest)
@@ -409,8 +410,8 @@ def _bundle_parity(tmp: Path, plan: _Plan, manifest: dict, gate, reference: dict
         outputs["bundle_features"] = bundle.reference_features()
     np.savez(tmp / "reference" / "outputs.npz", **outputs)
     parity["emulated"] = _emulated_check(tmp, plan, manifest)
-    parity["export_fp32"] = ({k: exported["parity"][k] for k in ("max_abs_diff", "agreement")}
-                             if exported["parity"] else None)
+    parity["export_fp32"] = ({k: exported.parity[k] for k in ("max_abs_diff", "agreement")}
+                             if exported.parity else None)
     (tmp / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
     return parity
 

@@ -231,8 +231,7 @@ def train(config_path, **options):
     summary = run_train(cfg)
     if not summary:  # a worker other than the main one: the main one reports
         return
-    best = summary["best"]
-    t = summary["timing"]["total_seconds"]
+    best, t = summary.best, summary.seconds
     click.echo(
         f"train  ok  {t:.1f} s  {cfg.method}  best epoch {best['epoch']}  "
         f"accuracy {best['accuracy']:.4f}  macro-F1 {best['macro_f1']:.4f}  -> {cfg.output}"
@@ -309,7 +308,7 @@ def merge(run, output, data, overwrite):
     from .merge import merge as run_merge
 
     r = run_merge(run, output, data, overwrite)
-    click.echo(f"merge  ok  {r['seconds']:.1f} s  max|Δ| {r['max_abs_diff']:.1e} on {r['rows']} rows  -> {output}")
+    click.echo(f"merge  ok  {r.seconds:.1f} s  max|Δ| {r.max_abs_diff:.1e} on {r.rows} rows  -> {output}")
 
 
 @main.command()
@@ -332,10 +331,10 @@ def export(source, output, opset, data, overwrite):
     from .export import export as run_export
 
     info = run_export(source, output, opset, data, overwrite)
-    size = info["files"]["model.onnx"]["bytes"] / 1e6
-    p = info["parity"]
+    size = info.files["model.onnx"]["bytes"] / 1e6
+    p = info.parity
     parity = f"max|Δ| {p['max_abs_diff']:.1e}  agreement {p['agreement']:.2%}" if p else "parity not checked"
-    click.echo(f"export  ok  {info['seconds']:.1f} s  model.onnx {size:.1f} MB  {parity}  -> {output}")
+    click.echo(f"export  ok  {info.seconds:.1f} s  model.onnx {size:.1f} MB  {parity}  -> {output}")
 
 
 @main.command()
@@ -375,13 +374,13 @@ def verify(artifact, reference, data, text_column, label_column, max_abs_diff, m
                         certify=certify)
     if junit_path:
         write_junit(report, junit_path)
-    if not emit_json(report, as_json is not None, json_file):
+    if not emit_json(report.to_json(), as_json is not None, json_file):
         click.echo(table(report))
-    if not report["passed"]:
-        failed = "; ".join(c["message"] for c in report["checks"] if not c["passed"])
+    if not report.passed:
+        failed = "; ".join(c["message"] for c in report.checks if not c["passed"])
         click.echo(f"verify  FAILED  {failed}", err=True)
         sys.exit(1)
-    click.echo(f"verify  ok  {report['rows']} rows  {report['seconds']:.1f} s", err=as_json is not None)
+    click.echo(f"verify  ok  {report.rows} rows  {report.seconds:.1f} s", err=as_json is not None)
 
 
 @main.command("compare")
@@ -453,12 +452,11 @@ def build(source, device, output, calibration, data, replay, head_family, min_ag
     """
     from .build import build as run_build
 
-    m = run_build(BuildConfig(source, device, output, calibration=calibration, data=data, archive=archive,
+    built = run_build(BuildConfig(source, device, output, calibration=calibration, data=data, archive=archive,
                               overwrite=overwrite, min_agreement=min_agreement, max_drop=max_drop, replay=replay,
                               sign_key=sign_key, keep_examples=keep_examples, head=head_family,
                               parity_data=parity_data, uncertified=uncertified, emulate=emulate))
-    size = sum(f["bytes"] for f in m["files"].values()) / 1e6
-    p = m["parity"]
+    m, size, p = built.manifest, built.megabytes, built.parity
     judged = " + ".join(f"{n} {s}" for s, n in (p.get("sources") or {}).items())
     click.echo(f"build  ok  {m['build_seconds']:.1f} s  {m['device']['profile']} ({m['target']['name']}, {m['precision']})  "
                f"{size:.1f} MB  agreement {p['agreement']:.2%} on {p['rows']} rows" + (f" ({judged})" if judged else "")

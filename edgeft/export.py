@@ -27,6 +27,7 @@ from . import __version__
 from .config import ExportConfig
 from .errors import ModelError, ParityError, refuse_existing
 from .float32 import tolerance
+from .results import ExportResult
 from .runs import Loaded, load_model, validation_data
 from .runtime import atomic
 from .runtime.compare import Thresholds, checks, compare
@@ -122,7 +123,7 @@ def _write_onnx(tmp: Path, loaded: Loaded, meta: dict, opset: int) -> None:
 
 
 def export(source: str | Path, output: str | Path, opset: int = ExportConfig.opset, data: str | Path | None = None,
-           overwrite: bool = False) -> dict:
+           overwrite: bool = False) -> ExportResult:
     """Export, check parity on validation rows (or `data`), write export.json; return it."""
     t0 = time.perf_counter()
     output = Path(output)
@@ -155,16 +156,16 @@ def export(source: str | Path, output: str | Path, opset: int = ExportConfig.ops
                 raise ParityError(f"{output}: ONNX differs from PyTorch: " + "; ".join(c["message"] for c in failed))
         else:
             log.warning("no validation data found for %s: parity was not checked; pass --data", source)
-        info = {
+        info = ExportResult(
             **meta,
-            "source": str(source),
-            "files": {f: file_entry(tmp / f) for f in FILES},
-            "outputs": {"backbone.onnx": ["features"], "head.onnx": ["logits", "probs"], "model.onnx": ["logits", "probs"]},
-            "validation": loaded.info.get("validation"),
-            "parity": parity,
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        atomic.write_json(tmp / "export.json", info)
+            source=str(source),
+            files={f: file_entry(tmp / f) for f in FILES},
+            outputs={"backbone.onnx": ["features"], "head.onnx": ["logits", "probs"], "model.onnx": ["logits", "probs"]},
+            validation=loaded.info.get("validation"),
+            parity=parity,
+            seconds=round(time.perf_counter() - t0, 3),
+        )
+        atomic.write_json(tmp / "export.json", info.to_json())
     return info
 
 

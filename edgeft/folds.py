@@ -93,13 +93,13 @@ def cross_validate(cfg: TrainConfig) -> dict:
             log.info("fold %d/%d: %d training rows, %d validation rows", f + 1, k, len(assign) - assign.count(f),
                      assign.count(f))
             s = train(fold_cfg)
-            best, last = s["best"], s["epochs"][-1]
-            folds.append({"fold": f + 1, "train_rows": s["data"]["train"]["rows"], "val_rows": s["data"]["val"]["rows"],
+            best, last = s.best, s.epochs[-1]
+            folds.append({"fold": f + 1, "train_rows": s.data["train"]["rows"], "val_rows": s.data["val"]["rows"],
                           "best_epoch": best["epoch"], "accuracy": best["accuracy"], "macro_f1": best["macro_f1"],
                           "loss": best["loss"], "epochs_run": last["epoch"],
                           "last_epoch": {"accuracy": last["accuracy"], "macro_f1": last["macro_f1"],
                                          "loss": last["val_loss"]},
-                          "seconds": s["timing"]["total_seconds"],
+                          "seconds": s.seconds,
                           **({"run": str(output / f"fold-{f + 1}" / "run")} if cfg.keep_folds else {})})
         staged = str(tmp.resolve())
         summary = {m: _spread([r[m] for r in folds]) for m in METRICS}

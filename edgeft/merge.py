@@ -18,6 +18,7 @@ from . import __version__
 from .errors import ParityError, UsageError, refuse_existing
 from .float32 import tolerance
 from .models import EFFNET_META
+from .results import MergeResult
 from .runs import MODEL_INFO, load_run, predict_logits, validation_data
 from .runtime import atomic
 
@@ -28,7 +29,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spec
                    "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
 
 
-def merge(run: str | Path, output: str | Path, data: str | Path | None = None, overwrite: bool = False) -> dict:
+def merge(run: str | Path, output: str | Path, data: str | Path | None = None, overwrite: bool = False) -> MergeResult:
     """Write the merged model directory; return (and record) the merged-vs-unmerged check."""
     t0 = time.perf_counter()
     output = Path(output)
@@ -57,15 +58,15 @@ def merge(run: str | Path, output: str | Path, data: str | Path | None = None, o
         raise ParityError(f"{run}: merged and unmerged logits differ by {diff:.2e} (> {limit:.1e}, float32's reach "
                           f"for this model) on {len(items)} validation rows.")
 
-    report = {"max_abs_diff": diff, "max_abs_diff_limit": limit, "rows": len(items), "merged_lora": merged_lora,
-              "seconds": round(time.perf_counter() - t0, 3)}
+    report = MergeResult(max_abs_diff=diff, max_abs_diff_limit=limit, rows=len(items), merged_lora=merged_lora,
+                         seconds=round(time.perf_counter() - t0, 3))
     with atomic.directory(output, replace=overwrite) as tmp:
         save_model_dir(tmp, model, spec, loaded, report)
     log.info("merged %s -> %s (max |Δ| %.1e on %d rows)", run, output, diff, len(items))
     return report
 
 
-def save_model_dir(d: Path, model, spec, loaded, merge_report: dict) -> None:
+def save_model_dir(d: Path, model, spec, loaded, merge_report: MergeResult) -> None:
     from safetensors.torch import save_file
 
     labels = loaded.labels
@@ -102,7 +103,7 @@ def save_model_dir(d: Path, model, spec, loaded, merge_report: dict) -> None:
         "method": loaded.info["method"],
         "validation": loaded.info.get("validation"),
         "training": loaded.info.get("training"),
-        "merge": merge_report,
+        "merge": merge_report.to_json(),
     }
     (d / MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
     (d / "labels.json").write_text(json.dumps({"labels": labels}, indent=2) + "\n")

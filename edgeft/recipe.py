@@ -230,15 +230,15 @@ def _train_to_export(step: _Steps, r: dict, out: Path) -> dict:
 
     def do_train(folder):
         s = train(cfg)
-        return {"accuracy": s["accuracy"], "macro_f1": s["macro_f1"], "best_epoch": s["best"]["epoch"]}
+        return {"accuracy": s.accuracy, "macro_f1": s.macro_f1, "best_epoch": s.best["epoch"]}
 
     trained = step("train", run_dir, cfg.to_dict() | {"resume": False, "progress": False}, do_train)
     step.summary["train"] = trained
     merged = step("merge", model_dir, {"run": trained, "from": str(run_dir)},
-                  lambda f: merge(run_dir, f))
+                  lambda f: merge(run_dir, f).to_json())
     opset = ExportConfig(**r["export"]).opset
     exported = step("export", export_dir, {"model": merged, "opset": opset, "from": str(model_dir)},
-                    lambda f: {k: v for k, v in export(model_dir, f, opset=opset).items()
+                    lambda f: {k: v for k, v in export(model_dir, f, opset=opset).to_json().items()
                                if k in ("parity", "files", "seconds")})
     step.summary["export"] = {"max_abs_diff": (exported.get("parity") or {}).get("max_abs_diff")}
     return trained
@@ -259,9 +259,9 @@ def _device_steps(step: _Steps, r: dict, out: Path, device: str, name: str, trai
 
     def do_build(folder):
         m = build(BuildConfig(run_dir, device, folder, **given))
-        return {"precision": m["precision"], "parity": m["parity"],
-                "bytes": sum(f["bytes"] for f in m["files"].values()),
-                "quantization": (m.get("quantization") or {}).get("mode")}
+        return {"precision": m.precision, "parity": m.parity,
+                "bytes": sum(f["bytes"] for f in m.manifest["files"].values()),
+                "quantization": (m.quantization or {}).get("mode")}
 
     built = step(f"build {name}", bundle_dir, {"device": device, "build": b, "run": trained,
                                               "profile": str(profile.path)}, do_build)
@@ -283,11 +283,12 @@ def _verify_step(bundle_dir: Path, run_dir: Path, folder: Path, verify_cfg: dict
     rep = verify(bundle_dir, run_dir, verify_cfg["data"], max_abs_diff=verify_cfg.get("max_abs_diff"),
                  min_agreement=verify_cfg.get("min_agreement"), max_accuracy_drop=verify_cfg.get("max_drop"))
     folder.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(folder / "verify.json", rep)
+    report = rep.to_json()
+    atomic.write_json(folder / "verify.json", report)
     write_junit(rep, folder / "junit.xml")
-    if not rep["passed"]:
-        raise ParityError("; ".join(c["message"] for c in rep["checks"] if not c["passed"]))
-    return {k: rep[k] for k in ("accuracy", "reference_accuracy", "agreement", "max_abs_diff", "rows")}
+    if not rep.passed:
+        raise ParityError("; ".join(c["message"] for c in rep.checks if not c["passed"]))
+    return {k: report[k] for k in ("accuracy", "reference_accuracy", "agreement", "max_abs_diff", "rows")}
 
 
 def _latency(bundle_dir: Path, data) -> float | None:

@@ -59,7 +59,8 @@ def _rates(lrs: dict) -> str:
     return f"lr {lrs['backbone']:g} (head {lrs['head']:g})"
 
 
-def model_card(cfg, spec, summary: dict, plan) -> str:
+def model_card(cfg, spec, result, plan) -> str:
+    summary = result.to_json()  # an edgeft.results.TrainResult
     best = summary["best"]
     p = summary["parameters"]
     data = summary["data"]

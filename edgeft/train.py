@@ -35,6 +35,7 @@ from .models import (
     check_modality,
     load_spec,
 )
+from .results import TrainResult
 from .runtime import atomic
 from .runtime.metrics import classification_report
 
@@ -498,32 +499,32 @@ class Trainer:
                 {"epoch": epoch, "history": p.history, "best": p.best, "bad_epochs": p.bad_epochs},
                 cfg.keep_checkpoints)
 
-    def summary(self, t_start: float) -> dict:
+    def summary(self, t_start: float) -> TrainResult:
         """The best epoch's weights back in the model, evaluated once more; metrics.json's content."""
         cfg, p = self.cfg, self.progress
         self.model = self.core
         checkpoints.load_weights(self.core, checkpoints.best_weights(self.run))
         val_loss, report = self.evaluate()
         train_ds, val_ds = self.train_in.ds, self.val_in.ds
-        return {
-            "edgeft_version": __version__,
-            "method": cfg.method,
-            "model": self.spec.source,
-            "labels": self.labels,
-            "parameters": self.params,
-            "epochs": p.history,
-            "best": {"epoch": p.best["epoch"], "metric": cfg.metric, "loss": val_loss, **report},
-            "accuracy": report["accuracy"],
-            "macro_f1": report["macro_f1"],
-            "stopped_early": p.stopped_early,
-            "data": {
+        return TrainResult(
+            edgeft_version=__version__,
+            method=cfg.method,
+            model=self.spec.source,
+            labels=self.labels,
+            parameters=self.params,
+            epochs=p.history,
+            best={"epoch": p.best["epoch"], "metric": cfg.metric, "loss": val_loss, **report},
+            accuracy=report["accuracy"],
+            macro_f1=report["macro_f1"],
+            stopped_early=p.stopped_early,
+            data={
                 "train": {"source": train_ds.source, "rows": len(train_ds), "counts": train_ds.counts(),
                           "fingerprint": train_ds.fingerprint()},
                 "val": {"source": val_ds.source, "rows": len(val_ds), "counts": val_ds.counts(),
                         "fingerprint": val_ds.fingerprint()},
             },
-            "trained": self.record(),
-            "timing": {
+            trained=self.record(),
+            timing={
                 "total_seconds": round(time.perf_counter() - t_start, 3),
                 "feature_seconds": round(self.feature_seconds, 3),
                 "loop_seconds": round(self.loop_seconds, 3),
@@ -532,7 +533,7 @@ class Trainer:
                 else None,
                 "feature_cache_hits": self.strategy.cache_hits,
             },
-        }
+        )
 
 
     def record(self) -> dict:
@@ -569,8 +570,9 @@ def _check_inputs(cfg: TrainConfig):
     return train_ds, val_ds, labels, spec, state, resume_from
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train per `cfg`; write the run directory; return the summary (also metrics.json)."""
+def train(cfg: TrainConfig) -> TrainResult | None:
+    """Train per `cfg`; write the run directory; return the summary (also metrics.json), or None
+    in a worker process other than the main one (the main one writes and reports)."""
     if cfg.folds:
         raise UsageError("folds: cross-validation writes a report of fold runs, not one run; run it with "
                          "edgeft train --folds K (edgeft.folds.cross_validate), not as a recipe's training step.")
@@ -586,21 +588,21 @@ def train(cfg: TrainConfig) -> dict:
     t.fit()
     t.accelerator.wait_for_everyone()
     if not t.main:  # only the main process writes the run directory
-        return {}
+        return None
     summary = t.summary(t_start)
     if cfg.head == "ridge" and isinstance(t.strategy, HeadOnly):  # the closed-form head, same cached features
         from .ridge_head import fit_on_features
 
         feats = t.strategy.feats
-        summary["ridge"] = fit_on_features(feats["train"].numpy(), t.train_in.y.numpy(), feats["val"].numpy(),
-                                           t.val_in.y.numpy(), labels)
+        summary.ridge = ridge = fit_on_features(feats["train"].numpy(), t.train_in.y.numpy(), feats["val"].numpy(),
+                                                t.val_in.y.numpy(), labels)
         log.info("ridge head: accuracy %.4f on the validation rows (lambda %g, one solve in %.2f s)",
-                 summary["ridge"]["accuracy"], summary["ridge"]["lambda"], summary["ridge"]["seconds"])
+                 ridge["accuracy"], ridge["lambda"], ridge["seconds"])
     _write_outputs(t, summary)
     return summary
 
 
-def _write_outputs(t: Trainer, summary: dict) -> None:
+def _write_outputs(t: Trainer, summary: TrainResult) -> None:
     from safetensors.torch import save_file
 
     from .report import model_card, plot_confusion, plot_curves
@@ -619,9 +621,9 @@ def _write_outputs(t: Trainer, summary: dict) -> None:
         atomic.write_text(run / "tokenizer.json", t.pre.tokenizer.to_str())
     atomic.write_json(run / "preprocessor.json", t.pre.spec())
     atomic.write_json(run / "labels.json", {"labels": labels})
-    atomic.write_json(run / "metrics.json", summary)
-    plot_curves(summary["epochs"], run / "curves.png")
-    plot_confusion(summary["best"]["confusion"], labels, run / "confusion.png")
+    atomic.write_json(run / "metrics.json", summary.to_json())
+    plot_curves(summary.epochs, run / "curves.png")
+    plot_confusion(summary.best["confusion"], labels, run / "confusion.png")
     atomic.write_text(run / "README.md", model_card(cfg, spec, summary, t.plan))
     atomic.write_json(run / "run.json", {
         "edgeft_version": __version__,
@@ -635,8 +637,8 @@ def _write_outputs(t: Trainer, summary: dict) -> None:
         "validation": validation_source(cfg.to_dict()),
         "training": training_source(cfg.to_dict()),
         "trained_keys": keys,
-        "parameters": summary["parameters"],
-        "trained": summary["trained"],
-        "data": {k: {"rows": v["rows"], "fingerprint": v["fingerprint"]} for k, v in summary["data"].items()},
+        "parameters": summary.parameters,
+        "trained": summary.trained,
+        "data": {k: {"rows": v["rows"], "fingerprint": v["fingerprint"]} for k, v in summary.data.items()},
     })
     atomic.write_json(run / STATE_FILE, {**json.loads((run / STATE_FILE).read_text()), "status": "complete"})

@@ -120,14 +120,14 @@ def tune(cfg: TrainConfig, methods: list[str], trials: int = 20, timeout: float 
                                 "error": str(e), "seconds": round(time.perf_counter() - t, 2)})
                 shutil.rmtree(run, ignore_errors=True)
                 raise optuna.TrialPruned(str(e)) from None
-            score = summary["best"]["loss"] if cfg.metric == "loss" else summary["best"][cfg.metric]
+            score = summary.best["loss"] if cfg.metric == "loss" else summary.best[cfg.metric]
             if not math.isfinite(score):  # a diverged run: failed, so it cannot hold the best place
                 records.append({"trial": trial.number + 1, "method": method, **settings, "state": "failed",
                                 "error": f"{cfg.metric} is {score}", "seconds": round(time.perf_counter() - t, 2)})
                 shutil.rmtree(run, ignore_errors=True)
                 raise optuna.TrialPruned(f"{cfg.metric} is {score}")
             records.append({"trial": trial.number + 1, "method": method, **settings, "state": "complete",
-                            cfg.metric: score, "best_epoch": summary["best"]["epoch"],
+                            cfg.metric: score, "best_epoch": summary.best["epoch"],
                             "seconds": round(time.perf_counter() - t, 2)})
             log.info("trial %d: %s %s -> %s %.4f", trial.number + 1, method,
                      " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items()),

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
+from .results import VerifyReport
 from .runtime import atomic
 from .runtime.bundle import Bundle
 from .runtime.compare import Thresholds, checks, compare
@@ -57,7 +58,7 @@ def open_artifact(artifact: Path, ref_pre, public_key=None):
 def verify(artifact: str | Path, reference: str | Path, data: str | Path, *, text_column="text",
            label_column="label", max_abs_diff=None, min_agreement=None, max_accuracy_drop=None,
            limit: int | None = None, public_key=None, parity_data: str | Path | None = None,
-           certify: bool = False) -> dict:
+           certify: bool = False) -> VerifyReport:
     """`data`: labelled rows (accuracy and agreement); `parity_data`: more inputs, labels
     optional, that judge agreement (edgeft.certify.parity_inputs). Every figure carries its
     one-sided 95% bound (edgeft.runtime.stats); with `certify`, agreement below 100% is judged
@@ -93,26 +94,23 @@ def verify(artifact: str | Path, reference: str | Path, data: str | Path, *, tex
     t1 = time.perf_counter()
     got = run(items)
     candidate_seconds = time.perf_counter() - t1
-    report = compare(ref_logits, got, rows.labels(), ref.labels, items)
-    report["sources"] = rows.counts()
-    found = checks(report, t, certify=certify)
+    figures = compare(ref_logits, got, rows.labels(), ref.labels, items)
+    found = checks(figures, t, certify=certify)
     artifact_labels = artifact_labels or ref.labels
     found.insert(0, {"name": "labels", "passed": artifact_labels == ref.labels, "value": artifact_labels,
                      "limit": ref.labels, "message": "labels and their order match the reference"
                      if artifact_labels == ref.labels else f"artifact labels {artifact_labels} != reference {ref.labels}"})
-    report.update({
-        "artifact": str(artifact), "kind": kind, "reference": str(reference), "data": str(data),
-        "parity_data": str(parity_data) if parity_data is not None else None, "certified": certify,
-        "precision": precision, "thresholds": t.__dict__, "checks": found,
-        "passed": all(c["passed"] for c in found),
-        "candidate_ms_per_row": round(1000 * candidate_seconds / max(len(items), 1), 3),
-        "seconds": round(time.perf_counter() - t0, 3),
-    })
-    return report
+    return VerifyReport(
+        figures=figures, sources=rows.counts(), artifact=str(artifact), kind=kind, reference=str(reference),
+        data=str(data), parity_data=str(parity_data) if parity_data is not None else None, certified=certify,
+        precision=precision, thresholds=dict(t.__dict__), checks=found, passed=all(c["passed"] for c in found),
+        candidate_ms_per_row=round(1000 * candidate_seconds / max(len(items), 1), 3),
+        seconds=round(time.perf_counter() - t0, 3))
 
 
-def write_junit(report: dict, path: str | Path) -> None:
+def write_junit(rep: VerifyReport, path: str | Path) -> None:
     """One test case per check; a failed check is a <failure> with its numbers."""
+    report = rep.to_json()
     suite = ET.Element("testsuite", name="edgeft.verify", tests=str(len(report["checks"])),
                        failures=str(sum(not c["passed"] for c in report["checks"])), errors="0",
                        time=f"{report['seconds']:.3f}")
@@ -133,7 +131,8 @@ def write_junit(report: dict, path: str | Path) -> None:
     atomic.write_bytes(path, ET.tostring(ET.ElementTree(suite).getroot(), encoding="utf-8", xml_declaration=True))
 
 
-def table(report: dict) -> str:
+def table(rep: VerifyReport) -> str:
+    report = rep.to_json()
     conf = (report.get("bounds") or {}).get("confidence", 0.95)
     lines = [f"{'check':<15} {'value':>12} {f'{conf:.0%} bound':>12} {'limit':>12}  result"]
     for c in report["checks"]:

@@ -42,7 +42,7 @@ class _Bundles(dict):
         path = self.base / name
         # the tiny run has 66 rows to judge, too few to certify 99% (tests/test_proof.py does that):
         # these bundles are judged on the point estimate; the ARM emulation has its own tests
-        self[name] = (build(self.run, name, path, archive=name == "raspberry-pi-5", uncertified=True, emulate=False),
+        self[name] = (build(self.run, name, path, archive=name == "raspberry-pi-5", uncertified=True, emulate=False).manifest,
                       path)
         return self[name]
 
@@ -232,7 +232,7 @@ def test_profile_errors(tmp_path, lora_text_run):
 def test_user_profile_file(lora_text_run, tmp_path):
     p = tmp_path / "line3-box.toml"
     p.write_text('description = "Line 3 inspection PC"\ntarget = "cpu"\n[runtime]\nprecision = "fp32"\nthreads = 2\n')
-    m = build(lora_text_run, str(p), tmp_path / "bundle")
+    m = build(lora_text_run, str(p), tmp_path / "bundle").manifest
     assert m["device"]["profile"] == "line3-box" and m["precision"] == "fp32" and m["runtime"]["threads"] == 2
     # fp32 ONNX against float32 PyTorch on the run's validation rows: float32's reach (tests/tolerance.py)
     assert m["parity"]["max_abs_diff"] <= validation_tolerance(lora_text_run), m["parity"]
@@ -292,7 +292,7 @@ def test_third_party_plugin_appears_and_builds(tmp_path, lora_text_run):
     assert d["targets"]["acme-npu"]["plugin"] == "acme" and "acme-board" in d["profiles"]
     code = textwrap.dedent(f"""
         from edgeft.build import build
-        m = build({str(lora_text_run)!r}, "acme-board", {str(tmp_path / "bundle")!r})
+        m = build({str(lora_text_run)!r}, "acme-board", {str(tmp_path / "bundle")!r}).manifest
         print(m["target"]["name"], sorted(m["files"]))
     """)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)

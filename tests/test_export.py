@@ -90,7 +90,7 @@ def test_ia3_merges_and_exports_like_lora(model, data, text_data, image_data, tm
     assert not any("ia3" in k for k in weights)
     info = json.loads((tmp_path / "merged" / "edgeft.json").read_text())
     assert info["merge"]["merged_lora"]  # the adapters were folded (the key predates (IA)3)
-    out = export(tmp_path / "merged", tmp_path / "export")
+    out = export(tmp_path / "merged", tmp_path / "export").to_json()
     assert all(c["passed"] for c in out["parity"]["checks"]) and out["parity"]["agreement"] == 1.0
 
 
@@ -164,7 +164,7 @@ def test_onnx_equals_pytorch_with_padding_and_batch_sizes(merged_text_export, te
 def test_image_export_equals_pytorch(model, method, image_data, tmp_path, request):
     run = _train(request.getfixturevalue(model), image_data, tmp_path / "run", method, epochs=1)
     merge(run, tmp_path / "model")
-    info = export(tmp_path / "model", tmp_path / "export")
+    info = export(tmp_path / "model", tmp_path / "export").to_json()
     ref = load_model(tmp_path / "model")
     fused = OnnxModel(tmp_path / "export" / "model.onnx")
     items = sorted(str(p) for p in image_data.rglob("*.png"))  # every image: the export's rows are among them
@@ -183,7 +183,7 @@ def test_image_export_equals_pytorch(model, method, image_data, tmp_path, reques
 
 
 def test_export_straight_from_a_run_and_opset(lora_text_run, tmp_path):
-    info = export(lora_text_run, tmp_path / "e", opset=14)
+    info = export(lora_text_run, tmp_path / "e", opset=14).to_json()
     run = load_model(lora_text_run)
     _, tol = _exact_and_tolerance(run, validation_data(run.info["validation"]).items, k=K + 1)
     assert info["parity"]["max_abs_diff"] <= tol, (info["parity"], tol)
@@ -291,7 +291,7 @@ def test_merge_and_export_cli(lora_text_run, tmp_path):
 
 def test_head_run_merges_to_the_same_layout(tiny_bert, text_data, tmp_path):
     run = _train(tiny_bert, text_data["train"], tmp_path / "run", "head")
-    info = merge(run, tmp_path / "model")
+    info = merge(run, tmp_path / "model").to_json()
     # nothing to merge: the same float32 model on the same rows, so the same bits on any CPU
     assert info["max_abs_diff"] == 0.0 and not info["merged_lora"]
     assert {p.name for p in (tmp_path / "model").iterdir()} >= {"config.json", "model.safetensors",

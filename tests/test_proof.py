@@ -307,7 +307,7 @@ def test_an_arm_build_runs_the_emulated_check(lora_text_run, tmp_path):
 
     if emulate.status() is None:
         pytest.skip(emulate.not_set_up())
-    m = build(lora_text_run, "raspberry-pi-5", tmp_path / "b", uncertified=True, replay=0)
+    m = build(lora_text_run, "raspberry-pi-5", tmp_path / "b", uncertified=True, replay=0).manifest
     e = m["parity"]["emulated"]
     assert e["status"] == "ran" and e["cpu"] == "cortex-a76" and e["machine"] == "aarch64" and e["rows"] == 16, e
     # int8 kernels differ in rounding, never by much against the features' own scale (the build's refusal line)
@@ -349,7 +349,7 @@ def test_kept_examples_are_real_rows_with_the_smallest_margins(lora_text_run, tm
 
     profile = tmp_path / "box.toml"
     profile.write_text('description = "test box"\ntarget = "cpu"\nprecision = "fp32"\n')
-    m = build(lora_text_run, str(profile), tmp_path / "b", keep_examples=True, replay=0)
+    m = build(lora_text_run, str(profile), tmp_path / "b", keep_examples=True, replay=0).manifest
     assert m["reference"]["kind"] == "examples" and len(m["reference"]["classes"]) == 3
     assert m["files"]["reference/inputs.npz"]["holds"].startswith("examples: preprocessed rows of the owner's data")
     texts = json.loads((tmp_path / "b" / "reference" / "items.json").read_text())

@@ -403,12 +403,12 @@ def test_train_and_build_with_the_ridge_head(tmp_path):
     val = tiny.write_csv(tmp_path / "data" / "val.csv", tiny.text_rows(6, 2))
     summary = train(TrainConfig(model=str(bert), data=str(data), val=str(val), output=str(tmp_path / "run"),
                                 method="head", head="ridge", epochs=5, progress=False))
-    fit = summary["ridge"]
+    fit = summary.ridge
     assert fit["family"] == "ridge" and fit["train_rows"] == 48 and fit["lambda_chosen_on_rows"] == 18
     assert 0.0 <= fit["accuracy"] <= 1.0
     profile = tmp_path / "box.toml"
     profile.write_text('description = "test box"\ntarget = "cpu"\nprecision = "fp32"\n')
-    m = build(tmp_path / "run", str(profile), tmp_path / "bundle")
+    m = build(tmp_path / "run", str(profile), tmp_path / "bundle").manifest
     assert m["head"]["family"] == "ridge" and m["schema"] == 3 and m == read_manifest(tmp_path / "bundle")
     b = Bundle(tmp_path / "bundle")
     assert b.check()["passed"] and b.predict(["pump seal leak"])[0]["label"] in b.labels

@@ -88,7 +88,7 @@ def test_minilm_int8_bundle_keeps_its_answers(device, runs, tmp_path):
     inputs = tmp_path / "parity_inputs.txt"  # the example's 600 unlabelled entries: enough rows to certify 99%
     inputs.write_text("\n".join(runpy.run_path(str(EXAMPLE / "make_parity_inputs.py"))["entries"]()) + "\n")
     try:
-        m = build(runs["lora"], device, out, data=EXAMPLE / "test.csv", parity_data=inputs)
+        m = build(runs["lora"], device, out, data=EXAMPLE / "test.csv", parity_data=inputs).manifest
     except ParityError as e:
         assert "top-1 agreement" in str(e) and "accuracy" in str(e) and not out.exists()
         pytest.xfail(f"refused with the numbers: {e}")

@@ -50,7 +50,7 @@ def test_a_pi_bundle_built_on_x86_follows_the_documented_order(lora_text_run, tm
 
     if host()["arch"] != "x86-64":
         pytest.skip("the point is a build host of another class than the Pi's")
-    m = build(lora_text_run, "raspberry-pi-5", tmp_path / "b", uncertified=True, emulate=False)
+    m = build(lora_text_run, "raspberry-pi-5", tmp_path / "b", uncertified=True, emulate=False).manifest
     how = m["quantization"]["chosen_by"]
     assert how["method"] == "documented order" and how["order_for"] == "arm64"
     passing = [t["mode"] for t in m["quantization"]["tried"] if t["passed"]]
@@ -63,7 +63,7 @@ def test_the_mobile_int8_bundle_stays_unfused(lora_text_run, tmp_path):
 
     phone = tmp_path / "phone.toml"
     phone.write_text('description = "test phone"\ntarget = "mobile"\nprecision = "int8"\nmax_length = 32\n')
-    m = build(lora_text_run, str(phone), tmp_path / "b", uncertified=True)
+    m = build(lora_text_run, str(phone), tmp_path / "b", uncertified=True).manifest
     assert all(t["mode"] != "dynamic-fused" for t in m["quantization"]["tried"]) and "fusion" not in m["quantization"]
     # the ORT-format conversion applies ONNX Runtime's own session fusions (SkipLayerNormalization,
     # Gelu: the reduced build compiles what the config lists); the transformer optimizer's attention

@@ -39,7 +39,7 @@ def test_every_method_on_text(method, tiny_bert, text_data, tmp_path):
     assert {"accuracy", "macro_f1", "train_loss", "val_loss"} <= set(m["epochs"][0])
     assert set(m["best"]["per_class"]) == {"belt", "motor", "pump"}
     assert sum(map(sum, m["best"]["confusion"])) == 18
-    p = s["parameters"]
+    p = s.parameters
     # the ratio is reported rounded to 6 places (methods.py): within 5e-7 of the exact quotient
     assert 0 < p["trainable"] <= p["total"] and p["ratio"] == pytest.approx(p["trainable"] / p["total"], abs=1e-6)
     expected_ratio = {"head": (0, 0.02), "lora": (0.02, 0.3), "ia3": (0, 0.05), "bitfit": (0.01, 0.1),
@@ -61,8 +61,8 @@ def test_image_models(model, method, image_data, tmp_path, request):
     path = request.getfixturevalue(model)
     s = train(cfg_for(path, image_data, tmp_path / "run", method=method, batch_size=8, epochs=1,
                       augment=method != "head"))
-    assert s["labels"] == ["clean", "crack", "stain"]
-    assert 0 < s["parameters"]["trainable"] < s["parameters"]["total"]
+    assert s.labels == ["clean", "crack", "stain"]
+    assert 0 < s.parameters["trainable"] < s.parameters["total"]
     pre = json.loads((tmp_path / "run" / "preprocessor.json").read_text())
     assert pre["kind"] == "image" and pre["size"] == [32, 32]
 
@@ -71,15 +71,15 @@ def test_image_model_learns(tiny_resnet, image_data, tmp_path):
     """Colour is enough to tell the classes apart: a head on a random CNN's features learns it."""
     s = train(cfg_for(tiny_resnet, image_data, tmp_path / "run", method="head", epochs=40,
                       head_lr=0.05, val_fraction=0.3, patience=40))
-    assert s["accuracy"] >= 0.8
+    assert s.accuracy >= 0.8
 
 
 def test_text_model_learns(tiny_bert, text_data, tmp_path):
     s = train(cfg_for(tiny_bert, text_data["train"], tmp_path / "run", val=str(text_data["val"]),
                       method="lora", pooling="mean", epochs=15, batch_size=8, patience=15))
-    assert s["accuracy"] >= 0.6
+    assert s.accuracy >= 0.6
     report = evaluate(tmp_path / "run", text_data["val"])
-    assert report["accuracy"] == pytest.approx(s["accuracy"])
+    assert report["accuracy"] == pytest.approx(s.accuracy)
 
 
 def test_head_cache_equals_frozen_backbone_loop(tiny_bert, text_data, tmp_path):
@@ -136,8 +136,8 @@ def test_head_cache_equals_frozen_backbone_loop(tiny_bert, text_data, tmp_path):
 def test_feature_cache_is_reused(tiny_bert, text_data, tmp_path):
     a = train(cfg_for(tiny_bert, text_data["train"], tmp_path / "a", val=str(text_data["val"]), method="head"))
     b = train(cfg_for(tiny_bert, text_data["train"], tmp_path / "b", val=str(text_data["val"]), method="head"))
-    assert b["timing"]["feature_cache_hits"] == [True, True]
-    assert a["accuracy"] == b["accuracy"]
+    assert b.timing["feature_cache_hits"] == [True, True]
+    assert a.accuracy == b.accuracy
     wa, wb = (load_file(str(tmp_path / d / "trained.safetensors")) for d in "ab")
     assert torch.equal(wa["head.weight"], wb["head.weight"])
 
@@ -178,7 +178,7 @@ def test_resume_equals_uninterrupted(method, model, data, tmp_path, monkeypatch,
         load_run(tmp_path / "cut")
     monkeypatch.setattr(T, "save_checkpoint", real_save)
     s = train(cfg_for(path, train_data, tmp_path / "cut", resume=True, **kw))
-    assert len(s["epochs"]) == 4
+    assert len(s.epochs) == 4
     whole = load_file(str(tmp_path / "whole" / "trained.safetensors"))
     cut = load_file(str(tmp_path / "cut" / "trained.safetensors"))
     assert whole.keys() == cut.keys()
@@ -187,7 +187,7 @@ def test_resume_equals_uninterrupted(method, model, data, tmp_path, monkeypatch,
         # tolerance (tens of float32 ulps) only allows a kernel that picks another order on reload
         torch.testing.assert_close(cut[k], whole[k], atol=1e-6, rtol=1e-5, msg=k)
     hw = json.loads((tmp_path / "whole" / "metrics.json").read_text())["epochs"]
-    assert [round(e["train_loss"], 5) for e in s["epochs"]] == [round(e["train_loss"], 5) for e in hw]
+    assert [round(e["train_loss"], 5) for e in s.epochs] == [round(e["train_loss"], 5) for e in hw]
 
 
 def test_resume_refuses_other_data(tiny_bert, text_data, tmp_path):
@@ -205,7 +205,7 @@ def test_early_stopping_and_checkpoint_pruning(tiny_bert, text_data, tmp_path):
     # lr 0: nothing improves after the first epoch, so patience 2 stops after epoch 3
     s = train(cfg_for(tiny_bert, text_data["train"], tmp_path / "run", val=str(text_data["val"]),
                       method="head", head_lr=0.0, epochs=20, patience=2, keep_checkpoints=1))
-    assert s["stopped_early"] and len(s["epochs"]) == 3 and s["best"]["epoch"] == 1
+    assert s.stopped_early and len(s.epochs) == 3 and s.best["epoch"] == 1
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpts == ["best", "epoch-002"]
 
