@@ -362,6 +362,9 @@ def frontier_task(name: str, bundles: dict[str, Path], work: Path, new_pool: lis
                                                    if family == "ridge" else {"l2": fit["l2"]}),
                            guard_new_rows=r["metrics"]["new_holdout_accuracy"]["rows"],
                            guard_old_rows=r["metrics"]["replay_holdout_accuracy"]["rows"])
+                judged = r["metrics"].get("old_classes_accuracy")  # ridge: stored rows out-of-fold + hold-out
+                if judged:
+                    row.update(guard_old_rows=judged["rows"], guard_old_stored_rows=judged["stored_rows_out_of_fold"])
             except RetrainRefused as e:
                 row.update(accepted=False, refusal=str(e).split("stays: ", 1)[-1])
             row["old_after"], row["new_recall"] = score(Bundle(dst))
@@ -445,7 +448,9 @@ def print_frontier(tasks: list[dict]) -> None:
                 setting = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
                                     for k, v in r.get("setting", {}).items())
                 if "guard_new_rows" in r:  # the rows the device's choice and its guard rest on
-                    setting += f"; on {r['guard_new_rows']} new + {r['guard_old_rows']} replay rows"
+                    stored = r.get("guard_old_stored_rows")
+                    setting += (f"; on {r['guard_new_rows']} new + {r['guard_old_rows']} old rows ({stored} stored, "
+                                f"out-of-fold)" if stored else f"; on {r['guard_new_rows']} new + {r['guard_old_rows']} replay rows")
                 cells.append((family, str(r["n"]), f"{100 * r['old_before']:.1f}% -> {100 * r['old_after']:.1f}%",
                               f"{100 * r['new_recall']:.1f}%", "accepted" if r["accepted"] else "REFUSED", setting))
         for r in t["logreg"]:

@@ -188,36 +188,70 @@ def test_statistics_size_per_class():
 
 
 def test_lambda_choice_is_out_of_fold_and_honours_the_margin():
-    """choose(): each new row predicted by a solve without its fold (checked by brute force); the
-    lambda kept is the best out-of-fold one among those within the margin on the replay hold-out."""
+    """choose(): each new row and each old row the statistics keep is predicted by a solve without
+    its fold (checked by brute force), the old head too (at its own lambda); the setting kept is
+    the best out-of-fold one among those within the margin on all those old rows."""
     X, y = blobs(40, 3, seed=12)
     old = y < 2
     P = R.make_projection(X[old], 64)
     Xh, yh = blobs(10, 2, seed=13)
-    base = stats_of(P, X[old][::2], y[old][::2], ["a", "b"])
+    base = stats_of(P, X[old][::2], y[old][::2], ["a", "b"])  # 20 rows per class, kept as rows
+    lam0 = 1.0
+    hold_before = R.fit(base, P, lam0).logits(Xh).argmax(1)
     base.ensure_labels(["a", "b", "c"])
     Xn, yn = X[~old][:12], y[~old][:12]
-    before = 0.9
-    c = R.choose(base, P, Xn, yn, Xh, yh, old_before=before, margin=0.02, folds=4)
+    c = R.choose(base, P, Xn, yn, Xh, yh, margin=0.02, hold_before=hold_before, current_lambda=lam0, folds=4)
     assert c["folds"] == 4 and c["new_rows"] == 12 and c["replay_holdout_rows"] == 20
+    assert c["stored_rows_out_of_fold"] == 40 and c["old_rows"] == 60
     fold = R.folds_of(yn, 4)
+    stored_y = np.repeat([0, 1], 20)  # the statistics' rows, class by class
+    stored_H = np.concatenate([base.classes[0].rows, base.classes[1].rows])
+    stored_fold = R.folds_of(stored_y, 4, 1)  # seed + 1: the stored rows' own folds
+    Hn = P(Xn)  # as choose() projects them (one batch)
+
+    def fold_stats(f, with_new=True):
+        s = R.Statistics.empty(P, ["a", "b", "c"])
+        s.add(stored_H[stored_fold != f], stored_y[stored_fold != f])
+        if with_new:
+            s.add(Hn[fold != f], yn[fold != f])
+        return s
+
+    right_before = 0
+    for f in range(4):  # the old head, out-of-fold at its own lambda
+        s = fold_stats(f, with_new=False)
+        W, b = R.solve(*s.system(), lam0)
+        z = stored_H[stored_fold == f] @ W + b
+        z[:, 2] = -np.inf  # a class the old head does not have is never its answer
+        right_before += int((z.argmax(1) == stored_y[stored_fold == f]).sum())
+    assert c["old_before"] == pytest.approx((right_before + int((hold_before == yh).sum())) / 60)
     for row in c["grid"][::4]:
-        right = 0
+        right_new = right_old = 0
         for f in range(4):
-            s = R.Statistics.from_file(_tmp_stats(base))
-            s.add(P(Xn[fold != f]), yn[fold != f])
-            W, b = R.solve(*s.system(), row["lambda"])
-            right += int(((P(Xn[fold == f]) @ W + b).argmax(1) == yn[fold == f]).sum())
-        assert right / 12 == row["new_oof_accuracy"]
-    ok = [r for r in c["grid"] if before - r["replay_holdout_accuracy"] <= 0.02 + 1e-12]
+            W, b = R.solve(*fold_stats(f).system(), row["lambda"])
+            right_new += int(((Hn[fold == f] @ W + b).argmax(1) == yn[fold == f]).sum())
+            right_old += int(((stored_H[stored_fold == f] @ W + b).argmax(1) == stored_y[stored_fold == f]).sum())
+        W, b = R.solve(*stats_of(P, np.zeros((0, 24)), np.zeros(0, int), ["a", "b", "c"]).system(
+            {0: base.classes[0].rows, 1: base.classes[1].rows, 2: Hn}), row["lambda"])
+        right_hold = int(((P(Xh) @ W + b).argmax(1) == yh).sum())
+        assert right_new / 12 == row["new_oof_accuracy"] and right_old == row["stored_oof_right"]
+        assert row["old_accuracy"] == pytest.approx((right_old + right_hold) / 60)
+    ok = [r for r in c["grid"] if c["old_before"] - r["old_accuracy"] <= 0.02 + 1e-12]
     assert c["within_margin"] == bool(ok)
-    if ok:  # within one standard error of the best new recall, the most replay rows kept right
+    if ok:  # within one standard error of the best new recall, the most old rows kept right
         top = max(r["new_oof_accuracy"] for r in ok)
         assert c["recall_tolerance"] == pytest.approx(max(np.sqrt(top * (1 - top) / 12), 1 / 12))
         near = [r for r in ok if r["new_oof_accuracy"] >= top - c["recall_tolerance"] - 1e-12]
         assert c["new_oof_accuracy"] >= top - c["recall_tolerance"] - 1e-12
-        assert c["replay_holdout_accuracy"] == max(r["replay_holdout_accuracy"] for r in near)
+        assert c["old_accuracy"] == max(r["old_accuracy"] for r in near)
     assert base.counts == [20, 20, 0]  # choose() leaves the statistics as they were
+    # a hold-out row the statistics already keep is judged once, out-of-fold; without the old
+    # head's lambda only the hold-out judges the old classes
+    seen = np.arange(20) % 4 == 0
+    assert R.choose(base, P, Xn, yn, Xh, yh, margin=0.02, hold_before=hold_before, current_lambda=lam0, folds=4,
+                    hold_in_stats=seen)["replay_holdout_rows"] == 15
+    alone = R.choose(base, P, Xn, yn, Xh, yh, margin=0.02, hold_before=hold_before, folds=4)
+    assert alone["stored_rows_out_of_fold"] == 0 and alone["old_rows"] == 20
+    assert alone["old_before"] == pytest.approx(float((hold_before == yh).mean()))
 
 
 def _tmp_stats(stats):
@@ -286,6 +320,10 @@ def test_ridge_retrain_adds_a_class_exactly_and_rolls_back_bitwise(ridge_bundle,
     assert m["head"]["family"] == "ridge" and m["labels"][-1] == "valve" and m["head"]["version"] == 3
     metrics = m["heads"][-1]["metrics"]
     assert metrics["new_holdout_accuracy"]["rows"] == 24  # k-fold: every new sample judged once
+    # the earlier classes: all 72 rows the statistics keep, out-of-fold, beside the replay hold-out
+    judged, hold = metrics["old_classes_accuracy"], metrics["replay_holdout_accuracy"]
+    assert judged["stored_rows_out_of_fold"] == 72 and judged["rows"] == 72 + hold["rows"] == 72 + judged["replay_holdout_rows"]
+    assert metrics["fit"]["decided_on"]["old_rows"] == judged["rows"] and 0 <= judged["after"] <= 1
     stats3, P3 = load_lineage(ridge_bundle, m)
     assert P3.sha256 == P.sha256 and stats3.counts == stats2.counts + [24]
     # exact: the statistics are the old ones plus the new rows' own
@@ -322,6 +360,11 @@ def test_two_ridge_retrains_equal_one_and_each_row_counts_once(built, ridge_buil
     assert r1["metrics"]["rows"] == {"in_file": 13, "added": 12, "skipped_already_in_statistics": 0,
                                      "skipped_repeated_in_file": 1}
     r2 = retrain(a, _csv(tmp_path / "2.csv", rows), margin=1.0)  # its first 12 rows are in the statistics
+    # r1 marked a quarter of its new rows hold-out: they are in the statistics too, so r2 judges
+    # them once, out-of-fold with their class's rows, not again as hold-out rows
+    j1, j2 = r1["metrics"]["old_classes_accuracy"], r2["metrics"]["old_classes_accuracy"]
+    assert j2["stored_rows_out_of_fold"] == 72 + 12 and j2["replay_holdout_rows"] == j1["replay_holdout_rows"]
+    assert r2["metrics"]["replay_holdout_accuracy"]["rows"] == j1["replay_holdout_rows"] + 3
     assert r2["skipped_rows"] == 12 and r2["metrics"]["rows"]["skipped_already_in_statistics"] == 12
     retrain(b, _csv(tmp_path / "all.csv", rows), add_classes=True, margin=1.0)
     sa, Pa = load_lineage(a, read_manifest(a))

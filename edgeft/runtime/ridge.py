@@ -244,29 +244,40 @@ class Statistics:
     def nbytes_per_class(self) -> list[int]:
         return [c.nbytes() for c in self.classes]
 
-    def system(self, extra: dict[int, np.ndarray] | None = None, skip=(), base=None) -> tuple[np.ndarray, np.ndarray]:
+    def system(self, extra: dict[int, np.ndarray] | None = None, skip=(), base=None, drop=None,
+               only=None) -> tuple[np.ndarray, np.ndarray]:
         """The class-balanced normal equations (A, T) with an intercept column, built one class
         at a time into one (D+1, D+1) matrix (never a D x D matrix per class held at once).
 
         `extra` adds rows (already projected, float32) to classes on the fly, without changing
-        self (the folds of a cross-validation); `skip` leaves classes out, and `base` (an (A, T)
-        of the classes not touched here, from an earlier call with `skip`) is copied instead of
-        rebuilt: a fold then only adds the classes its rows change."""
+        self (the folds of a cross-validation); `drop` ({class: mask over its stored rows})
+        leaves some of a class's stored rows out, on the fly (the class must keep rows, not a
+        Gram matrix); `skip` leaves classes out, and `base` (an (A, T) of classes not touched
+        here, from an earlier call) is copied instead of rebuilt, adding `only` the classes
+        named (default with `base`: those in `extra`): a fold then only adds what it changes."""
         D, C = self.width, len(self.classes)
         if base is not None:
             A, T = base[0].copy(), base[1].copy()
         else:
             A, T = np.zeros((D + 1, D + 1)), np.zeros((D + 1, C))
+        if only is None and base is not None:
+            only = set(extra or {})
         tmp = np.empty((D, D))
-        extra = extra or {}
+        extra, drop = extra or {}, drop or {}
         for c, cs in enumerate(self.classes):
-            if c in skip or (base is not None and c not in extra):
+            if c in skip or (only is not None and c not in only):
                 continue
             E = extra.get(c)
-            n = cs.count + (0 if E is None else len(E))
+            stored, count = cs.rows, cs.count
+            if c in drop:
+                if cs.gram is not None:
+                    raise ValueError(f"class {c} keeps a Gram matrix: its rows cannot be left out")
+                stored = stored[~np.asarray(drop[c], dtype=bool)]
+                count = len(stored)
+            n = count + (0 if E is None else len(E))
             if n == 0:
                 continue
-            parts = [p for p in (cs.rows, E) if p is not None and len(p)]
+            parts = [p for p in (stored, E) if p is not None and len(p)]
             if cs.gram is not None:
                 Z = np.concatenate(parts).astype(np.float64) if parts else np.zeros((0, D))
                 np.matmul(Z.T, Z, out=tmp)
@@ -462,23 +473,114 @@ def folds_of(y: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     return fold
 
 
+def _scores(H: np.ndarray, W: np.ndarray, b: np.ndarray, T: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Logits of a solve, each class's offset added; a class the solve had no row of is never the answer."""
+    z = H @ W + (b + offsets)
+    absent = T[-1] == 0  # T[D, c] is 1 for every class with rows in the system
+    if absent.any():
+        z[:, absent] = -np.inf
+    return z
+
+
+@dataclass
+class _Stored:
+    """The old classes' rows the statistics keep as rows, each given a fold (choose() scores them out-of-fold)."""
+
+    classes: list[int]
+    H: np.ndarray  # (n, D) float32, class by class in the statistics' order
+    y: np.ndarray
+    fold: np.ndarray
+
+    @classmethod
+    def of(cls, stats: Statistics, k: int, seed: int, exclude=()) -> _Stored:
+        classes = [c for c, cs in enumerate(stats.classes) if cs.rows is not None and cs.count and c not in exclude]
+        H = np.concatenate([stats.classes[c].rows for c in classes]) if classes else np.zeros((0, stats.width), np.float32)
+        y = np.concatenate([np.full(stats.classes[c].count, c) for c in classes]).astype(np.int64) if classes \
+            else np.zeros(0, np.int64)
+        return cls(classes, H, y, folds_of(y, k, seed + 1))
+
+    def drop(self, f: int) -> dict[int, np.ndarray]:
+        """Per class: which of its stored rows fold f leaves out."""
+        return {c: self.fold[self.y == c] == f for c in self.classes}
+
+
+def _out_of_fold(stats: Statistics, H_new, y_new, fold, old: _Stored, lambdas, current_lambda, base_off):
+    """The k fold solves of choose(): per lambda, the logits of every new row and every stored old
+    row by the solve without its fold; and how many stored rows the old head (its own lambda,
+    the new rows not added) gets right out-of-fold."""
+    C = len(stats.classes)
+    touched = [int(c) for c in np.unique(y_new)]
+    oof = np.zeros((len(lambdas), len(y_new), C))
+    oof_old = np.zeros((len(lambdas), len(old.y), C))
+    before_right = 0
+    touched_old = [c for c in touched if stats.classes[c].count]
+    rows_kept = [c for c in old.classes if c not in touched]
+    # the classes no new row touches and whose rows are not scored, once; each fold adds the
+    # rest: memory stays a few (D+1)^2 matrices
+    base = stats.system(skip=set(touched) | set(old.classes))
+    for f in range(int(fold.max()) + 1):
+        test, test_old, drop = fold == f, old.fold == f, old.drop(f)
+        fold_base = stats.system(drop=drop, base=base, only=set(rows_kept)) if rows_kept else base
+        if old.classes:  # the old head's answers: its own lambda, without this fold's rows
+            A, T = stats.system(drop=drop, base=fold_base, only=set(touched_old)) if touched_old else fold_base
+            W, b = solve(A, T, current_lambda)
+            before_right += int((_scores(old.H[test_old], W, b, T, base_off).argmax(1) == old.y[test_old]).sum())
+        A, T = stats.system({c: H_new[(y_new == c) & ~test] for c in touched}, drop=drop, base=fold_base,
+                            only=set(touched))
+        solver = Solver(A, T)
+        for i, lam in enumerate(lambdas):
+            W, b = solver(lam)
+            oof[i, test] = _scores(H_new[test], W, b, T, base_off)
+            oof_old[i, test_old] = _scores(old.H[test_old], W, b, T, base_off)
+        del solver, A, fold_base
+    return oof, oof_old, before_right
+
+
+def _select(rows: list[dict], old_before, margin: float, n_new: int, current_lambda) -> tuple[dict, bool, float | None]:
+    """choose()'s rule over its grid: (the setting kept, whether any was within the margin, the recall tolerance)."""
+    def old_of(r):
+        return -1.0 if r["old_accuracy"] is None else r["old_accuracy"]
+
+    def within(r):
+        return old_before is None or r["old_accuracy"] is None or old_before - r["old_accuracy"] <= margin + 1e-12
+
+    anchor = np.log(current_lambda if current_lambda and current_lambda > 0 else 1.0)
+
+    def calm(r):  # prefer the head's own lambda and no offset: the smallest change to the old classes
+        return (-abs(np.log(r["lambda"]) - anchor), -abs(r["offset"]))
+
+    ok = [r for r in rows if within(r)]
+    if not ok:
+        return max(rows, key=lambda r: (old_of(r), r["new_oof_accuracy"], *calm(r))), False, None
+    top = max(r["new_oof_accuracy"] for r in ok)
+    tolerance = float(np.sqrt(max(top * (1 - top), 1.0 / n_new) / n_new))
+    near = [r for r in ok if r["new_oof_accuracy"] >= top - tolerance - 1e-12]
+    return max(near, key=lambda r: (old_of(r), r["new_oof_accuracy"], *calm(r))), True, tolerance
+
+
 def choose(stats: Statistics, projection: Projection, X_new: np.ndarray, y_new: np.ndarray,
-           X_hold: np.ndarray, y_hold: np.ndarray, *, old_before: float | None, margin: float,
-           folds: int = 5, lambdas=LAMBDAS, offset_classes=(), offsets=OFFSETS, seed: int = 0,
-           current_lambda: float | None = None) -> dict:
+           X_hold: np.ndarray, y_hold: np.ndarray, *, margin: float, hold_before: np.ndarray | None = None,
+           current_lambda: float | None = None, hold_in_stats: np.ndarray | None = None, stored: bool = True,
+           folds: int = 5, lambdas=LAMBDAS, offset_classes=(), offsets=OFFSETS, seed: int = 0) -> dict:
     """Choose lambda (and a logit offset for the classes this retrain adds) by the retrain
     guard's own criterion, without the rows that judge it.
 
     New samples: k-fold (k = min(folds, rows of the rarest new-sample class)); each row is
     predicted by a solve that never saw it (out-of-fold accuracy: every new row counts once).
-    Old classes: the replay hold-out rows (never in the statistics), scored by the solve on all
-    new rows. A setting is within the guard when its replay hold-out accuracy is within `margin`
-    of the old head's. Among those, every setting whose out-of-fold accuracy is within one
-    standard error of the best (sqrt(p(1-p)/n), at least one row: closer than the new rows can
-    tell apart) is as good for the new class, and the one that keeps the most replay hold-out
+    Old classes: every row the statistics keep as rows (a class with at most D of them; with
+    `stored`) is scored out-of-fold too, by the same k solves (a fold leaves out its share of
+    the new rows and of each old class's rows), plus the replay hold-out rows (never in the
+    statistics; a hold-out row already in a class kept as rows, `hold_in_stats`, is scored once,
+    out-of-fold), scored by the solve on every row. The old head is judged on the same rows the
+    same way: out-of-fold solves at its own lambda (`current_lambda`) on the stored rows, its
+    answers `hold_before` on the hold-out. Without `current_lambda` (or `hold_before`) only the
+    hold-out judges the old classes. A setting is within the guard when its old-class accuracy
+    is within `margin` of the old head's. Among those, every setting whose out-of-fold accuracy
+    is within one standard error of the best (sqrt(p(1-p)/n), at least one row: closer than the
+    new rows can tell apart) is as good for the new class, and the one that keeps the most old
     rows right wins: the device trades recall it cannot measure for old-class accuracy it can
     (ties: the lambda nearest `current_lambda`, the head's own, then the smaller offset). None
-    within: the best replay accuracy, and the guard refuses it, reporting the trade-off
+    within: the best old-class accuracy, and the guard refuses it, reporting the trade-off
     measured here. The offset (added to the new classes' logits; 0 when no class is added)
     moves a new class's boundary without re-solving: the knob class-incremental learning uses
     against a new class crowding the old ones.
@@ -492,57 +594,47 @@ def choose(stats: Statistics, projection: Projection, X_new: np.ndarray, y_new: 
     if k < 2:
         raise ValueError("choose() needs at least 2 new rows per class")
     fold = folds_of(y_new, k, seed)
-    oof = np.zeros((len(lambdas), len(y_new), C))
     touched = [int(c) for c in np.unique(y_new)]
-    # the classes no new row touches, once; each fold adds the touched classes' statistics plus
-    # its training rows of them, row by row into one matrix (memory: a few (D+1)^2 matrices)
-    base = stats.system(skip=touched)
-    for f in range(k):
-        test = fold == f
-        solver = Solver(*stats.system({c: H_new[(y_new == c) & ~test] for c in touched}, base=base))
-        for i, lam in enumerate(lambdas):
-            W, b = solver(lam)
-            oof[i, test] = H_new[test] @ W + b
-        del solver
-    full = Solver(*stats.system({c: H_new[y_new == c] for c in touched}, base=base))
-    del base
+    judged = hold_before is not None  # else no old head to compare with: every setting is within the guard
+    own = judged and stored and current_lambda is not None and current_lambda > 0
+    old = _Stored.of(stats, k, seed, exclude=offset_classes if own else range(C))
+    # a hold-out row already in a class kept as rows is scored out-of-fold with that class's rows
+    hold_keep = np.ones(len(y_hold), dtype=bool)
+    if hold_in_stats is not None and old.classes:
+        hold_keep &= ~(np.asarray(hold_in_stats, dtype=bool) & np.isin(y_hold, old.classes))
+    n_old = int(len(old.y) + hold_keep.sum())
+    base_off = np.asarray(stats.offsets, dtype=np.float64)
+    oof, oof_old, before_right = _out_of_fold(stats, H_new, y_new, fold, old, lambdas, current_lambda, base_off)
+    A, T = stats.system({c: H_new[y_new == c] for c in touched}, base=stats.system(skip=touched))
+    full = Solver(A, T)
+    Hh, yh = H_hold[hold_keep], y_hold[hold_keep]
+    if judged:
+        before_right += int((np.asarray(hold_before)[hold_keep] == yh).sum())
+    old_before = before_right / n_old if judged and n_old else None
     shift = np.zeros(C)
     shift[list(offset_classes)] = 1.0
     deltas = tuple(offsets) if len(offset_classes) else (0.0,)
     rows = []
     for i, lam in enumerate(lambdas):
         W, b = full(lam)
-        zh = H_hold @ W + b
+        zh = _scores(Hh, W, b, T, base_off)
         for d in deltas:
-            old = float(((zh + d * shift).argmax(1) == y_hold).mean()) if len(y_hold) else None
+            hold_right = int(((zh + d * shift).argmax(1) == yh).sum())
+            old_right = int(((oof_old[i] + d * shift).argmax(1) == old.y).sum())
             new = float(((oof[i] + d * shift).argmax(1) == y_new).mean())
             rows.append({"lambda": float(lam), "offset": float(d), "new_oof_accuracy": new,
-                         "replay_holdout_accuracy": old})
+                         "old_accuracy": (hold_right + old_right) / n_old if n_old else None,
+                         "stored_oof_accuracy": old_right / len(old.y) if len(old.y) else None,
+                         "replay_holdout_accuracy": hold_right / len(yh) if len(yh) else None,
+                         "stored_oof_right": old_right})
 
-    def old_of(r):
-        return -1.0 if r["replay_holdout_accuracy"] is None else r["replay_holdout_accuracy"]
-
-    def within(r):
-        return old_before is None or r["replay_holdout_accuracy"] is None or \
-            old_before - r["replay_holdout_accuracy"] <= margin + 1e-12
-
-    anchor = np.log(current_lambda if current_lambda and current_lambda > 0 else 1.0)
-
-    def calm(r):  # prefer the head's own lambda and no offset: the smallest change to the old classes
-        return (-abs(np.log(r["lambda"]) - anchor), -abs(r["offset"]))
-
-    ok = [r for r in rows if within(r)]
-    if ok:
-        top = max(r["new_oof_accuracy"] for r in ok)
-        tolerance = float(np.sqrt(max(top * (1 - top), 1.0 / len(y_new)) / len(y_new)))
-        near = [r for r in ok if r["new_oof_accuracy"] >= top - tolerance - 1e-12]
-        best = max(near, key=lambda r: (old_of(r), r["new_oof_accuracy"], *calm(r)))
-    else:
-        tolerance = None
-        best = max(rows, key=lambda r: (old_of(r), r["new_oof_accuracy"], *calm(r)))
+    best, ok, tolerance = _select(rows, old_before, margin, len(y_new), current_lambda)
     return {"lambda": best["lambda"], "offset": best["offset"], "offset_classes": [int(c) for c in offset_classes],
-            "within_margin": bool(ok), "folds": k, "new_rows": int(len(y_new)),
-            "replay_holdout_rows": int(len(y_hold)), "new_oof_accuracy": best["new_oof_accuracy"],
+            "within_margin": ok, "folds": k, "new_rows": int(len(y_new)),
+            "old_rows": n_old, "stored_rows_out_of_fold": int(len(old.y)), "replay_holdout_rows": int(hold_keep.sum()),
+            "hold_keep": hold_keep, "old_before": old_before, "old_accuracy": best["old_accuracy"],
+            "stored_oof_right": best["stored_oof_right"],
+            "new_oof_accuracy": best["new_oof_accuracy"],
             "replay_holdout_accuracy": best["replay_holdout_accuracy"],
             "lambda_at_grid_edge": best["lambda"] in (min(lambdas), max(lambdas)),
             "recall_tolerance": tolerance, "grid": rows}

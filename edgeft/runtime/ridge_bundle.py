@@ -141,10 +141,10 @@ def load_lineage(path: Path, manifest: dict) -> tuple[ridge.Statistics, ridge.Pr
 
 
 def frontier(choice: dict) -> list[dict]:
-    """Per lambda, its best offset's row: new samples (out-of-fold) vs replay hold-out accuracy."""
+    """Per lambda, its best offset's row: new samples (out-of-fold) vs the old classes' accuracy."""
     best = {}
     for r in choice["grid"]:
-        key = (r["new_oof_accuracy"], r["replay_holdout_accuracy"] or 0.0, -abs(r["offset"]))
+        key = (r["new_oof_accuracy"], r["old_accuracy"] or 0.0, -abs(r["offset"]))
         if r["lambda"] not in best or key > best[r["lambda"]][0]:
             best[r["lambda"]] = (key, r)
     return [r for _, r in best.values()]
@@ -156,8 +156,20 @@ def tradeoff(choice: dict) -> str:
         return "-" if v is None else f"{100 * v:.0f}%"
 
     return ", ".join(f"lambda {r['lambda']:g}" + (f" offset {r['offset']:+g}" if r["offset"] else "")
-                     + f": new {pct(r['new_oof_accuracy'])} / old {pct(r['replay_holdout_accuracy'])}"
+                     + f": new {pct(r['new_oof_accuracy'])} / old {pct(r['old_accuracy'])}"
                      for r in frontier(choice))
+
+
+def current_lambda(path: Path, manifest: dict) -> float | None:
+    """The active ridge head's regulariser: its version's metrics, else the head file's own metadata."""
+    active = next((h for h in manifest["heads"] if h["version"] == manifest["head"]["version"]), {})
+    lam = (active.get("metrics") or {}).get("fit", {}).get("lambda")
+    if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not lam > 0:
+        try:
+            lam = ridge.read_onnx(path / manifest["head"]["file"]).lam
+        except (OSError, KeyError, ValueError):
+            return None
+    return float(lam) if lam > 0 else None
 
 
 def fit_and_judge(path: Path, bundle: Bundle, X_new: np.ndarray, y_new: np.ndarray, labels: list[str],
@@ -181,32 +193,44 @@ def fit_and_judge(path: Path, bundle: Bundle, X_new: np.ndarray, y_new: np.ndarr
     def acc(z, y):
         return float((z.argmax(1) == y).mean()) if len(y) else None
 
-    before_new, before_old = acc(old_logits(X_new), y_new), acc(old_logits(Xh), yh)
+    hold_pred = old_logits(Xh).argmax(1)
+    before_new, before_hold = acc(old_logits(X_new), y_new), acc(old_logits(Xh), yh)
+    seen = replay.get("seen")
+    hold_seen = seen[hold_r].astype(bool) if seen is not None else None
     t_fit = time.perf_counter()
-    active = next((h for h in bundle.manifest["heads"] if h["version"] == bundle.manifest["head"]["version"]), {})
-    current = (active.get("metrics") or {}).get("fit", {}).get("lambda")
-    choice = ridge.choose(stats, projection, X_new, y_new, Xh, yh, old_before=before_old, margin=margin,
-                          folds=FOLDS, offset_classes=added,
-                          current_lambda=current if isinstance(current, (int, float)) else None)
+    choice = ridge.choose(stats, projection, X_new, y_new, Xh, yh, margin=margin, hold_before=hold_pred,
+                          current_lambda=current_lambda(path, bundle.manifest), hold_in_stats=hold_seen,
+                          folds=FOLDS, offset_classes=added)
     stats.add(projection(X_new), y_new)
     for c in added:
         stats.offsets[c] = choice["offset"]
     head = ridge.fit(stats, projection, choice["lambda"])
     head.temperature = ridge.calibrate_temperature(head, np.concatenate([Xh, X_new]), np.concatenate([yh, y_new]))
     fit_seconds = time.perf_counter() - t_fit
-    after_new, after_old = choice["new_oof_accuracy"], acc(head.logits(Xh), yh)
-    seen = replay.get("seen")
-    unseen = int((~seen[hold_r]).sum()) if seen is not None else int(hold_r.sum())
+    after_new = choice["new_oof_accuracy"]
+    hold_logits = head.logits(Xh)
+    keep = choice["hold_keep"]
+    n_old, before_old = choice["old_rows"], choice["old_before"]
+    # the old classes after: the stored rows out-of-fold at the chosen setting, the hold-out by the head itself
+    after_old = (choice["stored_oof_right"] + int((hold_logits[keep].argmax(1) == yh[keep]).sum())) / n_old if n_old else None
+    unseen = int((~hold_seen).sum()) if hold_seen is not None else int(hold_r.sum())
+    how = (f"{choice['stored_rows_out_of_fold']} rows kept in the statistics, out-of-fold ({choice['folds']} folds), "
+           f"+ {choice['replay_holdout_rows']} replay hold-out rows")
     metrics = {
         "new_holdout_accuracy": {"before": before_new, "after": after_new, "rows": int(len(y_new)),
                                  "how": f"{choice['folds']}-fold out-of-fold over every new sample"},
-        "replay_holdout_accuracy": {"before": before_old, "after": after_old, "rows": int(len(yh)),
+        "old_classes_accuracy": {"before": before_old, "after": after_old, "rows": n_old,
+                                 "stored_rows_out_of_fold": choice["stored_rows_out_of_fold"],
+                                 "replay_holdout_rows": choice["replay_holdout_rows"], "how": how},
+        "replay_holdout_accuracy": {"before": before_hold, "after": acc(hold_logits, yh), "rows": int(len(yh)),
                                     "unseen_rows": unseen},
         "margin": margin,
         "fit": {"family": ridge.FAMILY, "lambda": choice["lambda"], "offset": choice["offset"],
                 "offset_classes": [labels[c] for c in added], "within_margin": choice["within_margin"],
                 "folds": choice["folds"], "temperature": head.temperature, "width": projection.width,
-                "decided_on": {"new_rows_out_of_fold": choice["new_rows"], "replay_holdout_rows": choice["replay_holdout_rows"],
+                "decided_on": {"new_rows_out_of_fold": choice["new_rows"], "old_rows": n_old,
+                               "old_rows_out_of_fold": choice["stored_rows_out_of_fold"],
+                               "replay_holdout_rows": choice["replay_holdout_rows"],
                                "settings_tried": len(choice["grid"]),
                                "lambda_grid": [min(r["lambda"] for r in choice["grid"]),
                                                max(r["lambda"] for r in choice["grid"])],
@@ -221,11 +245,11 @@ def fit_and_judge(path: Path, bundle: Bundle, X_new: np.ndarray, y_new: np.ndarr
         reasons.append(f"accuracy on the {len(y_new)} new samples (out-of-fold) did not improve "
                        f"({100 * before_new:.1f}% -> {100 * (after_new or 0):.1f}%)")
     if before_old is not None and before_old - after_old > margin + 1e-12:
-        reasons.append(f"accuracy on the replay hold-out of earlier classes dropped "
-                       f"{100 * (before_old - after_old):.1f} points ({100 * before_old:.1f}% -> {100 * after_old:.1f}%, "
-                       f"{len(yh)} rows), more than the {100 * margin:.1f}-point margin")
+        reasons.append(f"accuracy on the earlier classes dropped {100 * (before_old - after_old):.1f} points "
+                       f"({100 * before_old:.1f}% -> {100 * after_old:.1f}%, {how}), more than the "
+                       f"{100 * margin:.1f}-point margin")
     if reasons:
-        reasons.append(f"measured trade-off (new samples out-of-fold / replay hold-out): {tradeoff(choice)}")
+        reasons.append(f"measured trade-off (new samples out-of-fold / earlier classes): {tradeoff(choice)}")
     return head, stats, metrics, reasons
 
 
