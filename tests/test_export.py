@@ -165,6 +165,7 @@ def test_image_export_equals_pytorch(model, method, image_data, tmp_path, reques
     run = _train(request.getfixturevalue(model), image_data, tmp_path / "run", method, epochs=1)
     merge(run, tmp_path / "model")
     info = export(tmp_path / "model", tmp_path / "export").to_json()
+    assert json.loads((tmp_path / "export" / "export.json").read_text()) == info  # the result is the file
     ref = load_model(tmp_path / "model")
     fused = OnnxModel(tmp_path / "export" / "model.onnx")
     items = sorted(str(p) for p in image_data.rglob("*.png"))  # every image: the export's rows are among them

@@ -14,6 +14,7 @@ from edgeft import methods
 from edgeft.config import TrainConfig, load_train_config
 from edgeft.errors import ConfigError, UsageError
 from edgeft.models import build_task_model, layer_groups, load_spec
+from edgeft.results import TrainResult
 from edgeft.runs import evaluate, load_run
 from edgeft.train import batches, train
 
@@ -35,6 +36,7 @@ def test_every_method_on_text(method, tiny_bert, text_data, tmp_path):
     for f in RUN_FILES + ("tokenizer.json",):
         assert (run / f).exists(), f
     m = json.loads((run / "metrics.json").read_text())
+    assert m == s.to_json() and isinstance(s, TrainResult)  # the typed result is the file it wrote
     assert len(m["epochs"]) == 2
     assert {"accuracy", "macro_f1", "train_loss", "val_loss"} <= set(m["epochs"][0])
     assert set(m["best"]["per_class"]) == {"belt", "motor", "pump"}
