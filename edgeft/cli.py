@@ -164,7 +164,7 @@ def emit_json(data, as_json: bool, json_file: str | None) -> bool:
 @click.option("--data", help="Training data: CSV/JSONL with text,label columns, or an image folder (one sub-folder per class).")
 @click.option("--val", help="Validation data; without it a stratified, seeded part of --data is held out.")
 @click.option("--output", "-o", help="Run directory to create.")
-@click.option("--method", type=click.Choice(["head", "lora", "ia3", "full", "bitfit", "partial", "gradual"]), help="What trains.  [default: head]")
+@click.option("--method", type=click.Choice(["head", "lora", "ia3", "full", "bitfit", "partial", "gradual", "prompt", "prefix"]), help="What trains.  [default: head]")
 @click.option("--head", type=click.Choice(["softmax", "ridge"]), help="Head family its bundles answer with; ridge is also fitted here from a head-only run's cached features in one solve.  [default: softmax]")
 @click.option("--text-column", help="Column with the text (or image path).  [default: text]")
 @click.option("--label-column", help="Column with the label.  [default: label]")

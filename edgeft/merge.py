@@ -19,6 +19,7 @@ from .errors import ParityError, UsageError, refuse_existing
 from .float32 import tolerance
 from .models import EFFNET_META
 from .results import MergeResult
+from .prompts import save_prompt
 from .runs import MODEL_INFO, load_run, predict_logits, validation_data
 from .runtime import atomic
 
@@ -80,6 +81,7 @@ def save_model_dir(d: Path, model, spec, loaded, merge_report: MergeResult) -> N
         inner.config.label2id = {n: i for i, n in enumerate(labels)}
         inner.save_pretrained(str(d), safe_serialization=True)
     save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(d / "head.safetensors"))
+    save_prompt(d, model.backbone)  # prompt and prefix tuning: the learned tokens (prompts.py)
     src = Path(spec.path)
     if spec.modality == "text":
         for name in TOKENIZER_FILES:  # the original files, so transformers' AutoTokenizer loads too

@@ -8,6 +8,9 @@ full     everything
 bitfit   every bias + the head
 partial  the top N layers (+ whatever sits above them, e.g. a pooler) + the head
 gradual  starts with the head, unfreezes one more layer from the top every K epochs
+prompt   peft prompt tuning: learned virtual-token embeddings before the text + the head (text models)
+prefix   peft prefix tuning: learned keys and values in every attention layer + the head (text models)
+         neither folds into the weights: the export carries them as constants (prompts.py)
 """
 
 from __future__ import annotations
@@ -19,8 +22,13 @@ from torch import nn
 from .errors import UsageError, did_you_mean
 from .models import TaskModel, layer_groups
 
-METHODS = ("head", "lora", "ia3", "full", "bitfit", "partial", "gradual")
-ADAPTERS = ("lora", "ia3")  # peft wrappers a run keeps unmerged; merge folds them into the weights
+METHODS = ("head", "lora", "ia3", "full", "bitfit", "partial", "gradual", "prompt", "prefix")
+# peft wrappers a run keeps unmerged; merge folds them into the weights (prompt, prefix: into a
+# backbone that carries them as constants, prompts.PromptedTextBackbone)
+ADAPTERS = ("lora", "ia3", "prompt", "prefix")
+VIRTUAL_TOKENS = 10  # prompt and prefix tuning: learned tokens (each costs one more position at inference)
+
+PROMPT_METHODS = ("prompt", "prefix")
 
 # Defaults per method: (body lr, head lr, epochs, batch). Measured on MiniLM (STACK.md):
 # LoRA learns best with a separate, larger lr for the fresh head (1e-2) than for the
@@ -37,6 +45,10 @@ DEFAULTS = {
     "bitfit": dict(lr=1e-3, head_lr=1e-2, epochs=5, batch_size=16),
     "partial": dict(lr=1e-4, head_lr=1e-2, epochs=5, batch_size=16),
     "gradual": dict(lr=1e-4, head_lr=1e-2, epochs=6, batch_size=16),
+    # prompt learning moves a few thousand embedding values: large steps, as in peft's examples
+    # (prompt tuning 3e-2) and P-tuning v2 (prefixes 5e-3 to 1e-2)
+    "prompt": dict(lr=3e-2, head_lr=1e-2, epochs=5, batch_size=16),
+    "prefix": dict(lr=1e-2, head_lr=1e-2, epochs=5, batch_size=16),
 }
 
 # (IA)3 where peft has no table for the model type: the key and value projections (first naming
@@ -121,7 +133,7 @@ def _check_targets(backbone: nn.Module, targets: list[str]) -> None:
 
 
 def apply(model: TaskModel, method: str, *, lora_r=8, lora_alpha=16, lora_dropout=0.1,
-          lora_targets=None, train_layers=2, unfreeze_every=1) -> Plan:
+          lora_targets=None, train_layers=2, unfreeze_every=1, virtual_tokens=VIRTUAL_TOKENS) -> Plan:
     """Freeze and wrap `model` in place for `method`; return what trains when."""
     if method not in METHODS:
         raise UsageError(f"--method: unknown method '{method}'; choose from {', '.join(METHODS)}.{did_you_mean(method, METHODS)}")
@@ -148,6 +160,10 @@ def apply(model: TaskModel, method: str, *, lora_r=8, lora_alpha=16, lora_dropou
         _expose_conv_attributes(model.backbone)
         plan_targets = targets
         body = {f"backbone.{n}" for n, p in model.backbone.named_parameters() if "ia3_" in n}
+    elif method in PROMPT_METHODS:
+        from .prompts import wrap
+
+        body = wrap(model, method, int(virtual_tokens))
     elif method == "head":
         body = set()
     elif method in ("full", "gradual"):
@@ -175,6 +191,15 @@ def apply(model: TaskModel, method: str, *, lora_r=8, lora_alpha=16, lora_dropou
     plan = Plan(method, trainable, stages, int(unfreeze_every), plan_targets)
     set_trainable(model, plan.trainable_at(0))
     return plan
+
+
+def check(method: str, spec) -> None:
+    """What can be refused from the model's spec alone, before anything loads or is written
+    (prompt and prefix tuning: text models only; room for the virtual tokens)."""
+    if method in PROMPT_METHODS:
+        from .prompts import check_spec
+
+        check_spec(method, spec, VIRTUAL_TOKENS)
 
 
 def _expose_conv_attributes(module: nn.Module) -> None:

@@ -26,6 +26,7 @@ EFFNET_NORM = {"scale": 1.0, "mean": [127.0] * 3, "std": [128.0] * 3}
 EFFNET_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 POOLINGS = ("mean", "cls", "pooler", "max")
 NO_POOLER = "the folder has no pooler weights (choose another with --pooling)"
+PROMPT_FILE = "edgeft_prompt.safetensors"  # a merged directory's virtual tokens or prefixes (prompts.py)
 
 
 def _minilm():
@@ -101,15 +102,20 @@ class TextBackbone(nn.Module):
         if token_type_ids is not None and getattr(self.model.config, "type_vocab_size", 0):
             kwargs["token_type_ids"] = token_type_ids
         out = self.model(**kwargs)
-        h = out.last_hidden_state
-        if self.pooling == "mean":
-            return masked_mean(h, attention_mask)
-        if self.pooling == "cls":
-            return h[:, 0]
-        if self.pooling == "max":
-            neg = torch.finfo(h.dtype).min
-            return h.masked_fill(attention_mask.unsqueeze(-1) == 0, neg).amax(1)
-        return out.pooler_output
+        return pool(out.last_hidden_state, attention_mask, self.pooling, lambda: out.pooler_output)
+
+
+def pool(h, attention_mask, pooling: str, pooler):
+    """The feature vector from the token states `h` (batch, tokens, hidden); `pooler()` gives the
+    model's own pooler output, called only for pooling 'pooler'."""
+    if pooling == "mean":
+        return masked_mean(h, attention_mask)
+    if pooling == "cls":
+        return h[:, 0]
+    if pooling == "max":
+        neg = torch.finfo(h.dtype).min
+        return h.masked_fill(attention_mask.unsqueeze(-1) == 0, neg).amax(1)
+    return pooler()
 
 
 class HFImageBackbone(nn.Module):
@@ -387,7 +393,12 @@ def build_backbone(spec: ModelSpec) -> tuple[nn.Module, int]:
     if spec.modality == "text":
         if spec.pooling == "pooler" and getattr(model, "pooler", None) is None:
             raise ModelError(f"{path}: --pooling pooler, but this model has no pooler; use mean or cls.")
-        return TextBackbone(model, spec.pooling), model.config.hidden_size
+        backbone = TextBackbone(model, spec.pooling)
+        if (path / PROMPT_FILE).exists():  # a merged prompt- or prefix-tuning run: its learned tokens
+            from .prompts import load_prompted
+
+            backbone = load_prompted(path / PROMPT_FILE, backbone)
+        return backbone, model.config.hidden_size
     backbone = HFImageBackbone(model, spec.pooling)
     with torch.no_grad():
         h, w = spec.preprocessing["size"]

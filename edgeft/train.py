@@ -558,6 +558,7 @@ def _check_inputs(cfg: TrainConfig):
     train_ds, val_ds, labels = _prepare_data(cfg)
     spec = load_spec(cfg.model, cfg.pooling, cfg.max_length, cfg.image_size)
     check_modality(spec, train_ds.kind, train_ds.source)
+    methods.check(cfg.method, spec)  # a method the model family cannot take: one line, nothing written
     if spec.pooling_reason == NO_POOLER:
         log.warning("%s: %s pooling, because %s", cfg.model, spec.pooling, NO_POOLER)
     if cfg.augment and spec.modality != "image":

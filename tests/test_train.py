@@ -45,7 +45,8 @@ def test_every_method_on_text(method, tiny_bert, text_data, tmp_path):
     # the ratio is reported rounded to 6 places (methods.py): within 5e-7 of the exact quotient
     assert 0 < p["trainable"] <= p["total"] and p["ratio"] == pytest.approx(p["trainable"] / p["total"], abs=1e-6)
     expected_ratio = {"head": (0, 0.02), "lora": (0.02, 0.3), "ia3": (0, 0.05), "bitfit": (0.01, 0.1),
-                      "partial": (0.3, 0.99), "full": (1, 1), "gradual": (1, 1)}[method]
+                      "partial": (0.3, 0.99), "full": (1, 1), "gradual": (1, 1),
+                      "prompt": (0, 0.05), "prefix": (0, 0.1)}[method]
     assert expected_ratio[0] <= p["ratio"] <= expected_ratio[1]
     card = (run / "README.md").read_text()
     assert method in card and "accuracy" in card
