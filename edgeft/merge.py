@@ -17,9 +17,8 @@ from pathlib import Path
 from . import __version__
 from .errors import ParityError, UsageError, refuse_existing
 from .float32 import tolerance
-from .models import EFFNET_META
+from .models import EFFNET_META, save_prompt
 from .results import MergeResult
-from .prompts import save_prompt
 from .runs import MODEL_INFO, load_run, predict_logits, validation_data
 from .runtime import atomic
 

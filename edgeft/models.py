@@ -118,6 +118,69 @@ def pool(h, attention_mask, pooling: str, pooler):
     return pooler()
 
 
+class PromptedTextBackbone(nn.Module):
+    """The text model plus a prompt- or prefix-tuning run's learned table as a constant (edgeft/prompts.py):
+    what merge writes and export traces.
+
+    prompt: table (tokens, hidden), prepended to the token embeddings (token type 0, positions
+            0..tokens-1, the text after them), as peft's forward does.
+    prefix: table (tokens, layers * 2 * hidden), each layer's keys and values (peft's layout),
+            given to the model as a cache of `tokens` earlier positions.
+    """
+
+    def __init__(self, model: nn.Module, pooling: str, kind: str, table: torch.Tensor):
+        super().__init__()
+        self.model, self.pooling, self.kind = model, pooling, kind
+        self.register_buffer("table", table)
+        self.tokens = int(table.shape[0])
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        b, n = input_ids.shape[0], self.tokens
+        kw = {"attention_mask": torch.cat([attention_mask.new_ones(b, n), attention_mask], dim=1)}
+        types = token_type_ids is not None and getattr(self.model.config, "type_vocab_size", 0)
+        if self.kind == "prompt":
+            emb = self.model.get_input_embeddings()(input_ids)
+            kw["inputs_embeds"] = torch.cat([self.table.to(emb.dtype).unsqueeze(0).expand(b, -1, -1), emb], dim=1)
+            if types:
+                kw["token_type_ids"] = torch.cat([token_type_ids.new_zeros(b, n), token_type_ids], dim=1)
+        else:
+            kw["input_ids"], kw["past_key_values"] = input_ids, self._cache(b)
+            if types:
+                kw["token_type_ids"] = token_type_ids
+        out = self.model(**kw)
+        h = out.last_hidden_state[:, n:] if self.kind == "prompt" else out.last_hidden_state
+        return pool(h, attention_mask, self.pooling, lambda: self.model.pooler(h))
+
+    def _cache(self, b: int):
+        from transformers import DynamicCache
+
+        c = self.model.config
+        heads = c.num_attention_heads
+        kv = self.table.view(self.tokens, c.num_hidden_layers * 2, heads, c.hidden_size // heads).permute(1, 2, 0, 3)
+        kv = kv.unsqueeze(1).expand(-1, b, -1, -1, -1)  # (layers * 2, batch, heads, tokens, head size)
+        return DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(c.num_hidden_layers)])
+
+
+def save_prompt(directory: Path, backbone) -> None:
+    """A merged directory's learned table (nothing for the other methods)."""
+    if isinstance(backbone, PromptedTextBackbone):
+        from safetensors.torch import save_file
+
+        save_file({"table": backbone.table.detach().contiguous()}, str(Path(directory) / PROMPT_FILE),
+                  metadata={"kind": backbone.kind, "tokens": str(backbone.tokens)})
+
+
+def load_prompted(file: Path, backbone: TextBackbone) -> PromptedTextBackbone:
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as f:
+        meta = f.metadata() or {}
+        table = f.get_tensor("table")
+    if meta.get("kind") not in ("prompt", "prefix"):
+        raise ModelError(f"{file}: not a table of learned tokens from edgeft merge (kind {meta.get('kind')!r}).")
+    return PromptedTextBackbone(backbone.model, backbone.pooling, meta["kind"], table.float())
+
+
 class HFImageBackbone(nn.Module):
     def __init__(self, model: nn.Module, pooling: str):
         super().__init__()
@@ -395,8 +458,6 @@ def build_backbone(spec: ModelSpec) -> tuple[nn.Module, int]:
             raise ModelError(f"{path}: --pooling pooler, but this model has no pooler; use mean or cls.")
         backbone = TextBackbone(model, spec.pooling)
         if (path / PROMPT_FILE).exists():  # a merged prompt- or prefix-tuning run: its learned tokens
-            from .prompts import load_prompted
-
             backbone = load_prompted(path / PROMPT_FILE, backbone)
         return backbone, model.config.hidden_size
     backbone = HFImageBackbone(model, spec.pooling)

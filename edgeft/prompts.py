@@ -18,13 +18,11 @@ so `--pooling` means what it means for the other methods.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from .errors import ModelError, UsageError
-from .models import PROMPT_FILE, ModelSpec, TextBackbone, pool
+from .models import ModelSpec, PromptedTextBackbone, TextBackbone, pool
 
 METHODS = ("prompt", "prefix")
 TABLE = {"prompt": "virtual tokens", "prefix": "key/value prefixes"}
@@ -128,65 +126,3 @@ class PromptBackbone(nn.Module):
     def merge_and_unload(self) -> PromptedTextBackbone:
         table = self.model.get_prompt_embedding_to_save("default").detach().float().clone()
         return PromptedTextBackbone(self.model.get_base_model(), self.pooling, self.kind, table)
-
-
-class PromptedTextBackbone(nn.Module):
-    """The text model plus its learned table as a constant: what merge writes and export traces.
-
-    prompt: table (tokens, hidden), prepended to the token embeddings (token type 0, positions
-            0..tokens-1, the text after them), as peft's forward does.
-    prefix: table (tokens, layers * 2 * hidden), each layer's keys and values (peft's layout),
-            given to the model as a cache of `tokens` earlier positions.
-    """
-
-    def __init__(self, model: nn.Module, pooling: str, kind: str, table: torch.Tensor):
-        super().__init__()
-        self.model, self.pooling, self.kind = model, pooling, kind
-        self.register_buffer("table", table)
-        self.tokens = int(table.shape[0])
-
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
-        b, n = input_ids.shape[0], self.tokens
-        kw = {"attention_mask": torch.cat([attention_mask.new_ones(b, n), attention_mask], dim=1)}
-        types = token_type_ids is not None and getattr(self.model.config, "type_vocab_size", 0)
-        if self.kind == "prompt":
-            emb = self.model.get_input_embeddings()(input_ids)
-            kw["inputs_embeds"] = torch.cat([self.table.to(emb.dtype).unsqueeze(0).expand(b, -1, -1), emb], dim=1)
-            if types:
-                kw["token_type_ids"] = torch.cat([token_type_ids.new_zeros(b, n), token_type_ids], dim=1)
-        else:
-            kw["input_ids"], kw["past_key_values"] = input_ids, self._cache(b)
-            if types:
-                kw["token_type_ids"] = token_type_ids
-        out = self.model(**kw)
-        h = out.last_hidden_state[:, n:] if self.kind == "prompt" else out.last_hidden_state
-        return pool(h, attention_mask, self.pooling, lambda: self.model.pooler(h))
-
-    def _cache(self, b: int):
-        from transformers import DynamicCache
-
-        c = self.model.config
-        heads = c.num_attention_heads
-        kv = self.table.view(self.tokens, c.num_hidden_layers * 2, heads, c.hidden_size // heads).permute(1, 2, 0, 3)
-        kv = kv.unsqueeze(1).expand(-1, b, -1, -1, -1)  # (layers * 2, batch, heads, tokens, head size)
-        return DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(c.num_hidden_layers)])
-
-
-def save_prompt(directory: Path, backbone) -> None:
-    """A merged directory's learned table (nothing for the other methods)."""
-    if isinstance(backbone, PromptedTextBackbone):
-        from safetensors.torch import save_file
-
-        save_file({"table": backbone.table.detach().contiguous()}, str(Path(directory) / PROMPT_FILE),
-                  metadata={"kind": backbone.kind, "tokens": str(backbone.tokens)})
-
-
-def load_prompted(file: Path, backbone: TextBackbone) -> PromptedTextBackbone:
-    from safetensors import safe_open
-
-    with safe_open(str(file), "pt") as f:
-        meta = f.metadata() or {}
-        table = f.get_tensor("table")
-    if meta.get("kind") not in METHODS:
-        raise ModelError(f"{file}: not a table of learned tokens from edgeft merge (kind {meta.get('kind')!r}).")
-    return PromptedTextBackbone(backbone.model, backbone.pooling, meta["kind"], table.float())
