@@ -82,7 +82,7 @@ def test_merge_keeps_the_tokens_and_answers_as_peft(prompt_run, tmp_path):
 def test_export_carries_the_tokens_in_the_graph(prompt_run, tmp_path):
     kind, run = prompt_run
     out = export(run, tmp_path / "export")
-    assert all(c["passed"] for c in out["parity"]["checks"]), out["parity"]["checks"]
+    assert all(c["passed"] for c in out.parity["checks"]), out.parity["checks"]
     graph = onnx.load(str(tmp_path / "export" / "backbone.onnx")).graph
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
     # the learned table is a constant of the graph (in whatever layout constant folding left it)
@@ -137,7 +137,7 @@ def test_resume_equals_uninterrupted(kind, tiny_bert, text_data, tmp_path, monke
     with pytest.raises(UsageError, match="did not finish"):
         load_model(tmp_path / "cut")
     s = train(_cfg(tiny_bert, text_data, tmp_path / "cut", kind, resume=True, **kw))
-    assert len(s["epochs"]) == 3
+    assert len(s.epochs) == 3
     whole = load_file(str(tmp_path / "whole" / "trained.safetensors"))
     cut = load_file(str(tmp_path / "cut" / "trained.safetensors"))
     assert whole.keys() == cut.keys()
@@ -176,7 +176,7 @@ def test_prefix_refused_where_the_model_ignores_past_keys(tiny_bert, text_data, 
     assert "--method prefix" in line and "distilbert" in line and "ignores them" in line, line
     assert not out.exists()
     s = train(_cfg(model, text_data, tmp_path / "prompt", "prompt", epochs=1))
-    assert s["accuracy"] >= 0
+    assert s.accuracy >= 0
 
 
 @pytest.mark.parametrize("kind", KINDS)
