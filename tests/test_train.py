@@ -28,7 +28,14 @@ def cfg_for(model, data, out, **kw) -> TrainConfig:
     return TrainConfig(model=str(model), data=str(data), output=str(out), **kw)
 
 
-@pytest.mark.parametrize("method", methods.METHODS)
+# the quick loop trains the cheap methods and one that trains the backbone's layers by group
+# (gradual); full, partial and bitfit (each a backward pass through every layer, 4 s apiece) are in
+# the full suite. A method added to methods.METHODS joins the full suite until it is listed here.
+QUICK_TEXT_METHODS = ("head", "lora", "ia3", "gradual")
+
+
+@pytest.mark.parametrize("method", [m if m in QUICK_TEXT_METHODS else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in methods.METHODS])
 def test_every_method_on_text(method, tiny_bert, text_data, tmp_path):
     s = train(cfg_for(tiny_bert, text_data["train"], tmp_path / "run", val=str(text_data["val"]),
                       method=method, pooling="mean", batch_size=8))
@@ -58,8 +65,16 @@ def test_every_method_on_text(method, tiny_bert, text_data, tmp_path):
         assert body and all("ia3_" in k for k in body)
 
 
-@pytest.mark.parametrize("model", ["tiny_vit", "tiny_mobilenet", "tiny_resnet", "tiny_effnet"])
-@pytest.mark.parametrize("method", ["head", "lora", "ia3", "partial"])
+IMAGE_MODELS = ("tiny_vit", "tiny_mobilenet", "tiny_resnet", "tiny_effnet")
+IMAGE_METHODS = ("head", "lora", "ia3", "partial")
+# the quick loop trains a diagonal of the grid (each model once, each method once); the full
+# suite trains all 16 pairs
+QUICK_IMAGE_PAIRS = set(zip(IMAGE_MODELS, IMAGE_METHODS, strict=True))
+
+
+@pytest.mark.parametrize("model,method", [
+    (m, k) if (m, k) in QUICK_IMAGE_PAIRS else pytest.param(m, k, marks=pytest.mark.slow)
+    for k in IMAGE_METHODS for m in IMAGE_MODELS])
 def test_image_models(model, method, image_data, tmp_path, request):
     path = request.getfixturevalue(model)
     s = train(cfg_for(path, image_data, tmp_path / "run", method=method, batch_size=8, epochs=1,
