@@ -456,9 +456,9 @@ def build(source, device, output, calibration, data, replay, head_family, min_ag
                               overwrite=overwrite, min_agreement=min_agreement, max_drop=max_drop, replay=replay,
                               sign_key=sign_key, keep_examples=keep_examples, head=head_family,
                               parity_data=parity_data, uncertified=uncertified, emulate=emulate))
-    m, size, p = built.manifest, built.megabytes, built.parity
+    m, size, p = built.manifest, built.bytes / 1e6, built.parity
     judged = " + ".join(f"{n} {s}" for s, n in (p.get("sources") or {}).items())
-    click.echo(f"build  ok  {m['build_seconds']:.1f} s  {m['device']['profile']} ({m['target']['name']}, {m['precision']})  "
+    click.echo(f"build  ok  {built.seconds:.1f} s  {m['device']['profile']} ({m['target']['name']}, {m['precision']})  "
                f"{size:.1f} MB  agreement {p['agreement']:.2%} on {p['rows']} rows" + (f" ({judged})" if judged else "")
                + (f", at least {p['bounds']['agreement_lower']:.2%} at 95%" if p.get("bounds") else "")
                + (" (uncertified)" if "not certified" in (p.get("judged_on") or "") else "")

@@ -260,7 +260,7 @@ def _device_steps(step: _Steps, r: dict, out: Path, device: str, name: str, trai
     def do_build(folder):
         m = build(BuildConfig(run_dir, device, folder, **given))
         return {"precision": m.precision, "parity": m.parity,
-                "bytes": sum(f["bytes"] for f in m.manifest["files"].values()),
+                "bytes": m.bytes,
                 "quantization": (m.quantization or {}).get("mode")}
 
     built = step(f"build {name}", bundle_dir, {"device": device, "build": b, "run": trained,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -149,3 +150,31 @@ def device_bundles(tmp_path_factory) -> dict[str, Path]:
 
     return make_bundles(tmp_path_factory.mktemp("device-bundles"))
 
+
+class Interrupted(Exception):
+    """A training run killed between epochs (raised by the `crash_after_epoch` fixture)."""
+
+
+@pytest.fixture
+def crash_after_epoch(monkeypatch):
+    """`with crash_after_epoch(k): train(...)`: the run dies right after saving epoch k's
+    checkpoint (the `with` fails if it does not); saving is restored when the block ends."""
+    import edgeft.checkpoints as T
+
+    real_save = T.save_checkpoint
+
+    @contextlib.contextmanager
+    def crashing(epoch: int):
+        def save_then_crash(run, e, *a, **k):
+            real_save(run, e, *a, **k)
+            if e == epoch:
+                raise Interrupted
+
+        monkeypatch.setattr(T, "save_checkpoint", save_then_crash)
+        try:
+            with pytest.raises(Interrupted):
+                yield
+        finally:
+            monkeypatch.setattr(T, "save_checkpoint", real_save)
+
+    return crashing

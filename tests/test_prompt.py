@@ -114,26 +114,13 @@ def test_cpu_bundle_builds_and_verifies(prompt_run, text_data, tmp_path):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_resume_equals_uninterrupted(kind, tiny_bert, text_data, tmp_path, monkeypatch):
-    import edgeft.checkpoints as T
+def test_resume_equals_uninterrupted(kind, tiny_bert, text_data, tmp_path, crash_after_epoch):
     from edgeft.errors import UsageError
 
     kw = dict(epochs=3, seed=7, backbone_dropout=0.0)
     train(_cfg(tiny_bert, text_data, tmp_path / "whole", kind, **kw))
-    real_save = T.save_checkpoint
-
-    class Interrupt(Exception):
-        pass
-
-    def save_then_crash(run, epoch, *a, **k):
-        real_save(run, epoch, *a, **k)
-        if epoch == 0:
-            raise Interrupt
-
-    monkeypatch.setattr(T, "save_checkpoint", save_then_crash)
-    with pytest.raises(Interrupt):
+    with crash_after_epoch(0):
         train(_cfg(tiny_bert, text_data, tmp_path / "cut", kind, **kw))
-    monkeypatch.setattr(T, "save_checkpoint", real_save)
     with pytest.raises(UsageError, match="did not finish"):
         load_model(tmp_path / "cut")
     s = train(_cfg(tiny_bert, text_data, tmp_path / "cut", kind, resume=True, **kw))

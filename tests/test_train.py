@@ -160,15 +160,11 @@ def test_feature_cache_is_reused(tiny_bert, text_data, tmp_path):
     assert torch.equal(wa["head.weight"], wb["head.weight"])
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize("method,model,data", [
     ("lora", "tiny_bert", "text"), ("full", "tiny_bert", "text"), ("gradual", "tiny_bert", "text"),
     pytest.param("partial", "tiny_effnet", "image", marks=pytest.mark.slow),  # the slowest of the quick loop
 ])
-def test_resume_equals_uninterrupted(method, model, data, tmp_path, monkeypatch, request, text_data, image_data):
+def test_resume_equals_uninterrupted(method, model, data, tmp_path, request, text_data, image_data, crash_after_epoch):
     path = request.getfixturevalue(model)
     kw = dict(method=method, epochs=4, batch_size=8, patience=10, lr=1e-3, seed=7)
     if data == "text":
@@ -179,22 +175,11 @@ def test_resume_equals_uninterrupted(method, model, data, tmp_path, monkeypatch,
         train_data = image_data
     train(cfg_for(path, train_data, tmp_path / "whole", **kw))
 
-    import edgeft.checkpoints as T
-
-    real_save = T.save_checkpoint
-
-    def save_then_crash(run, epoch, *a, **k):
-        real_save(run, epoch, *a, **k)
-        if epoch == 1:
-            raise Interrupt
-
-    monkeypatch.setattr(T, "save_checkpoint", save_then_crash)
-    with pytest.raises(Interrupt):
+    with crash_after_epoch(1):
         train(cfg_for(path, train_data, tmp_path / "cut", **kw))
     assert not (tmp_path / "cut" / "run.json").exists()
     with pytest.raises(UsageError, match="did not finish"):
         load_run(tmp_path / "cut")
-    monkeypatch.setattr(T, "save_checkpoint", real_save)
     s = train(cfg_for(path, train_data, tmp_path / "cut", resume=True, **kw))
     assert len(s.epochs) == 4
     whole = load_file(str(tmp_path / "whole" / "trained.safetensors"))
