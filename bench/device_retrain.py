@@ -357,12 +357,12 @@ def frontier_task(name: str, bundles: dict[str, Path], work: Path, new_pool: lis
             row = {"n": n, "old_before": before_old}
             try:
                 r = retrain(dst, data, add_classes=True)
-                fit = r["metrics"]["fit"]
+                fit = r.metrics["fit"]
                 row.update(accepted=True, setting=({"lambda": fit["lambda"], "offset": fit["offset"], "folds": fit["folds"]}
                                                    if family == "ridge" else {"l2": fit["l2"]}),
-                           guard_new_rows=r["metrics"]["new_holdout_accuracy"]["rows"],
-                           guard_old_rows=r["metrics"]["replay_holdout_accuracy"]["rows"])
-                judged = r["metrics"].get("old_classes_accuracy")  # ridge: stored rows out-of-fold + hold-out
+                           guard_new_rows=r.metrics["new_holdout_accuracy"]["rows"],
+                           guard_old_rows=r.metrics["replay_holdout_accuracy"]["rows"])
+                judged = r.metrics.get("old_classes_accuracy")  # ridge: stored rows out-of-fold + hold-out
                 if judged:
                     row.update(guard_old_rows=judged["rows"], guard_old_stored_rows=judged["stored_rows_out_of_fold"])
             except RetrainRefused as e:

@@ -669,15 +669,14 @@ def device_retrain(bundle, data, add_classes, margin, keep, text_column, label_c
     config = RetrainConfig(add_classes=add_classes, margin=margin, keep=keep, text_column=text_column,
                            label_column=label_column)
     r = retrain(bundle, data, config, public_key=public_key)
-    if emit_json(r, as_json, json_file):
+    if emit_json(r.to_json(), as_json, json_file):
         return
-    mt = r["metrics"]
-    new, old = mt["new_holdout_accuracy"], mt["replay_holdout_accuracy"]
-    added = f"  added {', '.join(r['added_classes'])}" if r["added_classes"] else ""
-    click.echo(f"retrain  ok  {r['seconds']:.1f} s  head v{r['previous_version']} -> v{r['version']}{added}  "
+    new, old = r.metrics["new_holdout_accuracy"], r.metrics["replay_holdout_accuracy"]
+    added = f"  added {', '.join(r.added_classes)}" if r.added_classes else ""
+    click.echo(f"retrain  ok  {r.seconds:.1f} s  head v{r.previous_version} -> v{r.version}{added}  "
                f"new samples {100 * new['before']:.1f}% -> {100 * new['after']:.1f}%  "
                f"earlier classes {100 * old['before']:.1f}% -> {100 * old['after']:.1f}%"
-               + (f"  skipped {r['skipped_rows']} rows already learned" if r.get("skipped_rows") else ""))
+               + (f"  skipped {r.skipped_rows} rows already learned" if r.skipped_rows else ""))
 
 
 @device.command("history")
@@ -717,7 +716,7 @@ def device_rollback(bundle, version, public_key):
     from .runtime.retrain import rollback
 
     r = rollback(bundle, version, public_key)
-    click.echo(f"rollback  ok  head v{r['from']} -> v{r['to']}  ({len(r['labels'])} classes)")
+    click.echo(f"rollback  ok  head v{r.from_version} -> v{r.to_version}  ({len(r.labels)} classes)")
 
 
 @main.command()

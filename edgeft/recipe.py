@@ -339,7 +339,7 @@ def _retrain_step(bundle: Path, folder: Path, rt: dict) -> dict:
                            **{k: rt[k] for k in ("margin", "keep") if k in rt})
     rep = retrain(copy, rt["data"], config)
     after = accuracy(Bundle(copy))
-    return {"version": rep["version"], "added_classes": rep["added_classes"], "metrics": rep["metrics"],
+    return {"version": rep.version, "added_classes": rep.added_classes, "metrics": rep.metrics,
             "test_before": before, "test_after": after, "bundle": str(copy)}
 
 

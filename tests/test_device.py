@@ -178,7 +178,7 @@ def test_change_a_class(bundle, tmp_path):
     data = write_csv(tmp_path / "drift.csv", rows)
     before = Bundle(bundle).predict([t for t, _ in rows[:10]])
     r = retrain(bundle, data)
-    assert r["accepted"] and r["labels"] == Bundle(bundle).labels and not r["added_classes"]
+    assert r.accepted and r.labels == Bundle(bundle).labels and not r.added_classes
     after = Bundle(bundle).predict([t for t, _ in rows[:10]])
     assert sum(p["label"] == "pump" for p in after) > sum(p["label"] == "pump" for p in before)
 
@@ -217,10 +217,10 @@ def test_rollback_restores_the_exact_head(bundle, tmp_path):
 def test_history_pruning_and_feature_cache(bundle, tmp_path):
     data = write_csv(tmp_path / "n.csv", new_class_rows(20, seed=2))
     r1 = retrain(bundle, data, add_classes=True, keep=2)
-    assert not r1["metrics"]["feature_cache_hit"]
+    assert not r1.metrics["feature_cache_hit"]
     r2 = retrain(bundle, data, keep=2, margin=1.0)  # the same data again: features come from the cache
-    assert r2["metrics"]["feature_cache_hit"] and r2["version"] == 3
-    assert r2["pruned"] == ["heads/head-0001.onnx", "replay/replay-0001.npz"]
+    assert r2.metrics["feature_cache_hit"] and r2.version == 3
+    assert r2.pruned == ["heads/head-0001.onnx", "replay/replay-0001.npz"]
     assert not (bundle / "heads" / "head-0001.onnx").exists()
     Bundle(bundle)  # every file still listed is present and whole
     rows = history(bundle)
@@ -265,7 +265,7 @@ def test_image_bundle_predict_and_retrain(built, tmp_path):
     assert r.exit_code == 0, r.output
     assert len(r.stdout.splitlines()) == 3
     res = retrain(dst, built["image"].parent / "image-new", add_classes=True, margin=1.0)
-    assert res["added_classes"] == ["rust"]
+    assert res.added_classes == ["rust"]
     assert Bundle(dst).check()["passed"]
 
 
@@ -278,7 +278,7 @@ def test_mobile_bundle_ships_one_backbone_and_the_device_retrains_it(built, tmp_
     r = CliRunner().invoke(main, ["device", "check", str(dst)])
     assert r.exit_code == 0, r.output
     res = retrain(dst, write_csv(tmp_path / "n.csv", new_class_rows(20, seed=2)), add_classes=True, margin=1.0)
-    assert res["added_classes"] == ["valve"]
+    assert res.added_classes == ["valve"]
     b = Bundle(dst)
     assert b.check()["passed"] and b.labels[-1] == "valve"
     r = CliRunner().invoke(main, ["device", "predict", str(dst), "pump leak", "--json"])

@@ -345,7 +345,7 @@ def test_ridge_retrain_adds_a_class_exactly_and_rolls_back_bitwise(ridge_bundle,
     assert r.exit_code == 0
     assert read_manifest(ridge_bundle)["head"].get("family", "softmax") == "softmax"
 
-    assert retrain(ridge_bundle, data, add_classes=True, margin=1.0)["accepted"]  # a softmax retrain from v1
+    assert retrain(ridge_bundle, data, add_classes=True, margin=1.0).accepted  # a softmax retrain from v1
     assert read_manifest(ridge_bundle)["head"].get("family", "softmax") == "softmax"
 
 
@@ -357,15 +357,15 @@ def test_two_ridge_retrains_equal_one_and_each_row_counts_once(built, ridge_buil
     shutil.copytree(ridge_built, a)
     shutil.copytree(ridge_built, b)
     r1 = retrain(a, _csv(tmp_path / "1.csv", rows[:12] + rows[:1]), add_classes=True, margin=1.0)
-    assert r1["metrics"]["rows"] == {"in_file": 13, "added": 12, "skipped_already_in_statistics": 0,
+    assert r1.metrics["rows"] == {"in_file": 13, "added": 12, "skipped_already_in_statistics": 0,
                                      "skipped_repeated_in_file": 1}
     r2 = retrain(a, _csv(tmp_path / "2.csv", rows), margin=1.0)  # its first 12 rows are in the statistics
     # r1 marked a quarter of its new rows hold-out: they are in the statistics too, so r2 judges
     # them once, out-of-fold with their class's rows, not again as hold-out rows
-    j1, j2 = r1["metrics"]["old_classes_accuracy"], r2["metrics"]["old_classes_accuracy"]
+    j1, j2 = r1.metrics["old_classes_accuracy"], r2.metrics["old_classes_accuracy"]
     assert j2["stored_rows_out_of_fold"] == 72 + 12 and j2["replay_holdout_rows"] == j1["replay_holdout_rows"]
-    assert r2["metrics"]["replay_holdout_accuracy"]["rows"] == j1["replay_holdout_rows"] + 3
-    assert r2["skipped_rows"] == 12 and r2["metrics"]["rows"]["skipped_already_in_statistics"] == 12
+    assert r2.metrics["replay_holdout_accuracy"]["rows"] == j1["replay_holdout_rows"] + 3
+    assert r2.skipped_rows == 12 and r2.metrics["rows"]["skipped_already_in_statistics"] == 12
     retrain(b, _csv(tmp_path / "all.csv", rows), add_classes=True, margin=1.0)
     sa, Pa = load_lineage(a, read_manifest(a))
     sb, Pb = load_lineage(b, read_manifest(b))
@@ -410,8 +410,8 @@ def test_softmax_bundle_from_before_head_families_still_retrains(built, tmp_path
     m = read_manifest(dst)
     assert "family" not in m["head"] and m["schema"] <= 2
     r = retrain(dst, _csv(tmp_path / "n.csv", tiny.new_class_rows(20, seed=2)), add_classes=True)
-    assert r["accepted"] and "family" not in read_manifest(dst)["head"]
-    assert r["metrics"]["fit"].get("family", "softmax") == "softmax"
+    assert r.accepted and "family" not in read_manifest(dst)["head"]
+    assert r.metrics["fit"].get("family", "softmax") == "softmax"
 
 
 @pytest.mark.slow  # a dozen retrain processes

@@ -49,3 +49,33 @@ def plain(value):
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+@dataclass(kw_only=True)
+class RetrainResult(Result):
+    """An accepted `device retrain`: the version it made active, what the guard measured, timing.
+
+    (A refused retrain raises RetrainRefused, whose report is the same `metrics`.)"""
+
+    accepted: bool = True
+    version: int
+    previous_version: int
+    labels: list[str]
+    added_classes: list[str]
+    pruned: list[str]  # head files deleted because more than `keep` versions were kept
+    metrics: dict  # the guard's figures: new_holdout_accuracy, replay_holdout_accuracy, old_classes_accuracy, fit ...
+    seconds: float
+    family: str | None = optional()  # the closed-form family ("ridge"); absent for the softmax head
+    skipped_rows: int | None = optional()  # ridge: rows of the file already learned, counted once
+
+
+@dataclass
+class RollbackResult(Result):
+    """A `device rollback`: the head version it left, the one now active, and its classes."""
+
+    from_version: int
+    to_version: int
+    labels: list[str]
+
+    def to_json(self) -> dict:
+        return {"from": self.from_version, "to": self.to_version, "labels": self.labels}

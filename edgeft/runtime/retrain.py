@@ -30,6 +30,7 @@ from .bundle import Bundle
 from .dataset import Dataset, load_dataset
 from .head import LinearHead, fit_softmax, head_logits, read_head_onnx
 from .manifest import MANIFEST, check_manifest, file_entry, read_manifest
+from .result import RetrainResult, RollbackResult
 from .retrain_config import RetrainConfig
 from .version import __version__
 
@@ -268,7 +269,7 @@ def _config(config: RetrainConfig | None, options: dict) -> RetrainConfig:
 
 
 def retrain(path: str | Path, data: str | Path, config: RetrainConfig | None = None, *, public_key=None,
-            **options) -> dict:
+            **options) -> RetrainResult:
     """Fit, guard, and (if accepted) commit head version N+1. Returns the report; raises RetrainRefused.
 
     `options` are RetrainConfig's fields (margin=0.05, add_classes=True, ...), or pass a config."""
@@ -289,9 +290,9 @@ def retrain(path: str | Path, data: str | Path, config: RetrainConfig | None = N
     version = max(h["version"] for h in m["heads"]) + 1
     written = _write_version(bundle, head, new, replay, cfg, version)
     pruned = _commit(path, _next_manifest(m, new, data, metrics, version, written, path), written, cfg.keep)
-    return {"accepted": True, "version": version, "previous_version": m["head"]["version"], "labels": new.labels,
-            "added_classes": new.added, "pruned": pruned, "metrics": metrics,
-            "seconds": round(time.perf_counter() - t0, 3)}
+    return RetrainResult(version=version, previous_version=m["head"]["version"], labels=new.labels,
+                         added_classes=new.added, pruned=pruned, metrics=metrics,
+                         seconds=round(time.perf_counter() - t0, 3))
 
 
 def _merge_replay(Xr, yr, hr, Xn, yn, hn, per_class: int):
@@ -326,7 +327,7 @@ def _prune(manifest: dict, keep: int) -> list[str]:
     return removed
 
 
-def rollback(path: str | Path, version: int | None = None, public_key=None) -> dict:
+def rollback(path: str | Path, version: int | None = None, public_key=None) -> RollbackResult:
     """Make an earlier head version active again (default: the one before the active one)."""
     path = Path(path)
     m = read_manifest(path)
@@ -353,7 +354,7 @@ def rollback(path: str | Path, version: int | None = None, public_key=None) -> d
     new["rollbacks"] = [*past, {"from": active, "to": version, "at": _now()}]
     _check_rollback(path, new, version)
     atomic.write_json(path / MANIFEST, new)
-    return {"from": active, "to": version, "labels": labels}
+    return RollbackResult(from_version=active, to_version=version, labels=labels)
 
 
 def _check_rollback(path: Path, new: dict, version: int) -> None:

@@ -25,6 +25,7 @@ from ..errors import BundleError, DataError, UsageError
 from . import atomic, ridge
 from .bundle import Bundle
 from .manifest import MANIFEST, check_manifest, file_entry, read_manifest
+from .result import RetrainResult
 from .version import __version__
 
 SCHEMA = 3
@@ -354,7 +355,6 @@ def retrain(bundle: Bundle, new, data, cfg, t0: float, *, refused, prune) -> dic
     version, pruned = commit(path, m, head=head, stats=stats, labels=new.labels, new_labels=new.added,
                              replay=next_replay(replay, new.X, new.y, new.hold, per_class), entry=entry,
                              keep=cfg.keep, prune=prune)
-    return {"accepted": True, "version": version, "previous_version": m["head"]["version"], "labels": new.labels,
-            "added_classes": new.added, "pruned": pruned, "metrics": metrics, "family": ridge.FAMILY,
-            "skipped_rows": rows["in_file"] - rows["added"],
-            "seconds": round(time.perf_counter() - t0, 3)}
+    return RetrainResult(version=version, previous_version=m["head"]["version"], labels=new.labels,
+                         added_classes=new.added, pruned=pruned, metrics=metrics, family=ridge.FAMILY,
+                         skipped_rows=rows["in_file"] - rows["added"], seconds=round(time.perf_counter() - t0, 3))
