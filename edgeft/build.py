@@ -98,14 +98,6 @@ def build(source, device=None, output=None, **options) -> BuildResult:
     plan = _plan(cfg)
     with tempfile.TemporaryDirectory(prefix="edgeft-build-") as work:
         manifest = _build_in(plan, Path(work), t0)
-    if cfg.sign_key:
-        from .runtime.trust import sign
-
-        try:
-            sign(plan.output, cfg.sign_key)
-        except BaseException:  # a bundle that was to be signed and is not must not stay behind
-            shutil.rmtree(plan.output, ignore_errors=True)
-            raise
     if cfg.archive:
         write_archive(plan.output)
     log.info("built %s for %s (%s, %s) in %.1f s", plan.output, plan.profile.name, plan.target.name,
@@ -198,6 +190,10 @@ def _build_in(plan: _Plan, work: Path, t0: float) -> dict:  # the build's stages
             manifest = _add_ridge_head(tmp, plan, manifest)
         manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
         _write_manifest(tmp, manifest, manifest["reference"]["kind"] == "examples")
+        if cfg.sign_key:  # before the rename: a bundle that should be signed and is not never appears,
+            from .runtime.trust import sign  # and --overwrite keeps the old one when signing fails
+
+            sign(tmp, cfg.sign_key)
     return manifest
 
 

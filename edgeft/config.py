@@ -255,6 +255,8 @@ class BuildConfig:
             raise UsageError(f"--head {self.head!r}: expected one of {', '.join(HEAD_FAMILIES)}.")
         if isinstance(self.replay, bool) or not isinstance(self.replay, int) or self.replay < 0:
             raise ConfigError(f"replay: expected a whole number of rows per class (0: none), got {self.replay!r}.")
+        if self.sign_key is not None and not Path(self.sign_key).is_file():  # before minutes of building
+            raise UsageError(f"{self.sign_key}: no such key file (--sign).")
         _check_budget(self.min_agreement, self.max_drop)
 
     def budget(self, precision: str) -> Thresholds:

@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from tiny import new_class_rows, write_csv
 
 from edgeft.cli import main
-from edgeft.errors import BundleError
+from edgeft.config import BuildConfig
+from edgeft.errors import BundleError, UsageError
 from edgeft.runtime.bundle import Bundle
 from edgeft.runtime.install import install
 from edgeft.runtime.trust import OWNER_MANIFEST, SIGNATURE, generate_keys, sign
@@ -147,6 +148,21 @@ def test_build_sign_and_verify(keys, tmp_path, built):
     assert r.exit_code == 0, r.output
     r = run("verify", tmp_path / "b", "--reference", run_dir, "--data", data, "--public-key", keys["other_pub"])
     assert r.exit_code == 1
+
+
+def test_build_overwrite_with_a_key_that_cannot_sign_keeps_the_old_bundle(keys, tmp_path, built):
+    """Signing happens before the new bundle replaces the old one: a key that exists but cannot
+    sign (here a public key) fails the build with one line and leaves the old bundle as it was."""
+    run_dir, out = built.parent / "text-run", tmp_path / "b"
+    shutil.copytree(built, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    r = run("build", run_dir, "--device", "x86-64-server", "-o", out, "--overwrite", "--sign", keys["pub"], "--uncertified")
+    assert r.exit_code == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ") and "cannot sign" in r.stderr
+    assert "Traceback" not in r.output
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary folder left beside it
+    with pytest.raises(UsageError, match="no such key file"):  # the library refuses before building, like the CLI
+        BuildConfig(run_dir, "x86-64-server", tmp_path / "c", sign_key=tmp_path / "nokey.pem")
 
 
 def _archive(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
