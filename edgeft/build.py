@@ -25,9 +25,10 @@ import numpy as np
 
 from . import __version__
 from .certify import Rows, holds, judging_rows, reference_rows, refusal, too_few
-from .config import HEAD_FAMILIES, BuildConfig
+from .config import BuildConfig
 from .errors import ParityError, UsageError, refuse_existing
 from .float32 import tolerance
+from .names import HEAD_FAMILIES
 from .profiles import find_profile
 from .quantize import get as get_mode
 from .quantize import prepare_gate, variants_for

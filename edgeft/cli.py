@@ -15,6 +15,7 @@ import click
 from . import __version__
 from .config import BuildConfig, ExportConfig
 from .errors import EdgeftError, UsageError
+from .names import HEAD_FAMILIES, METHODS, METRICS, POOLINGS
 from .runtime.retrain_config import RetrainConfig
 
 _STDOUT = "\0stdout"  # verify --json without a FILE
@@ -164,8 +165,8 @@ def emit_json(data, as_json: bool, json_file: str | None) -> bool:
 @click.option("--data", help="Training data: CSV/JSONL with text,label columns, or an image folder (one sub-folder per class).")
 @click.option("--val", help="Validation data; without it a stratified, seeded part of --data is held out.")
 @click.option("--output", "-o", help="Run directory to create.")
-@click.option("--method", type=click.Choice(["head", "lora", "ia3", "full", "bitfit", "partial", "gradual", "prompt", "prefix"]), help="What trains.  [default: head]")
-@click.option("--head", type=click.Choice(["softmax", "ridge"]), help="Head family its bundles answer with; ridge is also fitted here from a head-only run's cached features in one solve.  [default: softmax]")
+@click.option("--method", type=click.Choice(METHODS), help="What trains.  [default: head]")
+@click.option("--head", type=click.Choice(HEAD_FAMILIES), help="Head family its bundles answer with; ridge is also fitted here from a head-only run's cached features in one solve.  [default: softmax]")
 @click.option("--text-column", help="Column with the text (or image path).  [default: text]")
 @click.option("--label-column", help="Column with the label.  [default: label]")
 @click.option("--val-fraction", type=float, help="Held out when there is no --val.  [default: 0.2]")
@@ -177,7 +178,7 @@ def emit_json(data, as_json: bool, json_file: str | None) -> bool:
 @click.option("--warmup", type=float, help="Fraction of steps warming up before linear decay.  [default: 0.1]")
 @click.option("--seed", type=int, help="Seed for splits, shuffling and initialisation.  [default: 42]")
 @click.option("--max-length", type=int, help="Text: longest token sequence.  [default: 128]")
-@click.option("--pooling", type=click.Choice(["mean", "cls", "pooler", "max"]), help="Feature pooling.  [default: the model's own]")
+@click.option("--pooling", type=click.Choice(POOLINGS), help="Feature pooling.  [default: the model's own]")
 @click.option("--image-size", type=int, help="Image: input size in pixels.  [default: the model's own]")
 @click.option("--dropout", type=float, help="Dropout before the classifier head.  [default: 0.1]")
 @click.option("--backbone-dropout", type=float, help="Dropout inside the backbone.  [default: the model's own]")
@@ -188,7 +189,7 @@ def emit_json(data, as_json: bool, json_file: str | None) -> bool:
 @click.option("--lora-targets", help="Comma-separated layer names for LoRA.  [default: per architecture]")
 @click.option("--train-layers", type=int, help="partial: how many top layers train.  [default: 2]")
 @click.option("--unfreeze-every", type=int, help="gradual: epochs between unfreezing the next layer.  [default: 1]")
-@click.option("--metric", type=click.Choice(["accuracy", "macro_f1", "loss"]), help="Chooses the best epoch and drives early stopping.  [default: accuracy]")
+@click.option("--metric", type=click.Choice(METRICS), help="Chooses the best epoch and drives early stopping.  [default: accuracy]")
 @click.option("--patience", type=int, help="Epochs without improvement before stopping.  [default: head 10, others 3]")
 @click.option("--keep-checkpoints", type=int, help="How many recent epoch checkpoints to keep (the best is kept apart).  [default: 2]")
 @click.option("--resume", is_flag=True, default=None, help="Continue an interrupted run from its last checkpoint.")
@@ -246,9 +247,9 @@ def train(config_path, **options):
 @click.option("--methods", default="head,lora", show_default=True, help="Comma-separated methods the search may choose from.")
 @click.option("--trials", type=int, default=20, show_default=True, help="Trials at most.")
 @click.option("--timeout", type=float, help="Seconds at most; the running trial finishes.")
-@click.option("--metric", type=click.Choice(["accuracy", "macro_f1", "loss"]), default="accuracy", show_default=True, help="What each trial is scored by, on the validation rows at its best epoch.")
+@click.option("--metric", type=click.Choice(METRICS), default="accuracy", show_default=True, help="What each trial is scored by, on the validation rows at its best epoch.")
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of the sampler, the split and every trial.")
-@click.option("--pooling", type=click.Choice(["mean", "cls", "pooler", "max"]), help="Feature pooling.  [default: the model's own]")
+@click.option("--pooling", type=click.Choice(POOLINGS), help="Feature pooling.  [default: the model's own]")
 @data_columns
 def tune(model, data, val, output, methods, trials, timeout, metric, seed, pooling, text_column, label_column):
     """Search methods, learning rates and epochs with optuna; write the best as a recipe.
@@ -425,7 +426,7 @@ def compare_cmd(a, b, data, text_column, label_column, require, margin, confiden
 @click.option("--calibration", help="Real samples that calibrate int8 (static, NNCF) and rank nodes for the search.  [default: the training rows]")
 @click.option("--data", help="Labelled rows for the parity check.  [default: the run's validation data]")
 @click.option("--replay", type=int, default=BuildConfig.replay, show_default=True, help="Training features kept per class for on-device retraining (0: none).")
-@click.option("--head", "head_family", type=click.Choice(["softmax", "ridge"]),
+@click.option("--head", "head_family", type=click.Choice(HEAD_FAMILIES),
               help="The head the device answers with and retrains: softmax (the trained head), or ridge (random ReLU "
                    "features + class-balanced ridge, solved from statistics; the trained head stays one version back).  "
                    "[default: the run's --head, else softmax]")

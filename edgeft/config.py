@@ -13,8 +13,7 @@ from .errors import ConfigError, UsageError, did_you_mean
 if TYPE_CHECKING:
     from .runtime.compare import Thresholds
 
-METRICS = ("accuracy", "macro_f1", "loss")
-HEAD_FAMILIES = ("softmax", "ridge")  # the head a bundle answers with and retrains (runtime/ridge.py)
+from .names import HEAD_FAMILIES, METHODS, METRICS
 
 
 @dataclass
@@ -61,8 +60,6 @@ class TrainConfig:
     keep_folds: bool = False  # keep each fold's run directory under the output
 
     def __post_init__(self):
-        from .methods import METHODS
-
         if self.method not in METHODS:
             raise ConfigError(f"method: unknown method '{self.method}'; choose from {', '.join(METHODS)}.{did_you_mean(self.method, METHODS)}")
         if self.head not in HEAD_FAMILIES:

@@ -21,14 +21,12 @@ from torch import nn
 
 from .errors import UsageError, did_you_mean
 from .models import TaskModel, layer_groups
+from .names import METHODS, PROMPT_METHODS
 
-METHODS = ("head", "lora", "ia3", "full", "bitfit", "partial", "gradual", "prompt", "prefix")
 # peft wrappers a run keeps unmerged; merge folds them into the weights (prompt, prefix: into a
 # backbone that carries them as constants, prompts.PromptedTextBackbone)
 ADAPTERS = ("lora", "ia3", "prompt", "prefix")
 VIRTUAL_TOKENS = 10  # prompt and prefix tuning: learned tokens (each costs one more position at inference)
-
-PROMPT_METHODS = ("prompt", "prefix")
 
 # Defaults per method: (body lr, head lr, epochs, batch). Measured on MiniLM (STACK.md):
 # LoRA learns best with a separate, larger lr for the fresh head (1e-2) than for the

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import DataError, ModelError, did_you_mean
+from .names import POOLINGS
 from .runtime.preprocess import ImagePreprocessor, TextPreprocessor
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,6 @@ EFFNET_META = "edgeft_backbone.json"  # marks an EfficientNet-Lite model directo
 # EfficientNet-Lite was trained on RGB 0-255 scaled as (x - 127) / 128, not ImageNet mean/std.
 EFFNET_NORM = {"scale": 1.0, "mean": [127.0] * 3, "std": [128.0] * 3}
 EFFNET_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
-POOLINGS = ("mean", "cls", "pooler", "max")
 NO_POOLER = "the folder has no pooler weights (choose another with --pooling)"
 PROMPT_FILE = "edgeft_prompt.safetensors"  # a merged directory's virtual tokens or prefixes (prompts.py)
 

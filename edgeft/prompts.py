@@ -24,7 +24,6 @@ from torch import nn
 from .errors import ModelError, UsageError
 from .models import ModelSpec, PromptedTextBackbone, TextBackbone, pool
 
-METHODS = ("prompt", "prefix")
 TABLE = {"prompt": "virtual tokens", "prefix": "key/value prefixes"}
 WHAT = {"prompt": "learned virtual tokens (prompt tuning)", "prefix": "learned key/value prefixes (prefix tuning)"}
 

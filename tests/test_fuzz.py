@@ -40,10 +40,10 @@ from hypothesis import strategies as st
 from tiny import TINY_HEAD, TINY_LABELS, png_header
 
 from edgeft.cli import main
-from edgeft.config import METRICS, TrainConfig, load_train_config
+from edgeft.config import TrainConfig, load_train_config
 from edgeft.data import IMAGE_SUFFIXES, Dataset, load_dataset
 from edgeft.errors import BundleError, ConfigError, DataError, EdgeftError
-from edgeft.methods import METHODS
+from edgeft.names import METHODS, METRICS
 from edgeft.profiles import PROFILE_KEYS, Profile, read_profile
 from edgeft.recipe import TABLES, load_recipe
 from edgeft.runtime.bundle import Bundle

@@ -202,3 +202,22 @@ def test_package_init_is_torch_free():
                 heavy.append(f"{mod} (line {line}) imports {target}")
             todo.append(target)
     assert not heavy, heavy
+
+
+def test_cli_choices_are_the_registries():
+    """The CLI spells its choices out or reads them from edgeft.names, which imports nothing, so that
+    `edgeft --help` imports neither torch nor the quantizers; they must still be the lists the
+    implementing modules accept."""
+    import click
+
+    from edgeft import names
+    from edgeft.cli import main
+    from edgeft.quantize import registry
+
+    def choices(command: str, option: str) -> tuple[str, ...]:
+        cmd = main.commands[command]
+        return tuple(next(p for p in cmd.params if p.name == option).type.choices)
+
+    assert choices("quantize", "mode") == registry.names(), "edgeft quantize --mode lists other modes than the registry"
+    assert choices("train", "method") == names.METHODS and choices("train", "pooling") == names.POOLINGS
+    assert isinstance(main.commands["train"], click.Command)
