@@ -272,7 +272,7 @@ def inference_cost(data: dict, work: Path, runs: dict[str, dict], rounds: int = 
 
 
 def methods_main(methods: list[str], epochs: int | None, output: str) -> None:
-    from edgeft.methods import METHODS, VIRTUAL_TOKENS
+    from edgeft.names import METHODS, VIRTUAL_TOKENS
     from edgeft.quantize.isa import host
 
     unknown = [m for m in methods if m not in METHODS]

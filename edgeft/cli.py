@@ -15,7 +15,7 @@ import click
 from . import __version__
 from .config import BuildConfig, ExportConfig
 from .errors import EdgeftError, UsageError
-from .names import HEAD_FAMILIES, METHODS, METRICS, POOLINGS
+from .names import HEAD_FAMILIES, METHODS, METRICS, POOLINGS, VIRTUAL_TOKENS
 from .runtime.retrain_config import RetrainConfig
 
 _STDOUT = "\0stdout"  # verify --json without a FILE
@@ -189,6 +189,7 @@ def emit_json(data, as_json: bool, json_file: str | None) -> bool:
 @click.option("--lora-targets", help="Comma-separated layer names for LoRA.  [default: per architecture]")
 @click.option("--train-layers", type=int, help="partial: how many top layers train.  [default: 2]")
 @click.option("--unfreeze-every", type=int, help="gradual: epochs between unfreezing the next layer.  [default: 1]")
+@click.option("--virtual-tokens", type=int, help=f"prompt, prefix: learned tokens (each costs one input position at inference).  [default: {VIRTUAL_TOKENS}]")
 @click.option("--metric", type=click.Choice(METRICS), help="Chooses the best epoch and drives early stopping.  [default: accuracy]")
 @click.option("--patience", type=int, help="Epochs without improvement before stopping.  [default: head 10, others 3]")
 @click.option("--keep-checkpoints", type=int, help="How many recent epoch checkpoints to keep (the best is kept apart).  [default: 2]")

@@ -13,7 +13,7 @@ from .errors import ConfigError, UsageError, did_you_mean
 if TYPE_CHECKING:
     from .runtime.compare import Thresholds
 
-from .names import HEAD_FAMILIES, METHODS, METRICS
+from .names import HEAD_FAMILIES, METHODS, METRICS, VIRTUAL_TOKENS
 
 
 @dataclass
@@ -48,6 +48,7 @@ class TrainConfig:
     lora_targets: list[str] | None = None
     train_layers: int = 2
     unfreeze_every: int = 1
+    virtual_tokens: int = VIRTUAL_TOKENS  # prompt, prefix: learned tokens (each costs one position at inference)
     metric: str = "accuracy"
     patience: int | None = None  # epochs without improvement before stopping; None: 10 for head, 3 otherwise
     keep_checkpoints: int = 2
@@ -66,7 +67,7 @@ class TrainConfig:
             raise ConfigError(f"head: expected softmax or ridge, got {self.head!r}.")
         if self.metric not in METRICS:
             raise ConfigError(f"metric: unknown metric '{self.metric}'; choose from {', '.join(METRICS)}.{did_you_mean(self.metric, METRICS)}")
-        for name in ("epochs", "batch_size", "lora_r", "train_layers", "unfreeze_every"):
+        for name in ("epochs", "batch_size", "lora_r", "train_layers", "unfreeze_every", "virtual_tokens"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ConfigError(f"{name}: expected a positive integer, got {v!r}.")

@@ -21,12 +21,11 @@ from torch import nn
 
 from .errors import UsageError, did_you_mean
 from .models import TaskModel, layer_groups
-from .names import METHODS, PROMPT_METHODS
+from .names import METHODS, PROMPT_METHODS, VIRTUAL_TOKENS
 
 # peft wrappers a run keeps unmerged; merge folds them into the weights (prompt, prefix: into a
 # backbone that carries them as constants, prompts.PromptedTextBackbone)
 ADAPTERS = ("lora", "ia3", "prompt", "prefix")
-VIRTUAL_TOKENS = 10  # prompt and prefix tuning: learned tokens (each costs one more position at inference)
 
 # Defaults per method: (body lr, head lr, epochs, batch). Measured on MiniLM (STACK.md):
 # LoRA learns best with a separate, larger lr for the fresh head (1e-2) than for the
@@ -191,13 +190,13 @@ def apply(model: TaskModel, method: str, *, lora_r=8, lora_alpha=16, lora_dropou
     return plan
 
 
-def check(method: str, spec) -> None:
+def check(method: str, spec, virtual_tokens: int = VIRTUAL_TOKENS) -> None:
     """What can be refused from the model's spec alone, before anything loads or is written
     (prompt and prefix tuning: text models only; room for the virtual tokens)."""
     if method in PROMPT_METHODS:
         from .prompts import check_spec
 
-        check_spec(method, spec, VIRTUAL_TOKENS)
+        check_spec(method, spec, int(virtual_tokens))
 
 
 def _expose_conv_attributes(module: nn.Module) -> None:

@@ -6,3 +6,4 @@ HEAD_FAMILIES = ("softmax", "ridge")  # the head a bundle answers with and retra
 METHODS = ("head", "lora", "ia3", "full", "bitfit", "partial", "gradual", "prompt", "prefix")  # edgeft.methods
 PROMPT_METHODS = ("prompt", "prefix")  # virtual tokens in the input, or keys/values per layer (edgeft.prompts)
 POOLINGS = ("mean", "cls", "pooler", "max")  # edgeft.models
+VIRTUAL_TOKENS = 10  # prompt and prefix tuning's default count (TrainConfig.virtual_tokens)

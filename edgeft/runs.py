@@ -13,6 +13,7 @@ from .checkpoints import load_weights
 from .data import Dataset, check_labels, load_dataset, stratified_split
 from .errors import DataError, UsageError
 from .models import ModelSpec, build_task_model, check_modality, load_spec
+from .names import VIRTUAL_TOKENS
 from .runtime.metrics import classification_report, softmax
 from .runtime.preprocess import load_preprocessor
 
@@ -59,7 +60,8 @@ def load_run(run: str | Path) -> Loaded:
     model = build_task_model(spec, len(info["labels"]), cfg.get("dropout", 0.1))
     methods.apply(model, info["method"], lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
                   lora_dropout=cfg["lora_dropout"], lora_targets=info.get("lora_targets") or None,
-                  train_layers=cfg["train_layers"], unfreeze_every=cfg["unfreeze_every"])
+                  train_layers=cfg["train_layers"], unfreeze_every=cfg["unfreeze_every"],
+                  virtual_tokens=cfg.get("virtual_tokens", VIRTUAL_TOKENS))  # runs from before the option: 10
     load_weights(model, run / "trained.safetensors")
     pre = load_preprocessor(run, json.loads((run / "preprocessor.json").read_text()))
     return Loaded(model.eval(), pre, info["labels"], info, "run", run)

@@ -357,6 +357,7 @@ class Trainer:
         self.plan = methods.apply(
             self.core, cfg.method, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             lora_targets=cfg.lora_targets, train_layers=cfg.train_layers, unfreeze_every=cfg.unfreeze_every,
+            virtual_tokens=cfg.virtual_tokens,
         )
         if cfg.backbone_dropout is not None:  # e.g. 0: runs that must match bit for bit across process counts
             for m in self.core.backbone.modules():
@@ -558,7 +559,7 @@ def _check_inputs(cfg: TrainConfig):
     train_ds, val_ds, labels = _prepare_data(cfg)
     spec = load_spec(cfg.model, cfg.pooling, cfg.max_length, cfg.image_size)
     check_modality(spec, train_ds.kind, train_ds.source)
-    methods.check(cfg.method, spec)  # a method the model family cannot take: one line, nothing written
+    methods.check(cfg.method, spec, cfg.virtual_tokens)  # a method the model family cannot take: one line, nothing written
     if spec.pooling_reason == NO_POOLER:
         log.warning("%s: %s pooling, because %s", cfg.model, spec.pooling, NO_POOLER)
     if cfg.augment and spec.modality != "image":

@@ -9,6 +9,8 @@ comes first. The space, per method in --methods:
     head      head_lr log-uniform 3e-4 .. 3e-2 (epochs: the method's early-stopped default)
     lora      lr 1e-4 .. 1e-2, head_lr 1e-3 .. 5e-2, epochs 2 .. 8, lora_r 4 | 8 | 16
     ia3       lr 3e-4 .. 3e-2, head_lr 1e-3 .. 5e-2, epochs 2 .. 8
+    prompt,   lr default / 10 .. default * 10, head_lr 1e-3 .. 5e-2, epochs 2 .. 8,
+    prefix    virtual_tokens 5 | 10 | 20
     others    lr default / 10 .. default * 10, head_lr 1e-3 .. 5e-2, epochs 2 .. 8
 
 OUTPUT/tune.json holds every trial (settings, score, seconds, state); OUTPUT/best-run is the
@@ -29,7 +31,8 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .errors import EdgeftError, UsageError
-from .methods import DEFAULTS, METHODS
+from .methods import DEFAULTS
+from .names import METHODS, PROMPT_METHODS
 from .runtime import atomic
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,8 @@ def suggest(trial, method: str) -> dict:
            "epochs": trial.suggest_int(f"{method}_epochs", *EPOCHS)}
     if method == "lora":
         out["lora_r"] = trial.suggest_categorical("lora_r", [4, 8, 16])
+    if method in PROMPT_METHODS:
+        out["virtual_tokens"] = trial.suggest_categorical(f"{method}_virtual_tokens", [5, 10, 20])
     return out
 
 

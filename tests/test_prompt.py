@@ -19,18 +19,19 @@ from onnx import numpy_helper
 from safetensors.torch import load_file
 from tolerance import assert_float32_close, float32_tolerance, logits64
 
-from edgeft import methods
 from edgeft.build import build
 from edgeft.cli import main
 from edgeft.config import TrainConfig
 from edgeft.export import export
 from edgeft.merge import merge
 from edgeft.models import PROMPT_FILE
+from edgeft.names import VIRTUAL_TOKENS
 from edgeft.runs import load_model, predict_logits, validation_data
 from edgeft.runtime.session import OnnxModel
 from edgeft.train import train
 
 KINDS = ("prompt", "prefix")
+TOKENS = {"prompt": None, "prefix": 6}  # None: the default (names.VIRTUAL_TOKENS); prefix runs --virtual-tokens 6
 
 
 def _cfg(model, text_data, out, method, **kw) -> TrainConfig:
@@ -43,7 +44,8 @@ def _cfg(model, text_data, out, method, **kw) -> TrainConfig:
 @pytest.fixture(scope="module", params=KINDS)
 def prompt_run(request, tiny_bert, text_data, tmp_path_factory) -> tuple[str, Path]:
     out = tmp_path_factory.mktemp(f"{request.param}-run") / "run"
-    train(_cfg(tiny_bert, text_data, out, request.param))
+    tokens = TOKENS[request.param]
+    train(_cfg(tiny_bert, text_data, out, request.param, **({"virtual_tokens": tokens} if tokens else {})))
     return request.param, out
 
 
@@ -53,11 +55,12 @@ def test_only_the_learned_tokens_and_the_head_train(prompt_run, tiny_bert):
     body = [k for k in info["trained_keys"] if not k.startswith("head.")]
     assert body and all("prompt_encoder" in k for k in body), body
     table = load_file(str(run / "trained.safetensors"))[body[0]]
-    hidden, layers = 32, 2  # tests/tiny.py
-    assert table.shape == (methods.VIRTUAL_TOKENS, hidden if kind == "prompt" else layers * 2 * hidden)
+    hidden, layers, tokens = 32, 2, TOKENS[kind] or VIRTUAL_TOKENS  # tests/tiny.py
+    assert info["config"]["virtual_tokens"] == tokens
+    assert table.shape == (tokens, hidden if kind == "prompt" else layers * 2 * hidden)
     assert (run / "adapter" / "adapter_config.json").exists()  # peft's own format, beside edgeft's
     # the virtual tokens take positions: the texts are cut shorter so both fit the tiny model's 64
-    assert info["model"]["preprocessing"]["max_length"] == 64 - methods.VIRTUAL_TOKENS
+    assert info["model"]["preprocessing"]["max_length"] == 64 - tokens
 
 
 def test_merge_keeps_the_tokens_and_answers_as_peft(prompt_run, tmp_path):

@@ -44,3 +44,19 @@ def test_tune_bad_input(tiny_bert, text_data, tmp_path):
     r = CliRunner().invoke(main, [*base, "--trials", "0", "--output", str(tmp_path / "b")])
     assert r.exit_code == 2 and "--trials must be at least 1" in r.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_prompt_methods_search_their_virtual_tokens():
+    """prompt and prefix trials also choose how many tokens they learn, and the settings make a valid config."""
+    import optuna
+
+    from edgeft.config import TrainConfig
+    from edgeft.tune import suggest
+
+    trial = optuna.trial.FixedTrial({"prefix_lr": 1e-2, "prefix_head_lr": 1e-2, "prefix_epochs": 3,
+                                     "prefix_virtual_tokens": 20})
+    settings = suggest(trial, "prefix")
+    assert settings["virtual_tokens"] == 20
+    assert TrainConfig(model="m", data="d", output="o", method="prefix", **settings).virtual_tokens == 20
+    assert "virtual_tokens" not in suggest(optuna.trial.FixedTrial({"lora_lr": 1e-3, "lora_head_lr": 1e-2,
+                                                                     "lora_epochs": 3, "lora_r": 8}), "lora")
