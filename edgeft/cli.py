@@ -530,14 +530,17 @@ def device():
 @click.option("--top", type=int, default=1, show_default=True, help="Labels to print per input.")
 @click.option("--false-alarm", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True,
               help="Share of in-distribution inputs the out-of-distribution flag may call unknown (its threshold is set on the replay's hold-out rows).")
+@click.option("--collect", "collect_dir", type=click.Path(file_okay=False),
+              help="Keep the inputs flagged unknown in DIR/unknown.csv (images copied to DIR/images/), with an empty label column to fill in for device retrain --data.")
 @public_key_option
-def device_predict(bundle, inputs, file_, as_json, json_file, top, false_alarm, public_key):
+def device_predict(bundle, inputs, file_, as_json, json_file, top, false_alarm, collect_dir, public_key):
     """Predict labels for texts or image paths with the bundle's active head.
 
     \b
     Example:
       edgeft device predict bundles/pi5 "hydraulic hose weeping at press 4"
       ls images/*.png | edgeft device predict bundles/insp --file - --json
+      edgeft device predict bundles/pi5 --file today.txt --collect to-label/
     """
     from .runtime.bundle import Bundle
 
@@ -547,11 +550,21 @@ def device_predict(bundle, inputs, file_, as_json, json_file, top, false_alarm, 
     if not items:
         raise click.UsageError("give inputs as arguments or with --file.")
     b = Bundle(bundle, public_key=public_key)
+    if collect_dir and b.ood(false_alarm) is None:
+        raise UsageError(f"{bundle}: --collect keeps inputs flagged unknown, and this bundle carries no replay memory "
+                         "to flag them with (build it with --replay N).")
     answers = [{"input": item, **r} for item, r in zip(items, b.predict(items, false_alarm=false_alarm), strict=True)]
     if json_file:
         from .runtime import atomic
 
         atomic.write_json(json_file, answers)
+    if collect_dir:
+        from .runtime.collect import FILE, collect
+
+        added = collect(collect_dir, b.manifest["modality"], answers)
+        flagged = sum(bool(a.get("unknown")) for a in answers)
+        click.echo(f"collect  {flagged} of {len(answers)} inputs flagged unknown, {added} new in "
+                   f"{os.path.join(collect_dir, FILE)}", err=True)
     for item, r in zip(items, answers, strict=True):
         if as_json:
             click.echo(json.dumps(r))

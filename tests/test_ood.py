@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgeft.cli import main
+from edgeft.errors import DataError
 from edgeft.runtime.bundle import Bundle
 from edgeft.runtime.ood import OOD
 
@@ -94,3 +95,34 @@ def test_image_bundle_with_few_holdout_rows_answers_without_flags(device_bundles
     images = sorted(str(p) for p in (device_bundles["image"].parent / "image-new").rglob("*.png"))[:3]
     answers = b.predict(images)
     assert len(answers) == 3 and all(a["unknown"] is False and a["ood_score"] >= 0 for a in answers)
+
+
+def test_collect_keeps_flagged_inputs_for_labelling_once(device_bundles, tmp_path):
+    """--collect writes the flagged inputs where `device retrain --data` reads them: once each,
+    with an empty label to fill in; images are copied in under their content hash."""
+    from edgeft.runtime.collect import FILE, collect
+    from edgeft.runtime.dataset import load_dataset
+
+    bundle, d = device_bundles["text"], tmp_path / "to-label"
+    texts = ["pump leak at the seal", "zzz qqq xxx", "belt roller noise"]
+    args = ["device", "predict", str(bundle), *texts, "--json", "--false-alarm", "0.9", "--collect", str(d)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    flagged = [a["input"] for a in map(json.loads, r.stdout.splitlines()) if a["unknown"]]
+    assert flagged, "a 90% false-alarm rate flags some of three inputs"
+    assert f"{len(flagged)} new in" in r.stderr
+    lines = (d / FILE).read_text().splitlines()
+    assert lines[0] == "text,label,predicted,ood_score,collected" and [ln.split(",")[0] for ln in lines[1:]] == flagged
+    assert CliRunner().invoke(main, args).exit_code == 0 and (d / FILE).read_text().splitlines() == lines  # once each
+    (d / FILE).write_text("\n".join([lines[0]] + [ln.replace(",,", ",valve,", 1) for ln in lines[1:]]) + "\n")
+    ds = load_dataset(d / FILE)
+    assert ds.items == flagged and set(ds.labels) == {"valve"}
+
+    images = sorted((device_bundles["image"].parent / "image-new").rglob("*.png"))[:2]
+    answers = [{"input": str(p), "label": "ok", "ood_score": 0.5, "unknown": True} for p in [*images, images[0]]]
+    assert collect(tmp_path / "img", "image", answers) == 2  # the repeated image is kept once
+    rows = (tmp_path / "img" / FILE).read_text().splitlines()[1:]
+    kept = [tmp_path / "img" / row.split(",")[0] for row in rows]
+    assert [p.read_bytes() for p in kept] == [p.read_bytes() for p in images]
+    with pytest.raises(DataError, match="expected the columns"):  # one folder, one modality
+        collect(tmp_path / "img", "text", [{"input": "x", "label": "ok", "ood_score": 0.9, "unknown": True}])
