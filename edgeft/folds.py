@@ -56,10 +56,8 @@ def _write_rows(path: Path, ds, idx: list[int], cfg: TrainConfig) -> None:
     atomic.write_text(path, "\n".join(lines) + "\n")
 
 
-def cross_validate(cfg: TrainConfig) -> dict:
-    """Train cfg.folds fold runs; write OUTPUT/cv.json (and the fold runs with keep_folds); return the report."""
-    from .train import train
-
+def _check(cfg: TrainConfig):
+    """The options and the data, before anything is written; returns the rows."""
     k = cfg.folds
     if not k:
         raise UsageError("--folds: expected the number of folds (2 or more).")
@@ -69,17 +67,34 @@ def cross_validate(cfg: TrainConfig) -> dict:
         raise UsageError("--folds cannot --resume; run the cross-validation again.")
     if cfg.nproc > 1:
         raise UsageError("--folds trains its folds one after another on one process; drop --nproc.")
-    t0 = time.perf_counter()
-    output = Path(cfg.output)
-    if output.exists():
-        raise UsageError(f"{output}: already exists. Choose another --output.")
+    if Path(cfg.output).exists():
+        raise UsageError(f"{cfg.output}: already exists. Choose another --output.")
     ds = load_dataset(cfg.data, cfg.text_column, cfg.label_column)
-    labels = label_names(ds)
     small = {y: n for y, n in ds.counts().items() if n < k}
     if small:
         y, n = next(iter(small.items()))
         raise UsageError(f"{cfg.data}: class {y!r} has {n} rows; --folds {k} needs at least {k} rows in every "
                          "class (each fold's validation part holds one or more of each).")
+    return ds
+
+
+def _fold_figures(s) -> dict:
+    """A fold run's figures for cv.json: its best epoch, and its last one."""
+    best, last = s.best, s.epochs[-1]
+    return {"train_rows": s.data["train"]["rows"], "val_rows": s.data["val"]["rows"], "best_epoch": best["epoch"],
+            "accuracy": best["accuracy"], "macro_f1": best["macro_f1"], "loss": best["loss"],
+            "epochs_run": last["epoch"],
+            "last_epoch": {"accuracy": last["accuracy"], "macro_f1": last["macro_f1"], "loss": last["val_loss"]},
+            "seconds": s.seconds}
+
+
+def cross_validate(cfg: TrainConfig) -> dict:
+    """Train cfg.folds fold runs; write OUTPUT/cv.json (and the fold runs with keep_folds); return the report."""
+    from .train import train
+
+    k, t0, output = cfg.folds, time.perf_counter(), Path(cfg.output)
+    ds = _check(cfg)
+    labels = label_names(ds)
     assign = fold_of(ds.labels, k, cfg.seed)
     folds = []
     with atomic.directory(output) as tmp, tempfile.TemporaryDirectory(prefix="edgeft-folds-") as scratch:
@@ -92,14 +107,7 @@ def cross_validate(cfg: TrainConfig) -> dict:
                                output=str(home / "run"), folds=None, keep_folds=False)
             log.info("fold %d/%d: %d training rows, %d validation rows", f + 1, k, len(assign) - assign.count(f),
                      assign.count(f))
-            s = train(fold_cfg)
-            best, last = s.best, s.epochs[-1]
-            folds.append({"fold": f + 1, "train_rows": s.data["train"]["rows"], "val_rows": s.data["val"]["rows"],
-                          "best_epoch": best["epoch"], "accuracy": best["accuracy"], "macro_f1": best["macro_f1"],
-                          "loss": best["loss"], "epochs_run": last["epoch"],
-                          "last_epoch": {"accuracy": last["accuracy"], "macro_f1": last["macro_f1"],
-                                         "loss": last["val_loss"]},
-                          "seconds": s.seconds,
+            folds.append({"fold": f + 1, **_fold_figures(train(fold_cfg)),
                           **({"run": str(output / f"fold-{f + 1}" / "run")} if cfg.keep_folds else {})})
         staged = str(tmp.resolve())
         summary = {m: _spread([r[m] for r in folds]) for m in METRICS}

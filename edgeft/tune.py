@@ -87,12 +87,7 @@ def recipe_text(cfg: TrainConfig, score: float, metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def tune(cfg: TrainConfig, methods: list[str], trials: int = 20, timeout: float | None = None) -> dict:
-    """Run the search; write OUTPUT (tune.json, recipe.toml, best-run); return the report."""
-    import optuna
-
-    from .train import train
-
+def _check(cfg: TrainConfig, methods: list[str], trials: int, timeout: float | None) -> None:
     bad = [m for m in methods if m not in METHODS]
     if not methods or bad:
         raise UsageError(f"--methods: {', '.join(bad) or 'none given'}: choose from {', '.join(METHODS)}.")
@@ -100,53 +95,74 @@ def tune(cfg: TrainConfig, methods: list[str], trials: int = 20, timeout: float 
         raise UsageError("--trials must be at least 1 and --timeout positive.")
     if cfg.folds or cfg.resume or cfg.nproc > 1:
         raise UsageError("edgeft tune runs plain single-process trials: drop --folds, --resume and --nproc.")
+    if Path(cfg.output).exists():
+        raise UsageError(f"{cfg.output}: already exists. Choose another --output.")
+
+
+class _Objective:
+    """One optuna trial = one ordinary run in `tmp`/trials; keeps only the best run so far on disk
+    and a record of every trial."""
+
+    def __init__(self, cfg: TrainConfig, methods: list[str], tmp: Path):
+        self.cfg, self.methods, self.tmp = cfg, methods, tmp
+        self.maximize = cfg.metric != "loss"
+        self.records: list[dict] = []
+        self.best: dict = {}
+
+    def _failed(self, trial, method: str, settings: dict, run: Path, error: str, t: float):
+        import optuna
+
+        self.records.append({"trial": trial.number + 1, "method": method, **settings, "state": "failed",
+                             "error": error, "seconds": round(time.perf_counter() - t, 2)})
+        shutil.rmtree(run, ignore_errors=True)
+        return optuna.TrialPruned(error)
+
+    def __call__(self, trial) -> float:
+        from .train import train
+
+        cfg = self.cfg
+        method = trial.suggest_categorical("method", self.methods) if len(self.methods) > 1 else self.methods[0]
+        settings = suggest(trial, method)
+        run = self.tmp / "trials" / f"trial-{trial.number + 1}"
+        trial_cfg = replace(cfg, method=method, output=str(run), progress=False, **settings)
+        t = time.perf_counter()
+        try:
+            summary = train(trial_cfg)
+        except EdgeftError as e:  # e.g. a method this model cannot take: the trial fails, the search goes on
+            raise self._failed(trial, method, settings, run, str(e), t) from None
+        score = summary.best["loss"] if cfg.metric == "loss" else summary.best[cfg.metric]
+        if not math.isfinite(score):  # a diverged run: failed, so it cannot hold the best place
+            raise self._failed(trial, method, settings, run, f"{cfg.metric} is {score}", t)
+        self.records.append({"trial": trial.number + 1, "method": method, **settings, "state": "complete",
+                             cfg.metric: score, "best_epoch": summary.best["epoch"],
+                             "seconds": round(time.perf_counter() - t, 2)})
+        log.info("trial %d: %s %s -> %s %.4f", trial.number + 1, method,
+                 " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items()),
+                 cfg.metric, score)
+        best = self.best
+        if not best or (score > best["score"] if self.maximize else score < best["score"]):
+            if best:
+                shutil.rmtree(best["run"], ignore_errors=True)
+            best.update(score=score, run=run, cfg=trial_cfg, trial=trial.number + 1, settings=settings)
+        else:
+            shutil.rmtree(run, ignore_errors=True)
+        return score
+
+
+def tune(cfg: TrainConfig, methods: list[str], trials: int = 20, timeout: float | None = None) -> dict:
+    """Run the search; write OUTPUT (tune.json, recipe.toml, best-run); return the report."""
+    import optuna
+
+    _check(cfg, methods, trials, timeout)
     output = Path(cfg.output)
-    if output.exists():
-        raise UsageError(f"{output}: already exists. Choose another --output.")
-    maximize = cfg.metric != "loss"
     t0 = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize" if maximize else "minimize",
-                                sampler=optuna.samplers.TPESampler(seed=cfg.seed))
-    records: list[dict] = []
     with atomic.directory(output) as tmp:
-        best: dict = {}
-
-        def objective(trial):
-            method = trial.suggest_categorical("method", methods) if len(methods) > 1 else methods[0]
-            settings = suggest(trial, method)
-            run = tmp / "trials" / f"trial-{trial.number + 1}"
-            trial_cfg = replace(cfg, method=method, output=str(run), progress=False, **settings)
-            t = time.perf_counter()
-            try:
-                summary = train(trial_cfg)
-            except EdgeftError as e:  # e.g. a method this model cannot take: the trial fails, the search goes on
-                records.append({"trial": trial.number + 1, "method": method, **settings, "state": "failed",
-                                "error": str(e), "seconds": round(time.perf_counter() - t, 2)})
-                shutil.rmtree(run, ignore_errors=True)
-                raise optuna.TrialPruned(str(e)) from None
-            score = summary.best["loss"] if cfg.metric == "loss" else summary.best[cfg.metric]
-            if not math.isfinite(score):  # a diverged run: failed, so it cannot hold the best place
-                records.append({"trial": trial.number + 1, "method": method, **settings, "state": "failed",
-                                "error": f"{cfg.metric} is {score}", "seconds": round(time.perf_counter() - t, 2)})
-                shutil.rmtree(run, ignore_errors=True)
-                raise optuna.TrialPruned(f"{cfg.metric} is {score}")
-            records.append({"trial": trial.number + 1, "method": method, **settings, "state": "complete",
-                            cfg.metric: score, "best_epoch": summary.best["epoch"],
-                            "seconds": round(time.perf_counter() - t, 2)})
-            log.info("trial %d: %s %s -> %s %.4f", trial.number + 1, method,
-                     " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items()),
-                     cfg.metric, score)
-            better = not best or (score > best["score"] if maximize else score < best["score"])
-            if better:
-                if best:
-                    shutil.rmtree(best["run"], ignore_errors=True)
-                best.update(score=score, run=run, cfg=trial_cfg, trial=trial.number + 1, settings=settings)
-            else:
-                shutil.rmtree(run, ignore_errors=True)
-            return score
-
+        objective = _Objective(cfg, methods, tmp)
+        direction = "maximize" if objective.maximize else "minimize"
+        study = optuna.create_study(direction=direction, sampler=optuna.samplers.TPESampler(seed=cfg.seed))
         study.optimize(objective, n_trials=trials, timeout=timeout)
+        best, records = objective.best, objective.records
         if not best:
             reasons = "; ".join(sorted({r["error"] for r in records if r.get("error")}))
             raise UsageError(f"edgeft tune: no trial finished ({reasons or 'no trial ran within --timeout'}).")
@@ -154,7 +170,7 @@ def tune(cfg: TrainConfig, methods: list[str], trials: int = 20, timeout: float 
         shutil.rmtree(tmp / "trials", ignore_errors=True)
         atomic.write_text(tmp / "recipe.toml", recipe_text(best["cfg"], best["score"], cfg.metric))
         done = [r for r in records if r["state"] == "complete"]
-        report = {"metric": cfg.metric, "direction": "maximize" if maximize else "minimize",
+        report = {"metric": cfg.metric, "direction": direction,
                   "best": {"trial": best["trial"], "score": best["score"], "method": best["cfg"].method,
                            **best["settings"]},
                   "trials": records, "completed": len(done), "failed": len(records) - len(done),

@@ -79,6 +79,38 @@ def percentile(values: list[float], q: float) -> float:
     return s[max(0, min(len(s) - 1, int(np.ceil(q / 100 * len(s))) - 1))]
 
 
+def _caller(bundle, items: list[str] | None):
+    """One timed call (its argument picks the row) and what it measures: the bundle's reference
+    inputs through backbone and head, or the given inputs as `device predict` runs them."""
+    if items is None:
+        rows = _reference_rows(bundle)
+
+        def call(k):
+            return bundle.head_outputs(bundle.features_from_arrays(rows[k % len(rows)]))
+
+        return call, {"kind": "reference", "rows": len(rows), "measures": "backbone + head (inputs preprocessed at build)"}
+
+    def call(k):
+        return bundle.predict([items[k % len(items)]], batch_size=1)
+
+    return call, {"kind": "file", "rows": len(items), "measures": "preprocessing + backbone + head, as device predict"}
+
+
+def _time(call, warmup: int, runs: int) -> tuple[float, list[float]]:
+    """The first call's milliseconds, then `warmup` untimed calls, then `runs` timed ones."""
+    t = time.perf_counter()
+    call(0)
+    first_ms = 1000 * (time.perf_counter() - t)
+    for k in range(1, warmup + 1):
+        call(k)
+    times = []
+    for k in range(runs):
+        t = time.perf_counter()
+        call(k)
+        times.append(1000 * (time.perf_counter() - t))
+    return first_ms, times
+
+
 def bench(path: str | Path, *, items: list[str] | None = None, runs: int = RUNS, warmup: int = WARMUP,
           threads: int | None = None, providers: list[str] | None = None, write: bool = True,
           public_key=None) -> dict:
@@ -94,30 +126,8 @@ def bench(path: str | Path, *, items: list[str] | None = None, runs: int = RUNS,
     bundle = Bundle(path, providers=providers, threads=threads, public_key=public_key)
     load_ms = 1000 * (time.perf_counter() - t0)
 
-    if items is None:
-        rows = _reference_rows(bundle)
-        source = {"kind": "reference", "rows": len(rows), "measures": "backbone + head (inputs preprocessed at build)"}
-
-        def call(k):
-            feats = bundle.features_from_arrays(rows[k % len(rows)])
-            return bundle.head_outputs(feats)
-    else:
-        rows = items
-        source = {"kind": "file", "rows": len(rows), "measures": "preprocessing + backbone + head, as device predict"}
-
-        def call(k):
-            return bundle.predict([rows[k % len(rows)]], batch_size=1)
-
-    t = time.perf_counter()
-    call(0)
-    first_ms = 1000 * (time.perf_counter() - t)
-    for k in range(1, warmup + 1):
-        call(k)
-    times = []
-    for k in range(runs):
-        t = time.perf_counter()
-        call(k)
-        times.append(1000 * (time.perf_counter() - t))
+    call, source = _caller(bundle, items)
+    first_ms, times = _time(call, warmup, runs)
 
     import onnxruntime as ort
 
