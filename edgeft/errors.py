@@ -56,12 +56,14 @@ class TrainingError(EdgeftError, RuntimeError):
     exit_code = 1
 
 
-def refuse_existing(output, overwrite: bool) -> None:
-    """The guard of every command that writes a folder: an existing --output needs --overwrite."""
+def refuse_existing(output, overwrite: bool | None) -> None:
+    """The guard of every command that writes a folder: an existing --output needs --overwrite
+    (None: the command has no --overwrite, so it needs another --output)."""
     from pathlib import Path
 
     if Path(output).exists() and not overwrite:
-        raise UsageError(f"{output}: already exists. Choose another --output or pass --overwrite.")
+        hint = "" if overwrite is None else " or pass --overwrite"
+        raise UsageError(f"{output}: already exists. Choose another --output{hint}.")
 
 
 def did_you_mean(name: str, choices) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .data import label_names, load_dataset
-from .errors import UsageError
+from .errors import UsageError, refuse_existing
 from .runtime import atomic
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,7 @@ def _check(cfg: TrainConfig):
         raise UsageError("--folds cannot --resume; run the cross-validation again.")
     if cfg.nproc > 1:
         raise UsageError("--folds trains its folds one after another on one process; drop --nproc.")
-    if Path(cfg.output).exists():
-        raise UsageError(f"{cfg.output}: already exists. Choose another --output.")
+    refuse_existing(cfg.output, None)
     ds = load_dataset(cfg.data, cfg.text_column, cfg.label_column)
     small = {y: n for y, n in ds.counts().items() if n < k}
     if small:

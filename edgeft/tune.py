@@ -30,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import TrainConfig
-from .errors import EdgeftError, UsageError
+from .errors import EdgeftError, UsageError, refuse_existing
 from .methods import DEFAULTS
 from .names import METHODS, PROMPT_METHODS
 from .runtime import atomic
@@ -95,8 +95,7 @@ def _check(cfg: TrainConfig, methods: list[str], trials: int, timeout: float | N
         raise UsageError("--trials must be at least 1 and --timeout positive.")
     if cfg.folds or cfg.resume or cfg.nproc > 1:
         raise UsageError("edgeft tune runs plain single-process trials: drop --folds, --resume and --nproc.")
-    if Path(cfg.output).exists():
-        raise UsageError(f"{cfg.output}: already exists. Choose another --output.")
+    refuse_existing(cfg.output, None)
 
 
 class _Objective:
