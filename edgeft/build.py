@@ -24,7 +24,17 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .certify import Rows, holds, judging_rows, reference_rows, refusal, too_few
+from .certify import (
+    CALIBRATION_ROWS,
+    Rows,
+    calibration_items,
+    describe_calibration,
+    holds,
+    judging_rows,
+    reference_rows,
+    refusal,
+    too_few,
+)
 from .config import BuildConfig
 from .errors import ParityError, UsageError, refuse_existing
 from .float32 import tolerance
@@ -43,7 +53,6 @@ from .targets import BuildContext
 log = logging.getLogger(__name__)
 
 REFERENCE_ROWS = 16
-CALIBRATION_ROWS = 300  # NNCF's recipe calibrates on 300; MinMax ranges rarely move beyond
 REPLAY_HOLDOUT = 0.25  # validation rows per class for the retrain guard, as a share of per_class (at least 5)
 HEAD_FILE = "heads/head-0001.onnx"
 EMULATED_FEATURE_SHARE = FEATURE_DRIFT  # aarch64 int8 features may differ from x86's by rounding, never by this much
@@ -73,6 +82,7 @@ class _Plan:
     calib_items: list = ()  # the rows that calibrate (and rank nodes for the search); they never judge
     rows: Rows | None = None  # the rows that judge: every row calibration did not use (edgeft.certify)
     certify: bool = False  # judge agreement on its 95% lower bound (quantized, unless --uncertified)
+    calibration: dict | None = None  # what calibrated: data, rows drawn, of how many (certify.describe_calibration)
 
     @property
     def precision(self) -> str:
@@ -171,6 +181,7 @@ def _build_in(plan: _Plan, work: Path, t0: float) -> dict:  # the build's stages
                                output=plan.output, profile=plan.profile, target=plan.target,
                                judged=plan.rows.describe())
         backbone_src = Path(quant.pop("path"))
+        quant["calibration"] = plan.calibration  # the rows drawn to calibrate (they never judge)
     with atomic.directory(plan.output, replace=cfg.overwrite) as tmp:
         backbone_file = _write_backbone(tmp, backbone_src)
         head = _write_head(tmp, export_dir, plan)
@@ -199,16 +210,25 @@ def _build_in(plan: _Plan, work: Path, t0: float) -> dict:  # the build's stages
 
 
 def _calibration_items(plan: _Plan) -> list:
-    """Real rows that calibrate int8 and rank nodes for the search: the user's, else the training
-    rows (the parity rows judge; they should not also calibrate). OpenVINO: the bucket widths
-    come from these rows too."""
+    """Real rows that calibrate int8 and rank nodes for the search, drawn across classes and
+    seeded as `edgeft quantize` draws them (certify.calibration_items): the user's, else the
+    training rows, else half of the parity rows (the other half judges; the rows that calibrate
+    never judge). OpenVINO: the bucket widths come from these rows too."""
     from .data import load_dataset
 
     if not (plan.calibrated or plan.settings["engine"] == "openvino"):
         return []
-    items = (load_dataset(plan.cfg.calibration, require_labels=False).items if plan.cfg.calibration
-             else (plan.train_ds.items if plan.train_ds is not None else plan.ds.items))
-    return _spread(items, CALIBRATION_ROWS)
+    if plan.cfg.calibration:
+        ds, shared = load_dataset(plan.cfg.calibration, require_labels=False), False
+    else:
+        ds, shared = (plan.train_ds, False) if plan.train_ds is not None else (plan.ds, True)
+    if shared:
+        log.warning("%s: its training rows are gone; half of the parity rows (%d of %d) calibrate and the other "
+                    "half judge (pass --calibration or --parity-data for more rows to judge).", plan.cfg.source,
+                    min(CALIBRATION_ROWS, len(ds) // 2), len(ds))
+    items = calibration_items(ds, CALIBRATION_ROWS, shared=shared)
+    plan.calibration = describe_calibration(items, ds, shared)
+    return items
 
 
 def _preprocessing(plan: _Plan, exported: ExportResult, export_dir: Path, calib_items: list):
@@ -464,13 +484,6 @@ def _write_manifest(tmp: Path, manifest: dict, keep_examples: bool) -> None:
         entry["holds"] = holds(rel, keep_examples)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     check_files(tmp, read_manifest(tmp))
-
-
-def _spread(items: list, n: int) -> list:
-    """Up to n items spread evenly over the list (files are often sorted by class)."""
-    if len(items) <= n:
-        return list(items)
-    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
 
 
 def write_replay(bundle: Path, train_ds, val_ds, labels: list[str], per_class: int, model: Bundle | None = None) -> str:

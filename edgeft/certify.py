@@ -22,6 +22,8 @@ from .errors import DataError
 from .runtime.stats import CONFIDENCE, cover_classes, margins, rows_needed, stratified
 
 MAX_ROWS = 5000  # per source; more rarely moves a bound and costs build time
+CALIBRATION_ROWS = 300  # NNCF's recipe calibrates on 300; MinMax ranges rarely move beyond
+CALIBRATION_SEED = 0
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -93,6 +95,25 @@ def reference_rows(reference_logits: np.ndarray, n: int, smallest: int | None = 
     smallest = max(1, n // 4) if smallest is None else smallest
     order = np.argsort(margins(reference_logits), kind="stable")[:smallest]
     return cover_classes(np.asarray(reference_logits).argmax(1).tolist(), n, first=order.tolist(), seed=seed)
+
+
+def calibration_items(ds, n: int = CALIBRATION_ROWS, *, shared: bool = False, seed: int = CALIBRATION_SEED) -> list:
+    """The rows that calibrate (and rank nodes for the search): up to `n` of `ds` drawn across
+    classes, seeded (unlabelled rows form one group, drawn at random), never the head of a file.
+    `shared`: `ds` must also judge (no other rows are left to calibrate on): then at most half
+    of it calibrates, so the other half judges (judging_rows leaves the drawn rows out).
+    `edgeft quantize` and `edgeft build` both draw here."""
+    if ds is None or n <= 0:
+        return []
+    limit = min(n, len(ds) // 2) if shared else n
+    return [ds.items[i] for i in stratified(list(ds.labels), limit, seed)]
+
+
+def describe_calibration(items: list, ds, shared: bool) -> dict:
+    """What quantize.json and the build's manifest say of the calibration rows."""
+    return {"data": ds.source, "rows": len(items), "of": len(ds),
+            "drawn": f"stratified across classes, seed {CALIBRATION_SEED}",
+            **({"shared": "the other rows of this file judge"} if shared else {})}
 
 
 def judging_rows(labels: list[str], *, held_out=None, training=None, calibrated: set | None = None,

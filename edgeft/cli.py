@@ -754,12 +754,16 @@ def quantize(export_dir, mode, calibration, per_channel, output, text_column, la
     Example:
       edgeft quantize export/maint --mode dynamic --output export/maint-int8
 
-    The head stays fp32 (the device retrains it); model.onnx is rebuilt from both. The
-    quantized model must keep 99% of the fp32 top-1 answers and lose at most 0.5 point of
-    accuracy on the validation rows. When it does not, the search keeps the nodes int8
-    hurts most in float until it does (at most half of them); a budget that still cannot
-    be met fails with the numbers and writes nothing (exit 1). quantize.json holds sizes,
-    parity, what was kept in float and batch-1 latency.
+    The head stays fp32 (the device retrains it); model.onnx is rebuilt from both. Up to
+    300 rows drawn across classes (seeded) calibrate: the training rows, else half the
+    validation rows. Every other row judges: the quantized model must keep 99% of the fp32
+    top-1 answers on the 95% lower bound, and lose at most 0.5 point of accuracy on the
+    labelled held-out rows; with too few rows to certify that (about 300 with no flip) it
+    says how many it needs (add --parity-data) and writes nothing (exit 1). When int8 misses,
+    the search keeps the nodes it hurts most in float until it holds (at most half of them);
+    a budget that still cannot be met fails with the numbers and writes nothing (exit 1).
+    quantize.json holds sizes, the rows drawn to calibrate and those that judged, parity,
+    what was kept in float and batch-1 latency.
     """
     from .config import QuantizeConfig
     from .quantize import quantize as run_quantize
@@ -768,18 +772,20 @@ def quantize(export_dir, mode, calibration, per_channel, output, text_column, la
                                     label_column=label_column, per_channel=per_channel, overwrite=overwrite,
                                     min_agreement=min_agreement, max_drop=max_drop, search=search,
                                     parity_data=parity_data, uncertified=uncertified))
-    b, p, lat = r["files"]["backbone.onnx"], r["parity"], r["latency"]
+    b, p, lat = r.files["backbone.onnx"], r.parity, r.latency
     drop = f"  accuracy drop {100 * p['accuracy_drop']:.1f} pt" if "accuracy_drop" in p else ""
-    click.echo(f"quantize  ok  {r['seconds']:.1f} s  {mode}  backbone.onnx {b['bytes'] / 1e6:.1f} MB "
+    c = r.calibration
+    calibrated = f"  {c['rows']} of {c['of']} rows of {c['data']} drawn to calibrate ({c['used']})" if c else ""
+    click.echo(f"quantize  ok  {r.seconds:.1f} s  {mode}  backbone.onnx {b['bytes'] / 1e6:.1f} MB "
                f"(fp32 {b['fp32_bytes'] / 1e6:.1f} MB)  agreement {p['agreement']:.1%} on {p['rows']} rows "
                f"({' + '.join(f'{n} {s}' for s, n in p.get('sources', {}).items())}), at least "
-               f"{p['bounds']['agreement_lower']:.1%} at 95%{'' if p.get('certified') else ' (uncertified)'}{drop}  "
-               f"{lat['quantized_ms']:.1f} ms vs {lat['fp32_ms']:.1f} ms  -> {output}")
-    if r.get("kept_float"):
-        cost = r["search"].get("cost", {})
-        click.echo(f"  kept in float: {len(r['kept_float'])} of {r['search']['nodes']} nodes "
+               f"{p['bounds']['agreement_lower']:.1%} at 95%{'' if p.get('certified') else ' (uncertified)'}{drop}"
+               f"{calibrated}  {lat['quantized_ms']:.1f} ms vs {lat['fp32_ms']:.1f} ms  -> {output}")
+    if r.kept_float:
+        cost = r.search.get("cost", {})
+        click.echo(f"  kept in float: {len(r.kept_float)} of {r.search['nodes']} nodes "
                    f"(+{cost.get('extra_bytes', 0) / 1e6:.1f} MB, {cost.get('extra_ms', 0):+.2f} ms vs all-int8): "
-                   + ", ".join(r["kept_float"]))
+                   + ", ".join(r.kept_float))
 
 @main.group(cls=Group)
 def keys():

@@ -3,6 +3,7 @@
     train   -> TrainResult   (run/metrics.json)
     merge   -> MergeResult   (model/merge.json, and edgeft.json's "merge")
     export  -> ExportResult  (export/export.json)
+    quantize -> QuantizeResult (quantized/quantize.json)
     verify  -> VerifyReport  (--json, --json-file, the recipe's verify.json; --junit from it)
     build   -> BuildResult   (bundle/manifest.json)
 
@@ -75,6 +76,36 @@ class ExportResult(Result):
     validation: dict | str | None
     parity: dict | None  # edgeft.export.export_parity; None when no rows were found to check
     seconds: float
+
+
+@dataclass
+class QuantizeResult(Result):
+    """quantize.json: what was quantized and how, what calibrated, and the parity that passed."""
+
+    edgeft_version: str
+    mode: str
+    precision: str  # int8 or fp16 (the backbone; the head stays fp32)
+    source: str  # the fp32 export
+    per_channel: bool
+    op_types: list[str]
+    head: str
+    kept_float: list[str]  # nodes the search kept in float
+    search: dict | None  # the search's ranking, attempts and cost; None when the plain attempt passed
+    all_int8: dict | None  # the all-int8 attempt the search replaced
+    fusion: dict | None  # dynamic-fused: what ONNX Runtime's optimizer fused, gated as fp32
+    calibration: dict | None  # data, rows (drawn), of (rows in the file), drawn, used; None: no rows drawn
+    files: dict  # name -> {"sha256", "bytes", "fp32_bytes"}
+    parity: dict  # edgeft.runtime.compare.compare(): rows, sources, agreement, bounds, checks, certified ...
+    latency: dict  # fp32_ms, quantized_ms (median, batch 1), runs, inputs, speedup
+    seconds: float
+
+    @property
+    def rows(self) -> int:  # the rows that judged
+        return self.parity["rows"]
+
+    @property
+    def calibrated_rows(self) -> int:
+        return self.calibration["rows"] if self.calibration else 0
 
 
 @dataclass

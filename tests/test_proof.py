@@ -83,6 +83,35 @@ def test_stratified_draws_every_class_in_proportion_and_not_the_head():
     assert len(set(stats.stratified(labels, 2))) == 2
 
 
+def test_calibration_rows_are_drawn_across_classes_and_a_shared_file_is_split_in_half():
+    """quantize and build calibrate on certify.calibration_items: up to 300 rows drawn across
+    classes (seeded), never the head of a file; where the same file must also judge, at most half
+    of it calibrates and judging_rows leaves those rows out, so the two halves are disjoint."""
+    from edgeft.certify import calibration_items, describe_calibration, judging_rows
+    from edgeft.runtime.dataset import Dataset
+
+    labels = ["a"] * 600 + ["b"] * 300 + ["c"] * 30  # sorted by class, as files often are
+    ds = Dataset("text", [f"row {i}" for i in range(len(labels))], labels, "train.csv")
+    items = calibration_items(ds)
+    assert len(items) == len(set(items)) == 300 and items != ds.items[:300]
+    got = {c: sum(labels[int(x.split()[1])] == c for x in items) for c in "abc"}
+    assert (got["a"], got["b"], got["c"]) in {(193, 97, 10), (194, 96, 10), (193, 96, 11)}, got
+    assert calibration_items(ds) == items != calibration_items(ds, seed=1)
+    unlabelled = Dataset("text", ds.items, [None] * len(labels), "inputs.csv")
+    assert len(calibration_items(unlabelled)) == 300 and calibration_items(unlabelled) != ds.items[:300]
+    # one file that must calibrate and judge: half each, disjoint, every class on both sides
+    val = Dataset("text", ds.items[:40] + ds.items[600:620], labels[:40] + labels[600:620], "val.csv")
+    half = calibration_items(val, shared=True)
+    assert len(half) == 30 and {labels[int(x.split()[1])] for x in half} == {"a", "b"}
+    rows = judging_rows(["a", "b", "c"], held_out=[("validation", val)], calibrated=set(half), modality="text")
+    assert len(rows) == 30 and not set(rows.items) & set(half) and set(rows.items) | set(half) == set(val.items)
+    assert {rows.y[i] for i in range(len(rows))} == {0, 1}
+    assert describe_calibration(half, val, True) == {"data": "val.csv", "rows": 30, "of": 60,
+                                                     "drawn": "stratified across classes, seed 0",
+                                                     "shared": "the other rows of this file judge"}
+    assert calibration_items(None) == [] and calibration_items(Dataset("text", ["x"], ["a"], "one"), shared=True) == []
+
+
 def test_cover_classes_puts_first_rows_first_and_reaches_every_class():
     labels = ["a"] * 50 + ["b"] * 3 + ["c"] * 1
     out = stats.cover_classes(labels, 6, first=[7, 7, 9])

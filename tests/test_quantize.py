@@ -78,8 +78,8 @@ def test_text_modes_keep_parity_and_layout(mode, text_quantized, text_export, fu
     ratio = _weight_bytes(out / "backbone.onnx") / _weight_bytes(text_export / "backbone.onnx")
     assert ratio < (0.55 if mode == "fp16" else 0.9), ratio  # static leaves the embeddings fp32
     if mode != "static":  # a tiny graph's Q/DQ nodes outweigh what static saves; MiniLM: 91 -> 59 MB
-        assert info["files"]["backbone.onnx"]["bytes"] < info["files"]["backbone.onnx"]["fp32_bytes"]
-    p = info["parity"]
+        assert info.files["backbone.onnx"]["bytes"] < info.files["backbone.onnx"]["fp32_bytes"]
+    p = info.parity
     assert all(c["passed"] for c in p["checks"]) and [c["name"] for c in p["checks"]] == ["agreement", "accuracy_drop"]
     assert p["agreement"] >= 0.99 and p["accuracy_drop"] <= 0.005 and p["labelled_rows"] == 18
     # every row calibration did not use judges: the 18 validation rows, and fp16 (uncalibrated) the 48 training rows
@@ -96,11 +96,19 @@ def test_text_modes_keep_parity_and_layout(mode, text_quantized, text_export, fu
     rows = validation_data(read_run(full_text_run)["validation"]).items
     feats = np.concatenate([OnnxModel(out / "backbone.onnx")(pre(rows[i : i + 1]))["features"] for i in range(len(rows))])
     assert p["fused_vs_split_max_abs_diff"] <= dot_tolerance(feats, *read_head_onnx(out / "head.onnx")).max()
-    assert info["latency"]["fp32_ms"] > 0 and info["latency"]["quantized_ms"] > 0 and info["latency"]["batch"] == 1
-    assert json.loads((out / "quantize.json").read_text()) == info
+    assert info.latency["fp32_ms"] > 0 and info.latency["quantized_ms"] > 0 and info.latency["batch"] == 1
+    assert json.loads((out / "quantize.json").read_text()) == info.to_json()
     assert json.loads((out / "export.json").read_text())["precision"] == PRECISION[mode]
-    assert "MatMul" in info["op_types"] and (mode != "static" or info["op_types"] == ["MatMul"])
-    assert (info["calibration"] is not None) == (mode == "static")
+    assert "MatMul" in info.op_types and (mode != "static" or info.op_types == ["MatMul"])
+    # dynamic and static draw training rows (the search ranks nodes on them; static calibrates on
+    # them), stratified across classes; fp16 reads none, so all 48 training rows judge
+    if mode == "fp16":
+        assert info.calibration is None
+    else:
+        c = info.calibration
+        assert c["rows"] == c["of"] == 48 and c["data"].endswith("train.csv") and "stratified" in c["drawn"]
+        assert c["used"] == ("calibrates" if mode == "static" else
+                             "set aside for the search's ranking (no search was needed)")
 
 
 def test_quantized_model_has_dynamic_axes_and_probs(text_quantized, text_export):
@@ -133,8 +141,8 @@ def test_image_int8(mode, image_export, tmp_path):
     info = quantize(image_export, mode, tmp_path / "q", uncertified=True)
     # dynamic: the convolutions; static also the activations after them and the residual Adds, so
     # each Conv output is quantized with its activation's range (quantize.static)
-    assert info["op_types"] == (["Conv"] if mode == "dynamic" else ["Add", "Conv", "Relu"])
-    assert all(c["passed"] for c in info["parity"]["checks"]) and info["parity"]["agreement"] >= 0.99
+    assert info.op_types == (["Conv"] if mode == "dynamic" else ["Add", "Conv", "Relu"])
+    assert all(c["passed"] for c in info.parity["checks"]) and info.parity["agreement"] >= 0.99
     assert _meta(tmp_path / "q" / "model.onnx")["precision"] == "int8"
     assert {p.name for p in (tmp_path / "q").iterdir()} >= {*ONNX_FILES, "preprocessor.json", "labels.json"}
     # 3 kB of conv weights: int8 shrinks them, though per-channel scales and node names outweigh it on disk
@@ -191,10 +199,10 @@ def test_search_keeps_exactly_the_harmful_node_in_float(text_export, tmp_path, m
     node, weight = _weight_nodes(text_export / "backbone.onnx")[3]
     monkeypatch.setattr(Q, "quantize_model", _corrupting(Q.quantize_model, only=weight))
     info = quantize(text_export, "dynamic", tmp_path / "q", uncertified=True)
-    assert info["kept_float"] == [node]
-    assert info["search"]["ranking"][0]["name"] == node
-    assert info["all_int8"]["agreement"] < 0.99 and info["parity"]["agreement"] >= 0.99
-    assert info["search"]["cost"]["extra_bytes"] > 0  # what the float node costs, reported
+    assert info.kept_float == [node]
+    assert info.search["ranking"][0]["name"] == node
+    assert info.all_int8["agreement"] < 0.99 and info.parity["agreement"] >= 0.99
+    assert info.search["cost"]["extra_bytes"] > 0  # what the float node costs, reported
     meta = json.loads(onnx.load(str(tmp_path / "q" / "model.onnx")).metadata_props[0].value)
     assert meta["quantization"]["kept_float"] == [node]
     # the shipped backbone really has that node in float and the others in int8
@@ -203,7 +211,7 @@ def test_search_keeps_exactly_the_harmful_node_in_float(text_export, tmp_path, m
     assert names.get(node) == "MatMul" and "MatMulInteger" in names.values()
     r = CliRunner().invoke(main, ["quantize", "--uncertified", str(text_export), "--mode", "dynamic", "-o", str(tmp_path / "q2")])
     assert r.exit_code == 0, r.output
-    assert f"kept in float: 1 of {info['search']['nodes']} nodes" in r.output and node in r.output
+    assert f"kept in float: 1 of {info.search['nodes']} nodes" in r.output and node in r.output
 
 
 def test_a_budget_that_cannot_be_met_fails_with_the_numbers(text_export, tmp_path, monkeypatch):
@@ -232,7 +240,7 @@ def test_static_over_every_op_type_is_still_judged(text_export, tmp_path, monkey
     except ParityError as e:
         assert "agreement" in str(e) and not (tmp_path / "q").exists()
         return
-    assert len(info["op_types"]) > 1 and all(c["passed"] for c in info["parity"]["checks"])
+    assert len(info.op_types) > 1 and all(c["passed"] for c in info.parity["checks"])
 
 
 def test_calibration_file_and_fallback_parity_rows(text_export, text_data, tmp_path):
@@ -240,8 +248,8 @@ def test_calibration_file_and_fallback_parity_rows(text_export, text_data, tmp_p
     unlabelled.write_text("text\n" + "\n".join(t for t, _ in
                                                  [r.split(",") for r in text_data["train"].read_text().splitlines()[1:]]))
     info = quantize(text_export, "static", tmp_path / "q", calibration=unlabelled, uncertified=True)
-    assert info["calibration"] == {"data": str(unlabelled), "rows": 48}
-    assert info["parity"]["data"].endswith("val.csv")  # parity stays on held-out rows
+    assert {k: info.calibration[k] for k in ("data", "rows", "of")} == {"data": str(unlabelled), "rows": 48, "of": 48}
+    assert info.parity["data"].endswith("val.csv")  # parity stays on held-out rows
     # an export whose validation rows are gone: the calibration rows check parity instead
     orphan = tmp_path / "orphan"
     shutil.copytree(text_export, orphan)
@@ -250,9 +258,21 @@ def test_calibration_file_and_fallback_parity_rows(text_export, text_data, tmp_p
     with pytest.raises(UsageError, match="validation data is gone"):
         quantize(orphan, "dynamic", tmp_path / "q2", uncertified=True)
     info = quantize(orphan, "dynamic", tmp_path / "q2", calibration=text_data["val"], uncertified=True)
-    assert info["parity"]["data"] == str(text_data["val"]) and "accuracy_drop" in info["parity"]
+    assert info.parity["data"] == str(text_data["val"]) and "accuracy_drop" in info.parity
+    # that one file both calibrates and judges: half of it each, disjoint (the training rows judge too)
+    c = info.calibration
+    assert (c["rows"], c["of"]) == (9, 18) and "shared" in c
+    assert info.parity["sources"] == {"calibration": 9, "training": 48}
+    # the training rows gone too: half the validation rows calibrate, the other half judge
+    alone = tmp_path / "alone"
+    shutil.copytree(text_export, alone)
+    (alone / "export.json").write_text(json.dumps({**json.loads((text_export / "export.json").read_text()),
+                                                   "source": str(tmp_path / "gone")}))
+    info = quantize(alone, "static", tmp_path / "q4", uncertified=True)
+    assert (info.calibration["rows"], info.calibration["of"]) == (9, 18)
+    assert info.parity["sources"] == {"validation": 9} and info.parity["labelled_rows"] == 9
     info = quantize(orphan, "fp16", tmp_path / "q3", calibration=unlabelled, uncertified=True)
-    assert "accuracy_drop" not in info["parity"] and info["parity"]["rows"] == 48
+    assert "accuracy_drop" not in info.parity and info.parity["rows"] == 48
 
 
 def test_quantize_model_api_and_bad_requests(full_text_run, text_export, text_quantized, tmp_path):
@@ -268,7 +288,7 @@ def test_quantize_model_api_and_bad_requests(full_text_run, text_export, text_qu
     with pytest.raises(UsageError, match="opset 13 or newer"):
         quantize_model(old / "backbone.onnx", tmp_path / "c.onnx", "static", modality="text", calibration=[{}])
     info = quantize(old, "static", tmp_path / "q11", per_channel=False, uncertified=True)
-    assert not info["per_channel"] and onnx.load(str(tmp_path / "q11" / "model.onnx")).opset_import[0].version == 11
+    assert not info.per_channel and onnx.load(str(tmp_path / "q11" / "model.onnx")).opset_import[0].version == 11
     with pytest.raises(UsageError, match="already int8"):
         quantize(text_quantized["dynamic"][0], "dynamic", tmp_path / "again", uncertified=True)
     with pytest.raises(UsageError, match="already exists"):
@@ -365,14 +385,14 @@ def test_dynamic_fused_quantizes_the_fused_graph(text_export, tmp_path):
     """`edgeft quantize --mode dynamic-fused`: the fused graph gated as fp32, then dynamic int8 of
     it (QAttention, QEmbedLayerNormalization), within the int8 budget; quantize.json says what fused."""
     info = quantize(text_export, "dynamic-fused", tmp_path / "q", uncertified=True)
-    fusion = info["fusion"]
-    assert fusion["passed"] and fusion["fused"]["Attention"] == 2 and fusion["rows"] == info["parity"]["rows"]
+    fusion = info.fusion
+    assert fusion["passed"] and fusion["fused"]["Attention"] == 2 and fusion["rows"] == info.parity["rows"]
     # judged as a float32 step: against the unfused graph, within twice the export's float32 limit
     limit = json.loads((text_export / "export.json").read_text())["parity"].get("max_abs_diff_limit", 1e-4)
     assert fusion["limit"] == 2 * limit and fusion["max_abs_diff_vs_unfused"] <= fusion["limit"]
     ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / "backbone.onnx")).graph.node}
     assert {"QAttention", "QEmbedLayerNormalization", "MatMulInteger"} <= ops and "Attention" not in ops
-    assert info["parity"]["agreement"] >= 0.99
+    assert info.parity["agreement"] >= 0.99
     assert _meta(tmp_path / "q" / "model.onnx")["quantization"]["fused"] == fusion["fused"]
 
 
@@ -381,3 +401,42 @@ def test_fused_mode_refuses_an_image_model(image_export, tmp_path):
 
     with pytest.raises(UsageError, match="fuses transformer text backbones"):
         quantize_model(image_export / "backbone.onnx", tmp_path / "q.onnx", "dynamic-fused", modality="image")
+
+
+def test_cli_quantize_certifies_on_the_bound_and_parity_data_brings_the_rows(text_export, tmp_path):
+    """`edgeft quantize` judges on every row calibration did not draw: here the 18 validation rows
+    (the 48 training rows are drawn for the search's ranking). The point estimate passes with
+    --uncertified; on the bound, 18 rows cannot certify 99% at 95% confidence (299 with no flip
+    could), so it is refused, exit 1, nothing written; 900 unlabelled inputs (--parity-data) pass."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import text_rows
+
+    args = ["quantize", str(text_export), "--mode", "dynamic", "--no-search"]
+    r = CliRunner().invoke(main, [*args, "--uncertified", "-o", str(tmp_path / "point")])
+    assert r.exit_code == 0, r.output
+    assert "on 18 rows (18 validation)" in r.stdout and "(uncertified)" in r.stdout
+    assert "48 of 48 rows of " in r.stdout and "drawn to calibrate" in r.stdout
+    point = json.loads((tmp_path / "point" / "quantize.json").read_text())
+    assert point["parity"]["certified"] is False and point["parity"]["agreement"] == 1.0
+    assert point["parity"]["bounds"]["agreement_lower"] < 0.99 and point["calibration"]["rows"] == 48
+
+    r = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "few")])
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert re.search(r"18 rows to judge \(18 validation\) cannot certify 99.00% agreement at 95% confidence: "
+                     r"that takes at least 299 rows with no flip \(281 more\).*--parity-data", r.stderr), r.stderr
+    assert "Nothing was written" in r.stderr and "Traceback" not in r.output
+    assert not (tmp_path / "few").exists() and {p.name for p in tmp_path.iterdir()} == {"point"}
+
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("\n".join(t for t, _ in text_rows(300, 11)) + "\n", encoding="utf-8")
+    r = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "many"), "--parity-data", str(inputs)])
+    assert r.exit_code == 0, r.output
+    assert "on 918 rows (18 validation + 900 parity-data)" in r.stdout and "(uncertified)" not in r.stdout
+    many = json.loads((tmp_path / "many" / "quantize.json").read_text())
+    p = many["parity"]
+    assert p["certified"] is True and p["sources"] == {"validation": 18, "parity-data": 900} and p["rows"] == 918
+    assert p["bounds"]["agreement_lower"] >= 0.99 and p["bounds"]["labelled_rows"] == 18
+    assert all(c["passed"] for c in p["checks"])

@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..certify import CALIBRATION_ROWS
 from ..config import QuantizeConfig
 from ..errors import DataError, ParityError, UsageError, refuse_existing
 from ..onnx_graph import fuse
+from ..results import QuantizeResult
 from ..runtime import atomic
 from ..runtime.compare import checks, compare
 from ..runtime.manifest import file_entry
@@ -30,7 +32,6 @@ log = logging.getLogger("edgeft.quantize")
 
 FILES = ("backbone.onnx", "head.onnx", "model.onnx")
 COPIED = ("tokenizer.json", "preprocessor.json", "labels.json")
-CALIBRATION_ROWS = 300  # batch-1 samples; more rarely moves MinMax ranges
 LATENCY_RUNS, LATENCY_BLOCKS, WARMUP_RUNS, LATENCY_INPUTS = 30, 3, 2, 10
 
 
@@ -101,8 +102,9 @@ def _parity(quant, backbone, head, pre, items) -> tuple[np.ndarray, float, list]
 
 def _datasets(cfg: QuantizeConfig, export_dir: Path, info: dict, calibrated: bool):
     """(calibration rows or None, the held-out rows): the user's calibration rows, else the
-    training rows, else the validation rows; the validation rows judge, else the calibration rows
-    (see _judging_rows: the rows calibration used never judge)."""
+    training rows, else the validation rows; the validation rows judge, else the calibration rows.
+    Where one file both calibrates and judges, half of it calibrates and the other half judges
+    (certify.calibration_items, shared): the rows calibration used never judge."""
     from ..data import check_labels, load_dataset
     from ..runs import validation_data
 
@@ -122,26 +124,33 @@ def _datasets(cfg: QuantizeConfig, export_dir: Path, info: dict, calibrated: boo
         # the rows that judge the result
         calib_ds = _training_rows(info)
         if calib_ds is None:
-            log.warning("%s: its training rows are gone; calibrating on the validation rows that also judge "
-                        "the result (pass --calibration to keep them apart).", export_dir)
+            log.warning("%s: its training rows are gone; half of the validation rows calibrate and the other half "
+                        "judge (pass --calibration or --parity-data for more rows to judge).", export_dir)
             calib_ds = val_ds
     return calib_ds, parity_ds
 
 
-def _judging_rows(cfg: QuantizeConfig, info: dict, parity_ds, calib_ds, calib_items: list, precision: str, t):
-    """Every row calibration did not use judges (edgeft.certify): the validation rows, the
-    training rows not drawn for calibration, --parity-data; agreement passes on its 95% lower
-    bound unless --uncertified, and too few rows to certify are refused before any work."""
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, ValueError):
+        return False
+
+
+def _judging_rows(cfg: QuantizeConfig, info: dict, parity_ds, calib_items: list, precision: str, t,
+                  tag: str = "validation"):
+    """Every row calibration did not use judges (edgeft.certify): the validation rows (or the
+    calibration file's rows not drawn, where the validation rows are gone: `tag`), the training
+    rows not drawn for calibration, --parity-data; agreement passes on its 95% lower bound
+    unless --uncertified, and too few rows to certify are refused before any work."""
     from ..certify import judging_rows, refusal, too_few
 
-    train = _training_rows(info)
-    # the held-out rows also calibrate (the validation or the training rows are gone, see _datasets,
-    # which warns): they judge all the same, as before, and are named so
-    fallback = parity_ds is calib_ds and bool(calib_items)
-    held_out = [("calibration" if fallback else "validation", parity_ds)]
-    rows = judging_rows(info["labels"], held_out=held_out, training=train,
-                        calibrated=set() if fallback else set(calib_items), parity_data=cfg.parity_data,
+    rows = judging_rows(info["labels"], held_out=[(tag, parity_ds)], training=_training_rows(info),
+                        calibrated=set(calib_items), parity_data=cfg.parity_data,
                         modality=info["modality"], text_column=cfg.text_column)
+    if not len(rows):
+        raise UsageError(f"{cfg.output}: no rows are left to judge the quantized model (all of them calibrate). "
+                         "Pass --parity-data FILE (inputs, one per line).")
     certify = not cfg.uncertified and t.min_agreement < 1.0 and precision != "fp32"
     need = too_few(rows, t.min_agreement) if certify else None
     if need:
@@ -207,22 +216,25 @@ def _search_cost(result: dict, tmp: Path, kept: list) -> None:
         "note": "backbone only, batch 1: this variant against the all-int8 attempt"}
 
 
-def quantize(export_dir, mode=None, output=None, **options) -> dict:
-    """Quantize an export dir's backbone into `output` (same layout + quantize.json); return quantize.json.
+def quantize(export_dir, mode=None, output=None, **options) -> QuantizeResult:
+    """Quantize an export dir's backbone into `output` (same layout + quantize.json); return
+    what quantize.json holds (QuantizeResult).
 
     Takes a QuantizeConfig, or its fields. `calibration`: data file or image folder (labels
     optional) whose rows calibrate static/nncf and rank nodes for the search; without it the
-    export's training rows (else its validation rows). Parity runs the quantized model.onnx
-    against the fp32 one, batch 1, on the validation rows (or the calibration rows where those
-    are gone), within QuantizeConfig.budget (default Thresholds.for_precision("int8" or
-    "fp16"): 99% top-1 agreement, at most 0.5 point of accuracy lost). Outside it:
-    ParityError, nothing written.
+    export's training rows (else half its validation rows); up to 300, drawn across classes
+    (edgeft.certify.calibration_items). Parity runs the quantized model.onnx against the fp32
+    one, batch 1, on every row calibration did not draw (validation, training, --parity-data),
+    within QuantizeConfig.budget (default Thresholds.for_precision("int8" or "fp16"): 99% top-1
+    agreement on its 95% lower bound, at most 0.5 point of accuracy lost). Outside it, or with
+    too few rows to certify it: ParityError, nothing written.
     """
     cfg = export_dir if isinstance(export_dir, QuantizeConfig) else QuantizeConfig(export_dir, mode, output, **options)
     return _run(cfg)
 
 
-def _run(cfg: QuantizeConfig) -> dict:  # the step in order; each stage is a function above
+def _run(cfg: QuantizeConfig) -> QuantizeResult:  # the step in order; each stage is a function above
+    from ..certify import calibration_items, describe_calibration
     from ..runtime.session import OnnxModel
 
     t0 = time.perf_counter()
@@ -235,15 +247,16 @@ def _run(cfg: QuantizeConfig) -> dict:  # the step in order; each stage is a fun
     pre = load_preprocessor(export_dir, info["preprocessing"])
     calib_ds, parity_ds = _datasets(cfg, export_dir, info, m.calibrated)
     t = cfg.budget(precision)
-    if m.needs_calibration:
-        log.debug("calibrating on %d rows of %s", min(len(calib_ds), CALIBRATION_ROWS), calib_ds.source)
+    shared = calib_ds is not None and (calib_ds is parity_ds or _same_file(calib_ds.source, parity_ds.source))
+    calib_items = calibration_items(calib_ds, CALIBRATION_ROWS, shared=shared) if m.calibrated else []
+    calibration = describe_calibration(calib_items, calib_ds, shared) if calib_items else None
+    rows, certify = _judging_rows(cfg, info, parity_ds, calib_items, precision, t,
+                                  tag="calibration" if parity_ds is calib_ds and cfg.calibration else "validation")
     ref_model = OnnxModel(export_dir / "model.onnx")
-    calib_items = calib_ds.items[:CALIBRATION_ROWS] if m.calibrated and calib_ds is not None else []
-    rows, certify = _judging_rows(cfg, info, parity_ds, calib_ds, calib_items, precision, t)
     gate = prepare_gate("quantize", parity_ds, info["labels"], pre, OnnxModel(export_dir / "head.onnx"), t,
                         modality=modality, rows=(rows.items, rows.labels()), certify=certify,
                         reference=lambda items, batches: np.concatenate([ref_model(a)["logits"] for a in batches]))
-    log.debug("parity against fp32 on %d rows of %s", len(gate.items), parity_ds.source)
+    log.debug("calibration: %s; parity against fp32 on %d rows (%s)", calibration, len(gate.items), rows.describe())
     with atomic.directory(output, replace=cfg.overwrite) as tmp, tempfile.TemporaryDirectory(prefix="edgeft-quantize-") as work:
         calib_rows = [pre([x]) for x in calib_items] if calib_items else None
         result = quantize_to_budget(export_dir / "backbone.onnx", Path(work), cfg.mode, modality=modality, gate=gate,
@@ -260,26 +273,26 @@ def _run(cfg: QuantizeConfig) -> dict:  # the step in order; each stage is a fun
         latency = _latency(ref_model, quant_model, kept)
         if result.get("search"):
             _search_cost(result, tmp, kept)
-        summary = _summary(cfg, m, tmp, export_dir, result, calib_ds, report, latency, t0)
-        atomic.write_json(tmp / "quantize.json", summary)
+        if calibration is not None:  # whether the rows drawn were read (they are set aside either way)
+            calibration["used"] = ("calibrates" if m.needs_calibration else
+                                   "ranked nodes for the search" if result.get("search") else
+                                   "set aside for the search's ranking (no search was needed)")
+        summary = _summary(cfg, m, tmp, export_dir, result, calibration, report, latency, t0)
+        atomic.write_json(tmp / "quantize.json", summary.to_json())
         # export.json too, so tools that read an export folder read this one alike
         atomic.write_json(tmp / "export.json", {
             **info, "precision": precision, "quantization": "quantize.json", "parity": report,
-            "files": {f: {k: v for k, v in summary["files"][f].items() if k != "fp32_bytes"} for f in FILES}})
+            "files": {f: {k: v for k, v in summary.files[f].items() if k != "fp32_bytes"} for f in FILES}})
     return summary
 
 
-def _summary(cfg, m, tmp: Path, export_dir: Path, result, calib_ds, report, latency, t0) -> dict:
+def _summary(cfg, m, tmp: Path, export_dir: Path, result, calibration, report, latency, t0) -> QuantizeResult:
     """quantize.json."""
     written = [f for f in (*FILES, *COPIED) if (tmp / f).exists()]
     files = {f: {**file_entry(tmp / f), "fp32_bytes": (export_dir / f).stat().st_size} for f in written}
-    return {
-        "edgeft_version": __version__, "mode": cfg.mode, "precision": m.precision, "source": str(export_dir),
-        "per_channel": result["per_channel"], "op_types": result["op_types"], "head": "fp32",
-        "kept_float": result["kept_float"], "search": result.get("search"), "all_int8": result.get("plain"),
-        "fusion": result.get("fusion"),
-        "calibration": ({"data": calib_ds.source, "rows": min(len(calib_ds), CALIBRATION_ROWS)}
-                        if m.needs_calibration or result.get("search") else None),
-        "files": files, "parity": report, "latency": latency,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    return QuantizeResult(
+        edgeft_version=__version__, mode=cfg.mode, precision=m.precision, source=str(export_dir),
+        per_channel=result["per_channel"], op_types=result["op_types"], head="fp32",
+        kept_float=result["kept_float"], search=result.get("search"), all_int8=result.get("plain"),
+        fusion=result.get("fusion"), calibration=calibration, files=files, parity=report, latency=latency,
+        seconds=round(time.perf_counter() - t0, 3))
