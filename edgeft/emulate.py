@@ -1,8 +1,10 @@
 """Run `device check` with ONNX Runtime's aarch64 kernels under QEMU user-mode emulation.
 
 A bundle for an ARM64 profile (a Raspberry Pi 4 is Cortex-A72: NEON without the dot-product
-instructions; a Pi 5 is Cortex-A76: NEON with UDOT/SDOT) runs on ARM kernels that the x86
-build host never executed: int8 matrix products in particular take different code paths.
+instructions; a Pi 5 is Cortex-A76: NEON with UDOT/SDOT; an Armv9 phone adds the int8 matrix
+multiply, I8MM) runs on ARM kernels that the x86 build host never executed: int8 matrix products
+in particular take different code paths. A profile's `cpu` names the emulated core of its class
+(devices/*.toml say which real core each stands for, and why).
 `tools/arm64-emulator.sh` sets up, once, QEMU, an arm64 Python 3.11 and aarch64 wheels of
 onnxruntime, numpy, tokenizers and Pillow under ~/.cache/edgeft/arm64; this module runs the
 bundle's own device check inside it, with `-cpu` set to the profile's core, and reports its
@@ -28,7 +30,11 @@ from .errors import BundleError, UsageError
 CPUS = {
     "cortex-a72": "Cortex-A72 (Raspberry Pi 4): NEON, no dot-product instructions",
     "cortex-a76": "Cortex-A76 (Raspberry Pi 5): NEON with dot-product (UDOT/SDOT) instructions",
+    "armv9-i8mm": "Armv9 with SVE2, the int8 matrix multiply (I8MM: SMMLA/UMMLA) and BF16 (QEMU's max core, SME off)",
 }
+# QEMU's -cpu for each (tools/arm64-emulator.sh has the same table): QEMU 7.2 has no Armv9 core
+# model, so its `max` core stands in, with SME off (ORT's SME kernels compute wrongly under it)
+QEMU_CPU = {"armv9-i8mm": "max,sme=off"}
 SETUP = "tools/arm64-emulator.sh"
 TIMEOUT = 3600  # seconds; emulation is slow, a large image bundle takes minutes
 
@@ -92,11 +98,22 @@ def profile_cpu(manifest: dict) -> str | None:
     return cpu if arch == "arm64" else None
 
 
-def check(bundle: str | Path, cpu: str, timeout: int = TIMEOUT, manifest: dict | None = None) -> dict:
-    """`Bundle(bundle).check()` computed by aarch64 onnxruntime on an emulated `cpu`.
+OUTPUTS_GUEST = r"""
+import json, platform, sys
+import numpy as np
+from edgeft.runtime.bundle import Bundle
 
-    `manifest`: the manifest of a bundle still being built (edgeft build), used instead of its
-    manifest.json (which is written last)."""
+b = Bundle(sys.argv[1], providers=["CPUExecutionProvider"])
+items = json.load(open(sys.argv[2], encoding="utf-8"))
+feats = np.concatenate([b.features(items[i : i + 1], batch_size=1) for i in range(len(items))])
+np.savez(sys.argv[3], features=feats, logits=b.head_outputs(feats)["logits"])
+print("EDGEFT-JSON " + json.dumps({"machine": platform.machine(), "rows": len(items)}))
+"""
+
+
+def _guest(cpu: str, script: str, args: list[str], what: str, timeout: int) -> tuple[dict, dict]:
+    """Run `script` with `args` by the arm64 Python on an emulated `cpu`: (its EDGEFT-JSON line,
+    the record of the emulation)."""
     if cpu not in CPUS:
         raise UsageError(f"--emulate: unknown CPU {cpu!r}; choose one of {', '.join(CPUS)}.")
     info = status()
@@ -106,30 +123,56 @@ def check(bundle: str | Path, cpu: str, timeout: int = TIMEOUT, manifest: dict |
     python = root / "usr" / "bin" / "python3.11"
     if not python.exists():
         raise UsageError(f"{root}: no arm64 root for {cpu}; run {SETUP} again.")
-    bundle = Path(bundle).resolve()
     repo = Path(__file__).resolve().parent.parent  # edgeft's own source, run by the arm64 Python
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo), "PYTHONDONTWRITEBYTECODE": "1",
            "EDGEFT_EMULATED_CPU": cpu, "HOME": os.environ.get("HOME", "/tmp"),
            "OMP_NUM_THREADS": "1", "LANG": "C.UTF-8"}
-    cmd = [info["qemu"], "-cpu", cpu, "-L", str(root), str(python), "-c", GUEST, str(bundle)]
+    cmd = [info["qemu"], "-cpu", QEMU_CPU.get(cpu, cpu), "-L", str(root), str(python), "-c", script, *args]
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="edgeft-emulate-") as d:
-        if manifest is not None:
-            (Path(d) / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
-            cmd.append(str(Path(d) / "manifest.json"))
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise BundleError(f"{bundle}: the emulated check on {cpu} took over {timeout} s.") from None
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BundleError(f"{what} on {cpu} took over {timeout} s.") from None
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("EDGEFT-JSON ")), None)
     if done.returncode != 0 or line is None:
         tail = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-        raise BundleError(f"{bundle}: the emulated check on {cpu} failed ({tail}).")
-    report = json.loads(line[len("EDGEFT-JSON "):])
-    report["emulated"] = {"cpu": cpu, "describes": CPUS[cpu], "qemu": Path(info["qemu"]).name,
-                          "seconds": round(time.perf_counter() - t0, 1),
-                          "proves": "the aarch64 kernels' numbers on this core's instruction set, not its speed"}
+        raise BundleError(f"{what} on {cpu} failed ({tail}).")
+    return json.loads(line[len("EDGEFT-JSON "):]), {
+        "cpu": cpu, "describes": CPUS[cpu], "qemu": Path(info["qemu"]).name, "qemu_cpu": QEMU_CPU.get(cpu, cpu),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "proves": "the aarch64 kernels' numbers on this core's instruction set, not its speed"}
+
+
+def check(bundle: str | Path, cpu: str, timeout: int = TIMEOUT, manifest: dict | None = None) -> dict:
+    """`Bundle(bundle).check()` computed by aarch64 onnxruntime on an emulated `cpu`.
+
+    `manifest`: the manifest of a bundle still being built (edgeft build), used instead of its
+    manifest.json (which is written last)."""
+    bundle = Path(bundle).resolve()
+    with tempfile.TemporaryDirectory(prefix="edgeft-emulate-") as d:
+        args = [str(bundle)]
+        if manifest is not None:
+            (Path(d) / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+            args.append(str(Path(d) / "manifest.json"))
+        report, emulated = _guest(cpu, GUEST, args, f"{bundle}: the emulated check", timeout)
+    report["emulated"] = emulated
     return report
+
+
+def outputs(bundle: str | Path, cpu: str, items: list, timeout: int = TIMEOUT) -> dict:
+    """The bundle's features and logits of `items` (texts, or image paths), one row per call as a
+    device answers, computed by aarch64 onnxruntime on an emulated `cpu`:
+    {"features", "logits", "emulated"}. tools/emulated_agreement.py compares them with this host's."""
+    import numpy as np
+
+    bundle = Path(bundle).resolve()
+    with tempfile.TemporaryDirectory(prefix="edgeft-emulate-") as d:
+        (Path(d) / "items.json").write_text(json.dumps([str(x) for x in items]), encoding="utf-8")
+        out = Path(d) / "outputs.npz"
+        _, emulated = _guest(cpu, OUTPUTS_GUEST, [str(bundle), str(Path(d) / "items.json"), str(out)],
+                             f"{bundle}: the emulated run", timeout)
+        got = np.load(out)
+        return {"features": got["features"], "logits": got["logits"], "emulated": emulated}
 
 
 def build_check(bundle: Path, manifest: dict, arch: str | None, cpu: str | None, wanted: bool | None) -> dict | None:
@@ -140,7 +183,7 @@ def build_check(bundle: Path, manifest: dict, arch: str | None, cpu: str | None,
     if arch != "arm64" or wanted is False:
         return None
     if cpu is None:
-        return {"status": "not run: the profile names no ARM core (cpu = \"cortex-a72\" or \"cortex-a76\")"}
+        return {"status": f"not run: the profile names no ARM core (cpu = one of {', '.join(CPUS)})"}
     if cpu not in CPUS:
         return {"status": f"not run: no emulation of {cpu!r} (known: {', '.join(CPUS)})"}
     if status() is None:

@@ -194,6 +194,19 @@ def test_profiles_say_their_isa_and_arm_ones_name_the_emulated_core():
     server, _ = find_profile("x86-64-server")
     assert (pi4.arch, pi4.cpu, pi5.cpu, server.arch) == ("arm64", "cortex-a72", "cortex-a76", "x86-64")
     assert pi4.cpu in CPUS and pi5.cpu in CPUS
+    # every ARM profile names an emulated core of its own int8 class (the real core's, README)
+    from edgeft.quantize.isa import profile_isa
+
+    want = {"jetson-orin-nano": ("cortex-a76", "arm64/dotprod"), "jetson-xavier-nx": ("cortex-a72", "arm64/neon"),
+            "android-arm64": ("armv9-i8mm", "arm64/i8mm"), "raspberry-pi-4": ("cortex-a72", "arm64/neon"),
+            "raspberry-pi-5": ("cortex-a76", "arm64/dotprod")}
+    for name, (cpu, cls) in want.items():
+        p, _ = find_profile(name)
+        assert (p.arch, p.cpu, profile_isa(p)["class"]) == ("arm64", cpu, cls), name
+        assert p.cpu in CPUS and profile_cpu({"device": {"profile": name}}) == cpu
+    from edgeft.emulate import QEMU_CPU
+
+    assert QEMU_CPU["armv9-i8mm"] == "max,sme=off"  # QEMU 7.2's SME kernels path computes wrongly
     assert profile_cpu({"device": {"profile": "raspberry-pi-5"}}) == "cortex-a76"
     assert profile_cpu({"device": {"profile": "x86-64-server"}}) is None
     with pytest.raises(ProfileError, match="arch"):
@@ -327,6 +340,49 @@ def test_build_refuses_on_the_bound_with_too_few_rows_and_passes_with_parity_dat
     assert "on 918 rows (18 validation + 900 parity-data)" in r.output
     parity = json.loads((tmp_path / "many" / "parity.json").read_text())
     assert parity["sources"] == m["sources"] and all(c["passed"] for c in parity["checks"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device,cpu,precision", [("jetson-orin-nano", "cortex-a76", "fp16"),
+                                                  ("android-arm64", "armv9-i8mm", "int8")])
+def test_jetson_fp16_and_android_int8_builds_run_their_emulated_check(lora_text_run, tmp_path, device, cpu,
+                                                                      precision):
+    """A build for the profile runs `device check` on the profile's emulated core: the Jetson's fp16
+    kernels on a Cortex-A76 (the Orin's A78AE class), the phone's int8 ones (an .ort backbone) on an
+    Armv9 core with I8MM (QEMU max, SME off); judged against the x86 build's outputs."""
+    from edgeft import emulate
+    from edgeft.build import build
+
+    if emulate.status() is None or cpu not in emulate.status().get("cpus", []):
+        pytest.skip(emulate.not_set_up())
+    m = build(lora_text_run, device, tmp_path / "b", uncertified=True, replay=0).manifest
+    e = m["parity"]["emulated"]
+    assert m["precision"] == precision and e["status"] == "ran", e
+    assert e["cpu"] == cpu and e["machine"] == "aarch64" and e["rows"] == 16 and e["passed"], e
+    assert e["describes"] == emulate.CPUS[cpu]
+    if precision == "int8":  # rounding differs between kernels, never by much against the features' scale
+        assert e["x86_features_max_abs_diff"] <= 0.05 * e["x86_features_max_abs"]
+
+
+def test_a_build_without_training_rows_calibrates_on_half_the_parity_rows_and_judges_the_other_half(
+        lora_text_run, tmp_path):
+    """Its training rows gone, a build calibrates on half of the validation rows (drawn across
+    classes) and judges on the other half: the rows that calibrate never judge (it used to
+    calibrate on every parity row, leaving none unseen to judge)."""
+    import json
+    import shutil
+
+    from edgeft.build import build
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_text_run, run)
+    info = json.loads((run / "run.json").read_text())
+    info["training"]["path"] = str(tmp_path / "gone.csv")
+    (run / "run.json").write_text(json.dumps(info))
+    m = build(run, "x86-64-server", tmp_path / "b", uncertified=True, replay=0).manifest
+    c = m["quantization"]["calibration"]
+    assert (c["rows"], c["of"]) == (9, 18) and c["data"].endswith("val.csv") and "shared" in c
+    assert m["parity"]["sources"] == {"validation": 9} and m["parity"]["rows"] == 9
 
 
 @pytest.mark.slow

@@ -8,9 +8,14 @@
 #     never read or written) unpacked with dpkg -x
 #   - aarch64 wheels from PyPI: onnxruntime, numpy, tokenizers, Pillow, pluggy (pip download
 #     with the manylinux aarch64 platform tags), installed into the arm64 root
-#   - one small root per emulated CPU (Cortex-A72, Cortex-A76): links into the shared root plus
-#     a /proc/cpuinfo of that CPU (QEMU 7.2 hands the host's to the guest, and onnxruntime picks
-#     its kernels from it: a mismatch segfaults or hits SIGILL)
+#   - one small root per emulated CPU: links into the shared root plus a /proc/cpuinfo of that CPU
+#     (QEMU 7.2 hands the host's to the guest, and onnxruntime picks its kernels from it: a
+#     mismatch segfaults or hits SIGILL):
+#       cortex-a72   QEMU -cpu cortex-a72: Armv8.0 NEON, no dot product (Raspberry Pi 4; Carmel's int8 class)
+#       cortex-a76   QEMU -cpu cortex-a76: Armv8.2 NEON + SDOT/UDOT (Raspberry Pi 5; Cortex-A78AE's class)
+#       armv9-i8mm   QEMU -cpu max,sme=off: Armv9 with SVE2, I8MM (SMMLA), BF16 (Tensor G3's class);
+#                    SME off: onnxruntime's SME kernels compute wrongly under QEMU 7.2 (STACK.md).
+#                    Its cpuinfo "Features" are decoded from the HWCAP bits QEMU gives that core.
 # Everything lives under ${EDGEFT_ARM64:-~/.cache/edgeft/arm64}; a second run finds it ready.
 # Needs: bash, apt-get and dpkg-deb (Debian or Ubuntu host), python3 with pip, network access to
 # a Debian mirror and PyPI (or their caches). About 230 MB.
@@ -36,11 +41,21 @@ case "${1:-}" in
   "") ;;
   *) echo "usage: $0 [--check|--remove]" >&2; exit 2 ;;
 esac
-if [[ -f "$READY" ]]; then
+CPUS=(cortex-a72 cortex-a76 armv9-i8mm)
+qemu_cpu() {  # the QEMU -cpu argument of an emulated CPU (edgeft/emulate.py has the same table)
+  case "$1" in armv9-i8mm) echo "max,sme=off" ;; *) echo "$1" ;; esac
+}
+missing=()
+for cpu in "${CPUS[@]}"; do [[ -x "$CACHE/cpu/$cpu/usr/bin/python3.11" ]] || missing+=("$cpu"); done
+if [[ -f "$READY" && ${#missing[@]} -eq 0 ]]; then
   echo "arm64 emulator ready in $CACHE"; exit 0
 fi
 mkdir -p "$CACHE"
 t0=$SECONDS
+if [[ -f "$READY" ]]; then  # set up before a CPU was added: only that CPU's root is new
+  QEMU="$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["qemu"])' "$READY")"
+  echo "qemu: $QEMU; adding the root of ${missing[*]}"
+else
 
 # 1. QEMU user-mode emulator
 QEMU="$(command -v qemu-aarch64-static || true)"
@@ -102,28 +117,45 @@ done
   --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 --upgrade "$CACHE"/wheels/*.whl
 echo "wheels: $(ls "$CACHE/wheels" | wc -l) installed into $SITE"
 
+fi  # the shared root
+
 # 4. one root per CPU: links into the shared root, its own /proc/cpuinfo
-cpuinfo() {  # $1 part number, $2 features
+cpuinfo() {  # $1 implementer, $2 part number, $3 variant, $4 revision, $5 features
   for i in 0 1 2 3; do
-    printf 'processor\t: %s\nBogoMIPS\t: 108.00\nFeatures\t: %s\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: %s\nCPU part\t: %s\nCPU revision\t: %s\n\n' \
-      "$i" "$2" "$3" "$1" "$4"
+    printf 'processor\t: %s\nBogoMIPS\t: 108.00\nFeatures\t: %s\nCPU implementer\t: %s\nCPU architecture: 8\nCPU variant\t: %s\nCPU part\t: %s\nCPU revision\t: %s\n\n' \
+      "$i" "$5" "$1" "$3" "$2" "$4"
   done
 }
-for cpu in cortex-a72 cortex-a76; do
+# Linux's arm64 HWCAP and HWCAP2 bit names, in bit order (arch/arm64/include/uapi/asm/hwcap.h)
+HWCAP_NAMES="fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt fcma lrcpc dcpop sha3 sm3 sm4 asimddp sha512 sve asimdfhm dit uscat ilrcpc flagm ssbs sb paca pacg"
+HWCAP2_NAMES="dcpodp sve2 sveaes svepmull svebitperm svesha3 svesm4 flagm2 frint svei8mm svef32mm svef64mm svebf16 i8mm bf16 dgh rng bti mte ecv afp rpres mte3 sme smei16i64 smef64f64 smei8i32 smef16f32 smeb16f32 smef32f32 smefa64 wfxt"
+qemu_features() {  # the feature names of the HWCAP bits QEMU gives core $1 (read by the arm64 Python, no onnxruntime)
+  "$QEMU" -cpu "$(qemu_cpu "$1")" -L "$ROOT" "$ROOT/usr/bin/python3.11" -c '
+import ctypes, sys
+get = ctypes.CDLL(None).getauxval
+get.restype, get.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+names = [sys.argv[1].split(), sys.argv[2].split()]
+bits = [get(16), get(26)]  # AT_HWCAP, AT_HWCAP2
+print(" ".join(n for word, table in zip(bits, names) for i, n in enumerate(table) if word >> i & 1))
+' "$HWCAP_NAMES" "$HWCAP2_NAMES"
+}
+for cpu in "${CPUS[@]}"; do
   dir="$CACHE/cpu/$cpu"
   rm -rf "$dir"; mkdir -p "$dir/proc"
   for entry in "$ROOT"/*; do ln -s "$entry" "$dir/$(basename "$entry")"; done
   case "$cpu" in
-    cortex-a72) cpuinfo 0xd08 "fp asimd evtstrm crc32 cpuid" 0x0 3 > "$dir/proc/cpuinfo" ;;
-    cortex-a76) cpuinfo 0xd0b "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp" 0x4 1 > "$dir/proc/cpuinfo" ;;
+    cortex-a72) cpuinfo 0x41 0xd08 0x0 3 "fp asimd evtstrm crc32 cpuid" > "$dir/proc/cpuinfo" ;;
+    cortex-a76) cpuinfo 0x41 0xd0b 0x4 1 "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp" > "$dir/proc/cpuinfo" ;;
+    # QEMU's max core has MIDR implementer 0 ("software"), part 'Q' (target/arm/cpu64.c)
+    armv9-i8mm) cpuinfo 0x00 0x051 0x0 0 "$(qemu_features "$cpu")" > "$dir/proc/cpuinfo" ;;
   esac
 done
 
 # 5. prove it: import onnxruntime on each CPU
-for cpu in cortex-a72 cortex-a76; do
+for cpu in "${CPUS[@]}"; do
   dir="$CACHE/cpu/$cpu"
-  "$QEMU" -cpu "$cpu" -L "$dir" "$dir/usr/bin/python3.11" -c \
+  "$QEMU" -cpu "$(qemu_cpu "$cpu")" -L "$dir" "$dir/usr/bin/python3.11" -c \
     "import onnxruntime, numpy, tokenizers, PIL, platform; print('$cpu', platform.machine(), 'onnxruntime', onnxruntime.__version__, 'numpy', numpy.__version__)"
 done
-printf '{"qemu": "%s", "root": "%s", "cpus": ["cortex-a72", "cortex-a76"]}\n' "$QEMU" "$ROOT" > "$READY"
+printf '{"qemu": "%s", "root": "%s", "cpus": ["%s"]}\n' "$QEMU" "$ROOT" "$(IFS=,; echo "${CPUS[*]}" | sed 's/,/", "/g')" > "$READY"
 echo "arm64 emulator ready in $CACHE ($((SECONDS - t0)) s)"
