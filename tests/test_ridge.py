@@ -108,7 +108,7 @@ def rows_of(P, X):
 
 def stats_of(P, X, y, labels):
     s = R.Statistics.empty(P, labels)
-    s.add(rows_of(P, X), y)
+    s.add(rows_of(P, X), y, X)
     return s
 
 
@@ -412,6 +412,108 @@ def test_softmax_bundle_from_before_head_families_still_retrains(built, tmp_path
     r = retrain(dst, _csv(tmp_path / "n.csv", tiny.new_class_rows(20, seed=2)), add_classes=True)
     assert r.accepted and "family" not in read_manifest(dst)["head"]
     assert r.metrics["fit"].get("family", "softmax") == "softmax"
+
+
+def test_unit_sums_are_additive_and_calibrate_leave_one_out(tmp_path):
+    """The statistics' per-class sums of normalised features: a float64 reference, exact over two
+    updates, the file and pooling; an OOD threshold from them, calibrated on rows inside the sums
+    (each scored without itself), keeps false alarms at the stated rate on fresh rows, where
+    scoring a row with itself in its prototype would double them."""
+    from edgeft.runtime.ood import OOD
+
+    X, y = blobs(30, 3)
+    P = R.make_projection(X, 16)
+    one = stats_of(P, X, y, ["a", "b", "c"])
+    U = X.astype(np.float64) / np.linalg.norm(X.astype(np.float64), axis=1, keepdims=True)
+    assert rel(one.unit_sums, np.stack([U[y == c].sum(0) for c in range(3)])) < 1e-12
+    two = R.Statistics.empty(P, ["a", "b"])
+    first = y < 2
+    two.add(P(X[first][:20]), y[first][:20], X[first][:20])
+    two.add(P(X[first][20:]), y[first][20:], X[first][20:])
+    two.ensure_labels(["a", "b", "c"])
+    two.add(P(X[~first]), y[~first], X[~first])
+    back = R.Statistics.from_file(_tmp_stats(two))
+    assert rel(back.unit_sums, one.unit_sums) < 1e-12
+    assert R.read_unit_sums(_tmp_stats(two))[1].tolist() == [30, 30, 30]
+    half = R.Statistics.empty(P, ["a", "b", "c"])
+    half.add(P(X[::2]), y[::2], X[::2])
+    other = R.Statistics.empty(P, ["a", "b", "c"])
+    other.add(P(X[1::2]), y[1::2], X[1::2])
+    assert rel(half.merge(other).unit_sums, one.unit_sums) < 1e-12
+    other.add(P(X[:3]), y[:3])  # rows without their features: the sums would be wrong, so none
+    assert other.unit_sums is None and R.Statistics.from_file(_tmp_stats(other)).unit_sums is None
+
+    def false_alarms(seed, loo):
+        rng = np.random.default_rng(seed)
+        centres = rng.standard_normal((4, 24))
+
+        def draw(k):
+            labels = np.repeat(np.arange(4), k)
+            return centres[labels] + rng.standard_normal((len(labels), 24)), labels
+
+        Xc, yc = draw(12)
+        Uc = Xc / np.linalg.norm(Xc, axis=1, keepdims=True)
+        sums = np.zeros((4, 24))
+        np.add.at(sums, yc, Uc)
+        ood = OOD.from_sums(sums, np.bincount(yc), Xc, yc, np.full(len(yc), loo), 0.1)
+        return ood.flags(draw(100)[0])[1].mean()
+
+    assert 0.04 <= np.mean([false_alarms(s, True) for s in range(100)]) <= 0.11
+    assert np.mean([false_alarms(s, False) for s in range(100)]) > 0.15  # the test can tell
+
+
+def test_ridge_ood_prototypes_rest_on_every_learned_row(built, ridge_bundle, tmp_path):
+    """After a ridge retrain the replay keeps few hold-out rows; the OOD prototypes are the
+    statistics' sums over every learned row (the build's training rows + the new ones), and the
+    threshold is calibrated on every replay row, not on the hold-out alone."""
+    rows = tiny.new_class_rows(24, seed=1)
+    retrain(ridge_bundle, _csv(tmp_path / "new.csv", rows), add_classes=True, margin=1.0)
+    b = Bundle(ridge_bundle)
+    ood = b.ood()
+    stats, _ = load_lineage(ridge_bundle, b.manifest)
+    described = ood.describe(b.labels)
+    assert ood.mode == "statistics" and described["prototype_rows"] == sum(stats.counts) == 3 * 24 + 24
+    with np.load(ridge_bundle / b.manifest["head"]["replay"]) as z:
+        replay_rows, hold_rows = len(z["labels"]), int(z["holdout"].sum())
+        assert z["seen"][~z["holdout"]].all()  # every calibration row outside the hold-out is learned
+    assert described["calibration_rows"] == replay_rows > hold_rows
+    train = load_dataset(built["text"].parent / "text-data" / "train.csv")
+    X = np.concatenate([b.features(train.items), b.features([t for t, _ in rows])])
+    y = np.r_[[b.labels.index(v) for v in train.labels], np.full(len(rows), 3)]
+    U = X / np.linalg.norm(X, axis=1, keepdims=True)
+    expect = np.stack([U[y == c].sum(0) for c in range(4)])
+    expect /= np.linalg.norm(expect, axis=1, keepdims=True)
+    assert np.abs(ood.prototypes - expect).max() < 1e-5
+    flagged = b.predict(["valve stem packing gland", "pump seal leak"])
+    assert all("unknown" in r and 0 <= r["ood_score"] <= 2 for r in flagged)
+
+
+def test_device_features_on_parallel_threads_are_the_same_bits(built):
+    """The retrain's features on worker threads (one single-threaded session each) are the bits
+    of the bundle's own sequential batches, for batched and one-row-per-call (dynamic int8) bundles;
+    a batch made otherwise (another composition) gives other bits, which this test would see."""
+    from edgeft.runtime import features as F
+
+    texts = [t for t, _ in tiny.text_rows(9, seed=5)] + ["pump", "motor relay fuse " * 6]
+    b = Bundle(built["text"])
+    for max_batch in (None, 1):  # whatever the build chose, both ways of batching
+        b.max_batch = max_batch
+        sequential = b.features(texts, 4)
+        for workers in (2, 3):
+            assert F.workers_for(b, len(list(b._chunks(texts, 4))), workers) == workers
+            parallel = F.features(b, texts, 4, workers=workers)
+            assert parallel.dtype == sequential.dtype and parallel.tobytes() == sequential.tobytes()
+    b.max_batch = None
+    per_row = np.concatenate([b.features([t], 1) for t in texts])
+    assert per_row.tobytes() != b.features(texts, 4).tobytes()  # batch composition shows in the bits
+    ds = load_dataset(built["text"].parent / "text-data" / "train.csv")
+    b = Bundle(built["text"])
+    from edgeft.runtime.retrain import _features_by_length
+
+    order = np.argsort([len(t) for t in ds.items], kind="stable")
+    expect = np.empty((len(ds), b.features(ds.items[:1]).shape[1]), np.float32)
+    expect[order] = b.features([ds.items[i] for i in order], 32)
+    assert _features_by_length(b, ds, 32).tobytes() == expect.tobytes()
 
 
 @pytest.mark.slow  # a dozen retrain processes

@@ -13,7 +13,7 @@ from ..errors import BundleError, DataError
 from ..plugins import registry
 from ..targets import Engine
 from .manifest import MANIFEST, check_files, read_manifest
-from .ood import FALSE_ALARM, OOD
+from .ood import FALSE_ALARM, OOD, from_ridge_statistics
 from .preprocess import load_preprocessor
 from .session import OnnxModel
 from .trust import enforce
@@ -135,7 +135,9 @@ class Bundle:
             rel = m["head"].get("replay") or next((h.get("replay") for h in m["heads"]
                                                    if h["version"] == self.head_version), None)
             self._ood = None
-            if rel and (self.path / rel).is_file():
+            if m["head"].get("family") == "ridge":  # prototypes over every learned row, from its statistics
+                self._ood = from_ridge_statistics(self.path, m, false_alarm)
+            if self._ood is None and rel and (self.path / rel).is_file():
                 with np.load(self.path / rel, allow_pickle=False) as z:
                     if len(z["labels"]):
                         self._ood = OOD(z["features"], z["labels"], z["holdout"], len(self.labels), false_alarm)

@@ -28,6 +28,7 @@ from ..errors import BundleError, ConfigError, DataError, EdgeftError, UsageErro
 from . import atomic
 from .bundle import Bundle
 from .dataset import Dataset, load_dataset
+from .features import features as parallel_features
 from .head import LinearHead, fit_softmax, head_logits, read_head_onnx
 from .manifest import MANIFEST, check_manifest, file_entry, read_manifest
 from .result import RetrainResult, RollbackResult
@@ -96,11 +97,12 @@ def _features_by_length(bundle: Bundle, ds: Dataset, batch_size: int) -> np.ndar
     (on 1,000 review snippets a third less backbone time); rows come back in file order.
     A text's features then differ from another batch's only by float rounding of the padding
     (the attention mask hides it); a bundle that answers one row per call (dynamic int8:
-    runtime.max_batch 1) is batched that way here too."""
+    runtime.max_batch 1) is batched that way here too. The batches run on every core, one
+    single-threaded session each (runtime/features.py): the same batches, the same bits."""
     if ds.kind != "text" or len(ds) < 2:
-        return bundle.features(ds.items, batch_size)
+        return parallel_features(bundle, ds.items, batch_size)
     order = np.argsort([len(t) for t in ds.items], kind="stable")
-    feats = bundle.features([ds.items[i] for i in order], batch_size)
+    feats = parallel_features(bundle, [ds.items[i] for i in order], batch_size)
     out = np.empty_like(feats)
     out[order] = feats
     return out

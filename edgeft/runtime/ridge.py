@@ -179,10 +179,18 @@ class Statistics:
     # row given again is recognised and not counted twice; statistics written before digests
     # existed have none for their rows
     digests: np.ndarray = field(default_factory=lambda: np.zeros((0, DIGEST), np.uint8))
+    # per class, the sum of the L2-normalised backbone features of its rows (C, d_in) float64:
+    # the out-of-distribution prototypes over every learned row (runtime/ood.py), additive like
+    # the rest; None in statistics written before it, or once rows were added without features
+    unit_sums: np.ndarray | None = None
 
     def __post_init__(self):
         self.offsets = [float(v) for v in self.offsets] + [0.0] * (len(self.classes) - len(self.offsets))
         self.digests = np.asarray(self.digests, dtype=np.uint8).reshape(-1, DIGEST)
+        if self.unit_sums is not None:
+            self.unit_sums = np.asarray(self.unit_sums, dtype=np.float64)
+            if self.unit_sums.ndim != 2 or len(self.unit_sums) != len(self.classes):
+                raise ValueError(f"unit sums of shape {self.unit_sums.shape}, expected ({len(self.classes)}, features)")
 
     def known(self, digests: np.ndarray) -> np.ndarray:
         """Per row digest: is that row already in the statistics?"""
@@ -198,7 +206,8 @@ class Statistics:
 
     @classmethod
     def empty(cls, projection: Projection, labels: list[str]) -> Statistics:
-        return cls(projection.sha256, projection.width, list(labels), [ClassStats() for _ in labels])
+        return cls(projection.sha256, projection.width, list(labels), [ClassStats() for _ in labels],
+                   unit_sums=np.zeros((len(labels), projection.matrix.shape[0])))
 
     def ensure_labels(self, labels: list[str]) -> None:
         """Grow to `labels` (the old ones first, in order): a new class starts empty."""
@@ -208,9 +217,13 @@ class Statistics:
             self.labels.append(name)
             self.classes.append(ClassStats())
             self.offsets.append(0.0)
+            if self.unit_sums is not None:
+                self.unit_sums = np.concatenate([self.unit_sums, np.zeros((1, self.unit_sums.shape[1]))])
 
-    def add(self, H: np.ndarray, y: np.ndarray) -> None:
-        """Rows H (already projected) with class indices y into the statistics, exactly."""
+    def add(self, H: np.ndarray, y: np.ndarray, features: np.ndarray | None = None) -> None:
+        """Rows H (already projected) with class indices y into the statistics, exactly; their
+        backbone `features` into the per-class sums of normalised features (without them those
+        sums are dropped: a sum missing some rows would be a wrong prototype)."""
         y = np.asarray(y, dtype=np.int64)
         if len(H) != len(y):
             raise ValueError(f"{len(H)} rows but {len(y)} labels")
@@ -218,8 +231,15 @@ class Statistics:
             raise ValueError(f"rows of width {H.shape[1] if H.ndim == 2 else '?'}, the statistics have {self.width}")
         if len(y) and (y.min() < 0 or y.max() >= len(self.classes)):
             raise ValueError(f"class index out of range 0..{len(self.classes) - 1}")
+        X = None if features is None else np.asarray(features, dtype=np.float64)
+        if X is not None and self.unit_sums is not None and X.shape != (len(y), self.unit_sums.shape[1]):
+            raise ValueError(f"features of shape {X.shape}, expected ({len(y)}, {self.unit_sums.shape[1]})")
         for c in np.unique(y):
             self.classes[c].add(H[y == c], self.width)
+        if self.unit_sums is not None and X is not None and len(y):
+            np.add.at(self.unit_sums, y, X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12))
+        elif len(y):
+            self.unit_sums = None
 
     def merge(self, other: Statistics) -> Statistics:
         """Pool two devices' statistics of the same lineage: as if one device had seen all rows."""
@@ -235,6 +255,11 @@ class Statistics:
             out.offsets.append(src.offsets[src.labels.index(name)])
         out.remember(self.digests)
         out.remember(other.digests)
+        if self.unit_sums is not None and other.unit_sums is not None:
+            out.unit_sums = np.zeros((len(labels), self.unit_sums.shape[1]))
+            for src in (self, other):
+                for i, name in enumerate(src.labels):
+                    out.unit_sums[labels.index(name)] += src.unit_sums[i]
         return out
 
     @property
@@ -304,6 +329,8 @@ class Statistics:
             "format": STATS_FORMAT, "family": FAMILY, "projection_sha256": self.projection_sha256,
             "width": self.width, "labels": self.labels, "counts": self.counts,
             "offsets": self.offsets}).encode(), dtype=np.uint8), "digests": self.digests}
+        if self.unit_sums is not None:
+            arrays["unit_sums"] = self.unit_sums
         iu = _tri(self.width)
         for i, cs in enumerate(self.classes):
             if cs.gram is not None:
@@ -341,21 +368,39 @@ class Statistics:
             digests = z["digests"] if "digests" in z.files else np.zeros((0, DIGEST), np.uint8)
             if digests.dtype != np.uint8 or digests.ndim != 2 or digests.shape[1] != DIGEST:
                 raise ValueError(f"row digests of shape {digests.shape}, expected (rows, {DIGEST}) bytes")
-        return cls(meta["projection_sha256"], D, list(meta["labels"]), classes, list(meta.get("offsets", [])), digests)
+            sums = z["unit_sums"].astype(np.float64) if "unit_sums" in z.files else None
+        return cls(meta["projection_sha256"], D, list(meta["labels"]), classes, list(meta.get("offsets", [])), digests,
+                   sums)
+
+
+def read_unit_sums(path: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(per-class sums of normalised features, rows per class) of a statistics file, without
+    reading its rows or Gram matrices; None when it keeps no sums."""
+    with np.load(path, allow_pickle=False) as z:
+        if "unit_sums" not in z.files:
+            return None
+        meta = json.loads(bytes(z["meta"]).decode())
+        sums = z["unit_sums"].astype(np.float64)
+    counts = np.asarray(meta["counts"], dtype=np.int64)
+    if sums.ndim != 2 or len(sums) != len(counts):
+        raise ValueError(f"unit sums of shape {sums.shape} for {len(counts)} classes")
+    return sums, counts
 
 
 # ---------------------------------------------------------------- the solve
 
 
 def solve(A: np.ndarray, T: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
-    """[W; b] = (A + lam * diag(1, .., 1, 0))^-1 T in float64: W (D, C), b (C,)."""
+    """[W; b] = (A + lam * diag(1, .., 1, 0))^-1 T in float64: W (D, C), b (C,).
+
+    One LU solve (LAPACK gesv): a Cholesky factor followed by np.linalg.solve on each triangle
+    would factor three times, since numpy's solve does not know a triangle is one."""
     D = A.shape[0] - 1
     M = A.copy()
     M[np.arange(D), np.arange(D)] += lam  # the intercept (row and column D) is not shrunk
     try:
-        L = np.linalg.cholesky(M)
-        Wb = np.linalg.solve(L.T, np.linalg.solve(L, T))
-    except np.linalg.LinAlgError:
+        Wb = np.linalg.solve(M, T)
+    except np.linalg.LinAlgError:  # singular: only without shrinkage (lam 0) and too few rows
         Wb = np.linalg.lstsq(M, T, rcond=None)[0]
     return Wb[:D], Wb[D]
 
@@ -419,7 +464,7 @@ def fit_features(X: np.ndarray, y: np.ndarray, labels: list[str], *, lam: float 
     lambda chosen on `holdout` (balanced accuracy) when not given (else the grid's middle)."""
     projection = make_projection(X, width, seed)
     stats = Statistics.empty(projection, labels)
-    stats.add(projection(X), y)
+    stats.add(projection(X), y, X)
     choice = {"lambda": lam, "rows": 0, "grid": list(LAMBDAS)}
     if lam is None:
         if holdout is not None and len(holdout[1]):

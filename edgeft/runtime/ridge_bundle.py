@@ -202,7 +202,7 @@ def fit_and_judge(path: Path, bundle: Bundle, X_new: np.ndarray, y_new: np.ndarr
     choice = ridge.choose(stats, projection, X_new, y_new, Xh, yh, margin=margin, hold_before=hold_pred,
                           current_lambda=current_lambda(path, bundle.manifest), hold_in_stats=hold_seen,
                           folds=FOLDS, offset_classes=added)
-    stats.add(projection(X_new), y_new)
+    stats.add(projection(X_new), y_new, X_new)
     for c in added:
         stats.offsets[c] = choice["offset"]
     head = ridge.fit(stats, projection, choice["lambda"])
@@ -301,18 +301,23 @@ def commit(path: Path, m: dict, *, head: ridge.RidgeHead, stats: ridge.Statistic
 
 def next_replay(replay: dict, X_new: np.ndarray, y_new: np.ndarray, hold_new: np.ndarray, per_class: int):
     """The replay memory for the next version: every hold-out row kept (the next guard's old
-    classes), plus a quarter of each class's new rows marked hold-out for later guards. The ridge
-    statistics hold every new row, so those are marked seen: a later guard reports how many of its
-    rows were unseen."""
+    classes), plus a quarter of each class's new rows marked hold-out for later guards; and, as
+    calibration rows of the out-of-distribution threshold (runtime/ood.py), the earlier rows that
+    are not hold-out, topped up per class to `per_class` with new ones. The ridge statistics hold
+    every new row, so those are marked seen: a later guard reports how many of its rows were
+    unseen, and the threshold scores a seen row against its class without itself."""
     Xr, yr = replay["features"], replay["labels"].astype(np.int64)
     hr = replay["holdout"].astype(bool)
-    sr = replay.get("seen", np.zeros(len(yr), dtype=bool)).astype(bool)
+    sr = replay.get("seen", np.zeros(len(yr), dtype=bool)).astype(bool) | ~hr  # a training row is in the statistics
     hn = np.asarray(hold_new, dtype=bool)
-    X, Y, H, S = [Xr[hr]], [yr[hr]], [hr[hr]], [sr[hr]]
+    X, Y, H, S = [Xr], [yr], [hr], [sr]
     for c in np.unique(y_new):
         take = np.flatnonzero((y_new == c) & hn)[:per_class]
-        X.append(X_new[take]), Y.append(np.full(len(take), c)), H.append(np.ones(len(take), bool))
-        S.append(np.ones(len(take), bool))
+        room = max(0, per_class - int(((yr == c) & ~hr).sum()))
+        rest = np.flatnonzero((y_new == c) & ~hn)[:room]
+        for rows, hold in ((take, True), (rest, False)):
+            X.append(X_new[rows]), Y.append(np.full(len(rows), c)), H.append(np.full(len(rows), hold))
+            S.append(np.ones(len(rows), bool))
     return (np.concatenate(X), np.concatenate(Y).astype(np.int64), np.concatenate(H), np.concatenate(S))
 
 
