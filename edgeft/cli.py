@@ -686,12 +686,28 @@ def device_retrain(bundle, data, add_classes, margin, keep, text_column, label_c
     r = retrain(bundle, data, config, public_key=public_key)
     if emit_json(r.to_json(), as_json, json_file):
         return
-    new, old = r.metrics["new_holdout_accuracy"], r.metrics["replay_holdout_accuracy"]
+    new, old = r.metrics["new_holdout_accuracy"], _guard_old(r.metrics)
     added = f"  added {', '.join(r.added_classes)}" if r.added_classes else ""
     click.echo(f"retrain  ok  {r.seconds:.1f} s  head v{r.previous_version} -> v{r.version}{added}  "
-               f"new samples {100 * new['before']:.1f}% -> {100 * new['after']:.1f}%  "
-               f"earlier classes {100 * old['before']:.1f}% -> {100 * old['after']:.1f}%"
+               f"new samples {_pct(new['before'])} -> {_pct(new['after'])} ({new['rows']} rows)  "
+               f"earlier classes {_pct(old['before'])} -> {_pct(old['after'])} ({old['rows']} rows)"
                + (f"  skipped {r.skipped_rows} rows already learned" if r.skipped_rows else ""))
+
+
+def _pct(v) -> str:
+    return f"{100 * v:.1f}%" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+
+def _guard_old(metrics) -> dict:
+    """The figure the retrain guard judged the earlier classes by: a ridge retrain's
+    old_classes_accuracy (the rows its statistics keep, out-of-fold, + the replay hold-out),
+    else the replay hold-out's accuracy; {} when the version has neither."""
+    if not isinstance(metrics, dict):
+        return {}
+    for key in ("old_classes_accuracy", "replay_holdout_accuracy"):
+        if isinstance(metrics.get(key), dict):
+            return metrics[key]
+    return {}
 
 
 @device.command("history")
@@ -704,17 +720,24 @@ def device_history(bundle, as_json, json_file):
     Example:
       edgeft device history bundles/pi5
     """
+    from .runtime.manifest import read_manifest
     from .runtime.retrain import history
 
     rows = history(bundle)
     if emit_json(rows, as_json, json_file):
         return
-    click.echo(f"{'':2}{'version':<8} {'created':<21} {'source':<16} {'classes':>7} {'new acc':>8} {'old acc':>8}  added")
+    # the old classes as the guard judged them, and on how many rows (read beside history's rows)
+    judged = {h.get("version"): _guard_old(h.get("metrics")) for h in read_manifest(bundle)["heads"]}
+    click.echo(f"{'':2}{'version':<8} {'created':<21} {'source':<16} {'classes':>7} {'new acc':>8} {'old acc':>8} "
+               f"{'old rows':>8}  added")
     for h in rows:
-        pct = lambda v: f"{100 * v:.1f}%" if v is not None else "-"  # noqa: E731
         mark = "*" if h["active"] else ("x" if h["pruned"] else " ")
+        old = h.get("old_classes_accuracy")
+        old = h["replay_accuracy"] if old is None else old
+        n = judged.get(h["version"], {}).get("rows")
+        n = str(n) if isinstance(n, int) and not isinstance(n, bool) else "-"
         click.echo(f"{mark:<2}v{h['version']:<7} {h['created'] or '-':<21} {h['source'] or '-':<16} {h['classes']:>7} "
-                   f"{pct(h['new_accuracy']):>8} {pct(h['replay_accuracy']):>8}  {', '.join(h['added_classes'])}")
+                   f"{_pct(h['new_accuracy']):>8} {_pct(old):>8} {n:>8}  {', '.join(h['added_classes'])}")
 
 
 @device.command("rollback")

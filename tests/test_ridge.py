@@ -324,6 +324,12 @@ def test_ridge_retrain_adds_a_class_exactly_and_rolls_back_bitwise(ridge_bundle,
     judged, hold = metrics["old_classes_accuracy"], metrics["replay_holdout_accuracy"]
     assert judged["stored_rows_out_of_fold"] == 72 and judged["rows"] == 72 + hold["rows"] == 72 + judged["replay_holdout_rows"]
     assert metrics["fit"]["decided_on"]["old_rows"] == judged["rows"] and 0 <= judged["after"] <= 1
+    # the report and the history show the figure the guard judged, and the rows it rests on
+    assert (f"earlier classes {100 * judged['before']:.1f}% -> {100 * judged['after']:.1f}% ({judged['rows']} rows)"
+            in r.stdout), r.stdout
+    line = next(x for x in CliRunner().invoke(main, ["device", "history", str(ridge_bundle)]).stdout.splitlines()
+                if x.startswith("* v3"))
+    assert f"{100 * judged['after']:.1f}% {judged['rows']:>8}" in line, line
     stats3, P3 = load_lineage(ridge_bundle, m)
     assert P3.sha256 == P.sha256 and stats3.counts == stats2.counts + [24]
     # exact: the statistics are the old ones plus the new rows' own
