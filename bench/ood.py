@@ -1,6 +1,7 @@
 """Benchmark the device's out-of-distribution flag against the softmax head's own confidence.
 
     HF_HUB_OFFLINE=1 python bench/ood.py [--run PATH] [--other FILE ...] [--output bench/results/ood.json]
+                                         [--head ridge] [--retrain FILE]
 
 Bundle: an fp32 cpu bundle of a MiniLM head run on the maintenance example (trained once into
 bench/results/cache/ood-run, or --run), with its replay memory (edgeft build's default).
@@ -15,6 +16,12 @@ For each score: AUROC (in-distribution vs the set; 1.0 separates them perfectly)
 threshold each score gets from the replay's hold-out rows for 5% false alarms (the split-
 conformal quantile, as runtime/ood.py sets it): the share of the set flagged and the share of
 the in-distribution test rows flagged (the false alarms measured on rows the threshold never saw).
+--head ridge measures a copy of the bundle with the ridge head added (as `edgeft build --head
+ridge` adds it: its statistics keep per-class sums of normalised features, the prototypes);
+--retrain FILE first retrains the copy with FILE (`--add-classes`, the default guard), as a
+device would; the added class's rows of FILE's sibling test file (FILE with _test before its
+suffix, e.g. new_class_test.csv) then count as in-distribution too (their false alarms are
+reported), and the new sibling set is left out when it is that class.
 Scores: the bundle's cosine score (1 - max cosine similarity to the class prototypes), and the
 softmax head's 1 - max probability. Prints the table; writes every number as JSON.
 """
@@ -76,6 +83,29 @@ def ensure_bundle(run: str | None) -> Path:
     return out
 
 
+def variant(path: Path, run: str | None, head: str, retrain_file: str | None) -> Path:
+    """The bundle itself, or a fresh copy with the ridge head added and/or retrained with new samples."""
+    import json
+    import shutil
+
+    if head == "softmax" and not retrain_file:
+        return path
+    from edgeft.runs import training_data, training_source
+    from edgeft.runtime.retrain import retrain
+    from edgeft.runtime.ridge_bundle import add_ridge_head
+
+    out = CACHE / f"ood-bundle-{head}{'-retrained' if retrain_file else ''}"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(path, out, ignore=shutil.ignore_patterns("cache"))
+    if head == "ridge":  # on the run's own training rows (its validation rows stay the replay hold-out)
+        info = json.loads((Path(run or CACHE / "ood-run") / "run.json").read_text())
+        add_ridge_head(out, training_data(info.get("training") or training_source(info["config"])))
+    if retrain_file:
+        r = retrain(out, retrain_file, add_classes=True)
+        print(f"retrained with {retrain_file}: head v{r.previous_version} -> v{r.version}", flush=True)
+    return out
+
+
 def read_texts(path: Path) -> list[str]:
     from edgeft.runtime.dataset import load_dataset
 
@@ -87,6 +117,9 @@ def main() -> None:
     ap.add_argument("--run", help="A finished edgeft text run to build the bundle from.")
     ap.add_argument("--other", action="append", default=[], help="Texts of another domain (CSV/JSONL).")
     ap.add_argument("--output", default=str(ROOT / "bench" / "results" / "ood.json"))
+    ap.add_argument("--head", choices=("softmax", "ridge"), default="softmax",
+                    help="The head family to measure (ridge: added to a copy of the bundle).")
+    ap.add_argument("--retrain", help="New samples (CSV) to retrain a copy of the bundle with first (--add-classes).")
     args = ap.parse_args()
     t0 = time.perf_counter()
 
@@ -94,7 +127,7 @@ def main() -> None:
     from edgeft.runtime.metrics import softmax
     from edgeft.runtime.ood import conformal_threshold
 
-    bundle = Bundle(ensure_bundle(args.run))
+    bundle = Bundle(variant(ensure_bundle(args.run), args.run, args.head, args.retrain))
     ood = bundle.ood()
     if ood is None:
         sys.exit(f"{bundle.path}: no replay memory; build it with --replay N.")
@@ -111,6 +144,10 @@ def main() -> None:
     inside = read_texts(DATA / "test.csv")
     cos_in, soft_in = scores(inside)
     sets = {"new sibling class (maintenance new_class_test.csv)": DATA / "new_class_test.csv"}
+    added = None
+    if args.retrain:  # the class it added is in-distribution now: its held-out rows' flags are false alarms
+        added = Path(args.retrain).with_name(Path(args.retrain).stem + "_test" + Path(args.retrain).suffix)
+        sets = {k: v for k, v in sets.items() if v.resolve() != added.resolve()}
     others = [Path(p) for p in args.other] or [p for p in (AGRI / "test.csv", AGRI / "train.csv") if p.exists()][:1]
     for p in others:
         sets[f"another domain ({p.relative_to(ROOT) if p.is_relative_to(ROOT) else p})"] = p
@@ -119,6 +156,14 @@ def main() -> None:
     results = {"bundle": str(bundle.path), "in_distribution": {"file": str(DATA / "test.csv"), "rows": len(inside)},
                "ood": ood.describe(bundle.labels), "softmax_threshold": soft_threshold, "sets": []}
     cells = [("set", "rows", "score", "AUROC", "flagged", "false alarms (test rows)")]
+    if added is not None and added.exists():
+        cos_add, soft_add = scores(read_texts(added))
+        for score, values, thr in (("cosine to prototypes", cos_add, ood.threshold),
+                                   ("1 - max softmax", soft_add, soft_threshold)):
+            row = {"set": f"in-distribution: the added class ({added.name})", "rows": len(values), "score": score,
+                   "false_alarms": float((values > thr).mean()), "threshold": thr}
+            results["sets"].append(row)
+            cells.append((row["set"], str(len(values)), score, "-", "-", f"{100 * row['false_alarms']:.1f}%"))
     for name, path in sets.items():
         texts = read_texts(path)
         cos_out, soft_out = scores(texts)
