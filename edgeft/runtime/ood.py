@@ -108,6 +108,10 @@ class OOD:
                                          -np.inf)  # a class seen only in this row has no prototype left
         return 1.0 - sims.max(axis=1)
 
+    def _leave_one_out(self, U: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Each row's score against the prototypes without itself (every row inside the sums)."""
+        return self._calibration_scores(U, y, np.ones(len(y), bool))
+
     def scores(self, features: np.ndarray) -> np.ndarray:
         sims = _unit(features) @ self.prototypes.T
         sims[:, ~self.known] = -np.inf
