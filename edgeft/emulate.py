@@ -100,15 +100,39 @@ def profile_cpu(manifest: dict) -> str | None:
 
 OUTPUTS_GUEST = r"""
 import json, platform, sys
+from pathlib import Path
 import numpy as np
-from edgeft.runtime.bundle import Bundle
+from edgeft.emulate import artifact_model
 
-b = Bundle(sys.argv[1], providers=["CPUExecutionProvider"])
+features, logits = artifact_model(Path(sys.argv[1]))
 items = json.load(open(sys.argv[2], encoding="utf-8"))
-feats = np.concatenate([b.features(items[i : i + 1], batch_size=1) for i in range(len(items))])
-np.savez(sys.argv[3], features=feats, logits=b.head_outputs(feats)["logits"])
+feats = np.concatenate([features(x) for x in items])
+np.savez(sys.argv[3], features=feats, logits=logits(feats))
 print("EDGEFT-JSON " + json.dumps({"machine": platform.machine(), "rows": len(items)}))
 """
+
+
+def artifact_model(path: Path):
+    """(item -> features of that one row, features -> logits) of a bundle or of an export or
+    quantize folder, on CPUExecutionProvider, one row per call as a device answers. Torch-free:
+    the arm64 guest runs it too."""
+    import numpy as np
+
+    from .runtime.preprocess import load_preprocessor
+    from .runtime.session import OnnxModel
+
+    path = Path(path)
+    if (path / "manifest.json").exists():
+        from .runtime.bundle import Bundle
+
+        b = Bundle(path, providers=["CPUExecutionProvider"])
+        return (lambda x: b.features([x], batch_size=1)), (lambda f: b.head_outputs(f)["logits"])
+    info = json.loads((path / "export.json").read_text(encoding="utf-8"))
+    pre = load_preprocessor(path, info["preprocessing"])
+    backbone = OnnxModel(path / "backbone.onnx", ["CPUExecutionProvider"])
+    head = OnnxModel(path / "head.onnx", ["CPUExecutionProvider"])
+    return ((lambda x: backbone(pre([x]))["features"].astype(np.float32)),
+            (lambda f: head({"features": f.astype(np.float32)})["logits"]))
 
 
 def _guest(cpu: str, script: str, args: list[str], what: str, timeout: int) -> tuple[dict, dict]:
@@ -160,8 +184,9 @@ def check(bundle: str | Path, cpu: str, timeout: int = TIMEOUT, manifest: dict |
 
 
 def outputs(bundle: str | Path, cpu: str, items: list, timeout: int = TIMEOUT) -> dict:
-    """The bundle's features and logits of `items` (texts, or image paths), one row per call as a
-    device answers, computed by aarch64 onnxruntime on an emulated `cpu`:
+    """The features and logits of `items` (texts, or image paths) by a bundle, or an export or
+    quantize folder (artifact_model), one row per call as a device answers, computed by aarch64
+    onnxruntime on an emulated `cpu`:
     {"features", "logits", "emulated"}. tools/emulated_agreement.py compares them with this host's."""
     import numpy as np
 

@@ -1,9 +1,9 @@
 """Agreement of a bundle's answers on emulated ARM64 cores with this (x86-64) host's.
 
-    python tools/emulated_agreement.py BUNDLE [BUNDLE ...] --data FILE [--data FILE ...]
+    python tools/emulated_agreement.py ARTIFACT [ARTIFACT ...] --data FILE [--data FILE ...]
         [--cpu cortex-a72 --cpu cortex-a76] [--rows 16] [--json OUT.json]
 
-For each bundle, `--rows` rows of its --data file (the first --data goes with the first bundle,
+An ARTIFACT is a bundle, or an `edgeft export` or `edgeft quantize` folder. For each, `--rows` rows of its --data file (the first --data goes with the first bundle,
 and so on; one --data serves all) are drawn across classes (seeded: edgeft.runtime.stats.stratified,
 never the head of the file) and answered one row per call, as a device answers them: here by
 this host's onnxruntime, and under QEMU user-mode emulation by ONNX Runtime's real aarch64
@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edgeft import emulate  # noqa: E402
 from edgeft.quantize.isa import host  # noqa: E402
-from edgeft.runtime.bundle import Bundle  # noqa: E402
 from edgeft.runtime.dataset import load_dataset  # noqa: E402
 from edgeft.runtime.stats import stratified  # noqa: E402
 
@@ -41,23 +40,28 @@ def rows_of(data: str, n: int, seed: int = 0) -> tuple[list, str]:
     return [ds.items[i] for i in stratified(list(ds.labels), n, seed)], ds.source
 
 
-def host_outputs(bundle: Bundle, items: list) -> tuple[np.ndarray, np.ndarray]:
-    feats = np.concatenate([bundle.features(items[i : i + 1], batch_size=1) for i in range(len(items))])
-    return feats, bundle.head_outputs(feats)["logits"]
+def describe(path: Path) -> dict:
+    """What the artifact is: its device profile (a bundle) or "export", precision, quantization."""
+    if (path / "manifest.json").exists():
+        m = json.loads((path / "manifest.json").read_text())
+        return {"device": m["device"]["profile"], "precision": m["precision"],
+                "quantization": (m.get("quantization") or {}).get("mode")}
+    info = json.loads((path / "export.json").read_text())
+    q = json.loads((path / "quantize.json").read_text()) if (path / "quantize.json").exists() else {}
+    return {"device": f"{path.name} (quantize folder)" if q else f"{path.name} (export)",
+            "precision": info.get("precision", "fp32"), "quantization": q.get("mode")}
 
 
 def compare(bundle_dir: Path, data: str, cpus: list[str], n: int) -> list[dict]:
-    b = Bundle(bundle_dir, providers=["CPUExecutionProvider"])
+    features, head = emulate.artifact_model(bundle_dir)
     items, source = rows_of(data, n)
-    feats, logits = host_outputs(b, items)
+    feats = np.concatenate([features(x) for x in items])
+    logits = head(feats)
     out = []
     for cpu in cpus:
         got = emulate.outputs(bundle_dir, cpu, items)
         agree = int((got["logits"].argmax(1) == logits.argmax(1)).sum())
-        out.append({"bundle": str(bundle_dir), "device": b.manifest["device"]["profile"],
-                    "precision": b.manifest["precision"],
-                    "quantization": (b.manifest.get("quantization") or {}).get("mode"),
-                    "data": source, "rows": len(items), "cpu": cpu, "agree": agree,
+        out.append({"bundle": str(bundle_dir), **describe(bundle_dir), "data": source, "rows": len(items), "cpu": cpu, "agree": agree,
                     "agreement": agree / len(items),
                     "max_abs_diff_logits": float(np.abs(got["logits"] - logits).max()),
                     "max_abs_diff_features": float(np.abs(got["features"] - feats).max()),
