@@ -759,7 +759,7 @@ def device_rollback(bundle, version, public_key):
 
 @main.command()
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--mode", required=True, type=click.Choice(["dynamic", "dynamic-fused", "static", "nncf", "fp16", "weight-only"]), help="dynamic: int8 weights and activations; dynamic-fused: ONNX Runtime's transformer fusions, then dynamic int8; static: int8 QDQ calibrated on real samples; nncf: int8 QDQ by NNCF's recipe for the model type (needs the openvino extra); fp16: half precision; weight-only: int8 weights, float activations.")
+@click.option("--mode", required=True, type=click.Choice(["dynamic", "dynamic-fused", "dynamic-smooth", "dynamic-smooth-fused", "static", "nncf", "fp16", "weight-only", "weight-only-fused"]), help="dynamic: int8 weights and activations; dynamic-fused: ONNX Runtime's transformer fusions, then dynamic int8; dynamic-smooth(-fused): SmoothQuant-style smoothing of activation outliers into the weights (calibrated), then dynamic int8 (of the fused graph); static: int8 QDQ calibrated on real samples; nncf: int8 QDQ by NNCF's recipe for the model type (needs the openvino extra); fp16: half precision; weight-only: int8 weights, float activations; weight-only-fused: the same on ONNX Runtime's fused graph.")
 @click.option("--calibration", help="Real rows (labels optional) that calibrate static/nncf and rank nodes for the search.  [default: the export's validation rows]")
 @click.option("--per-channel/--no-per-channel", default=True, show_default=True, help="int8: one scale per output channel (keeps more answers than one per tensor).")
 @output_option("Folder to write, laid out like the export.")

@@ -344,8 +344,9 @@ def test_the_cli_offers_exactly_the_registered_modes():
     from edgeft.quantize import names
 
     option = next(p for p in main.commands["quantize"].params if p.name == "mode")
-    assert tuple(option.type.choices) == names() == ("dynamic", "dynamic-fused", "static", "nncf", "fp16",
-                                                     "weight-only")
+    assert tuple(option.type.choices) == names() == ("dynamic", "dynamic-fused", "dynamic-smooth",
+                                                     "dynamic-smooth-fused", "static", "nncf", "fp16", "weight-only",
+                                                     "weight-only-fused")
     with pytest.raises(UsageError, match=r"--mode: unknown mode 'dynamc'.*dynamic"):
         quantize_model("x.onnx", "y.onnx", "dynamc", modality="text")
 

@@ -6,11 +6,14 @@ rows, whether its nodes can be searched, the function that runs it):
 dynamic      int8 weights, activation scales computed per call (onnxruntime quantize_dynamic)
 dynamic-fused  ONNX Runtime's transformer fusions (Attention, SkipLayerNormalization, ...; fuse.py),
              then dynamic int8 of the fused graph; for targets whose runtime has those operators
+dynamic-smooth  SmoothQuant-style smoothing (activation outliers moved into the weights: smooth.py),
+             then dynamic int8; dynamic-smooth-fused: the same on the fused graph
 static       int8 QDQ, activation scales fixed by calibration on real preprocessed samples
 nncf         int8 QDQ by NNCF's post-training recipe for the model type, calibrated on real
              samples; needs the openvino extra
 fp16         half-precision weights and compute, float32 inputs and outputs
 weight-only  int8 weights in blocks of 32 (MatMulNBits), activations stay float
+weight-only-fused  the same on ONNX Runtime's fused graph (the fused Attention keeps float weights)
 
 openvino_ir.py registers the OpenVINO IR variants `edgeft build` tries for the openvino
 target (openvino-fp32, -fp16, -bf16, -int8, -int8-weights) and converts them.
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 # isort: off
 # each module registers its mode; this order is the order modes are listed and build tries them
-from . import dynamic, fuse, static, nncf, fp16, weight_only, openvino_ir  # noqa: F401
+from . import dynamic, fuse, smooth, static, nncf, fp16, weight_only, openvino_ir  # noqa: F401
 # isort: on
 from .budget import quantize_model, quantize_to_budget
 from .folder import quantize

@@ -46,6 +46,33 @@ def run(src, dst, *, modality, calibration=None, per_channel=True, exclude=None)
     return sorted({"MatMul", "Gather"} & present)
 
 
+def run_fused(src, dst, *, modality, calibration=None, per_channel=True, exclude=None) -> list[str]:
+    """Weight-only int8 of the transformer-fused graph (src fused here unless it is already): the
+    MatMuls (attention output, FFN) become MatMulNBits; the fused Attention keeps its float Q/K/V
+    weight and the embedding tables stay float (QEmbedLayerNormalization alone flipped 6 of 720
+    held-out answers on the maintenance example, bench/latency.py)."""
+    import tempfile
+    from pathlib import Path
+
+    from ..errors import UsageError
+    from .fuse import fuse, is_fused
+
+    if modality != "text":
+        raise UsageError(f"{src}: weight-only-fused fuses transformer text backbones; this is an {modality} model.")
+    if is_fused(src):
+        return run(src, dst, modality=modality, calibration=calibration, per_channel=per_channel, exclude=exclude)
+    with tempfile.TemporaryDirectory(prefix="edgeft-fuse-") as tmp:
+        fused = Path(tmp) / "fused.onnx"
+        fuse(src, fused)
+        return run(fused, dst, modality=modality, calibration=calibration, per_channel=per_channel, exclude=exclude)
+
+
 # after dynamic in the registry: build tries int8 variants in this order
 MODE = register(Mode("weight-only", "int8", run, calibrated=True, searchable=True, default_for=("int8",),
                      help="int8 weights, float activations"))
+# On an x86-64 host without VNNI (AMD EPYC, AVX2; maintenance example, 720 held-out rows) the
+# fused graph's weight-only int8 kept 99.4% of the answers at the fused fp32 graph's speed, where
+# dynamic int8 of it was 1.8x faster but kept 97.2% (bench/latency.py, README)
+FUSED = register(Mode("weight-only-fused", "int8", run_fused, calibrated=True, searchable=True, default_for=("int8",),
+                      fuse="weight-only", modalities=("text",),
+                      help="ORT's transformer fusions, then int8 weights with float activations (full ONNX Runtime only)"))

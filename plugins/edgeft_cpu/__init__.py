@@ -1,7 +1,7 @@
 """Built-in target `cpu`: x86-64 and ARM64 Linux CPUs with onnxruntime's CPU provider.
 
 Variants: text int8 tries the registry's defaults (dynamic int8, dynamic int8 of the
-transformer-fused graph, weight-only int8); image int8 tries static QDQ int8 (calibrated on
+transformer-fused graph, weight-only int8 of the unfused and of the fused graph); image int8 tries static QDQ int8 (calibrated on
 real images, per-channel weights: QLinearConv kernels).
 
 Which passing variant ships: when the build host is of the profile's ISA class
@@ -17,7 +17,9 @@ VARIANT_ORDER = {
     # Raspberry Pi 4 (Cortex-A72: NEON, no dot product) and Pi 5 (Cortex-A76: SDOT/UDOT)
     "arm64": ("static", "dynamic-fused", "dynamic", "weight-only"),
     # Intel Xeon with AVX-512 VNNI and AMX (STACK.md, issue 16)
-    "x86-64/amx": ("dynamic-fused", "dynamic", "weight-only", "static"),
+    "x86-64/amx": ("dynamic-fused", "dynamic", "weight-only-fused", "weight-only", "static"),
+    # x86-64 without VNNI (AVX2): AMD EPYC development host, bench/latency.py (README)
+    "x86-64/avx2": ("dynamic-fused", "weight-only-fused", "dynamic", "weight-only", "static"),
 }
 ORDER_NOTES = {
     "arm64": (
@@ -34,7 +36,15 @@ ORDER_NOTES = {
     "x86-64/amx": (
         "Measured on an Intel Xeon with AVX-512 VNNI and AMX, 2 cores, batch 1, MiniLM (STACK.md and "
         "issue 16): dynamic int8 per-channel 1.02 ms unfused, 0.84 ms fused; ORT dynamic int8 1.51 ms "
-        "against weight-only int8 2.29 ms in one `python -m bench --quick` run."),
+        "against weight-only int8 2.29 ms in one `python -m bench --quick` run. weight-only-fused not "
+        "measured there: placed after the modes that were."),
+    "x86-64/avx2": (
+        "Measured on an AMD EPYC without VNNI (AVX2; 2 cores, shared, load 10-12), MiniLM LoRA on the maintenance "
+        "example, batch 1, backbone only, interleaved rounds (2026-12-02): ORT fp32 25.5 ms, fused fp32 23.8, "
+        "dynamic int8 of the fused graph 14.2 (1.8x fp32, but 97.2% agreement on 720 held-out rows), weight-only "
+        "int8 of the fused graph 24.4 (99.4%), unfused weight-only 27.1 (99.0%). Without VNNI ONNX Runtime's "
+        "MatMulNBits (accuracy level 4) has no faster int8 kernel than the float GEMM, so weight-only int8 buys "
+        "size, and the fused graph buys the speed; dynamic int8 first where it passes, as it is the faster."),
 }
 
 
