@@ -80,7 +80,7 @@ def test_smooth_modes_register_and_quantize(text_export, tmp_path, mode):
     ops = [n.op_type for n in onnx.load(str(tmp_path / "q" / "backbone.onnx")).graph.node]
     assert "MatMulInteger" in ops and ops.count("Mul") >= 8
     assert ("QAttention" in ops) == (mode == "dynamic-smooth-fused")
-    assert info["parity"]["agreement"] >= 0.99
+    assert info.parity["agreement"] >= 0.99
     assert mode not in variants_for(get_target("cpu"), "int8", "text")
 
 
@@ -91,11 +91,11 @@ def test_weight_only_of_the_fused_graph(text_export, tmp_path):
     from edgeft.plugins import get_target
 
     info = quantize(text_export, "weight-only-fused", tmp_path / "q", uncertified=True)
-    assert info["fusion"]["passed"] and info["fusion"]["fused"]["Attention"] == 2
+    assert info.fusion["passed"] and info.fusion["fused"]["Attention"] == 2
     ops = [n.op_type for n in onnx.load(str(tmp_path / "q" / "backbone.onnx")).graph.node]
     assert ops.count("MatMulNBits") == 6 and "MatMul" not in ops  # per layer: attention output, FFN in, FFN out
     assert {"Attention", "EmbedLayerNormalization"} <= set(ops)
-    assert info["parity"]["agreement"] >= 0.99
+    assert info.parity["agreement"] >= 0.99
     assert "weight-only-fused" in variants_for(get_target("cpu"), "int8", "text")
     assert "weight-only-fused" not in variants_for(get_target("mobile"), "int8", "text")
     assert "weight-only-fused" not in variants_for(get_target("cpu"), "int8", "image")
