@@ -15,7 +15,7 @@ from edgeft.hookspecs import Target, hookimpl
 
 VARIANT_ORDER = {
     # Raspberry Pi 4 (Cortex-A72: NEON, no dot product) and Pi 5 (Cortex-A76: SDOT/UDOT)
-    "arm64": ("static", "dynamic-fused", "dynamic", "weight-only"),
+    "arm64": ("static", "dynamic-fused", "dynamic", "weight-only-fused", "weight-only"),
     # Intel Xeon with AVX-512 VNNI and AMX (STACK.md, issue 16)
     "x86-64/amx": ("dynamic-fused", "dynamic", "weight-only-fused", "weight-only", "static"),
     # x86-64 without VNNI (AVX2): AMD EPYC development host, bench/latency.py (README)
@@ -32,7 +32,8 @@ ORDER_NOTES = {
         "(NEON, UDOT/SDOT on dot-product cores); the fused graph runs fewer, larger kernels than the "
         "unfused one (faster on both x86 hosts measured). Weight-only int8 (MatMulNBits, "
         "accuracy_level 4) computes in int8 only with the dot product; on a Cortex-A72 it computes "
-        "in float."),
+        "in float. weight-only-fused (the same weights on the fused graph) sits before weight-only for "
+        "the fused graph's fewer kernels, like dynamic-fused before dynamic."),
     "x86-64/amx": (
         "Measured on an Intel Xeon with AVX-512 VNNI and AMX, 2 cores, batch 1, MiniLM (STACK.md and "
         "issue 16): dynamic int8 per-channel 1.02 ms unfused, 0.84 ms fused; ORT dynamic int8 1.51 ms "
