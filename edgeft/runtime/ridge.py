@@ -604,6 +604,21 @@ def _select(rows: list[dict], old_before, margin: float, n_new: int, current_lam
     return max(ok, key=lambda r: (r["new_oof_accuracy"], old_of(r), *calm(r))), True, tolerance
 
 
+def _hold_keep(y_hold: np.ndarray, hold_in_stats, old_classes) -> np.ndarray:
+    hold_keep = np.ones(len(y_hold), dtype=bool)
+    if hold_in_stats is not None and old_classes:
+        hold_keep &= ~(np.asarray(hold_in_stats, dtype=bool) & np.isin(y_hold, old_classes))
+    return hold_keep
+
+
+def _fold_count(y_new: np.ndarray, folds: int) -> int:
+    per_class = np.bincount(y_new)
+    k = int(min(folds, per_class[per_class > 0].min()))
+    if k < 2:
+        raise ValueError("choose() needs at least 2 new rows per class")
+    return k
+
+
 def choose(stats: Statistics, projection: Projection, X_new: np.ndarray, y_new: np.ndarray,
            X_hold: np.ndarray, y_hold: np.ndarray, *, margin: float, hold_before: np.ndarray | None = None,
            current_lambda: float | None = None, hold_in_stats: np.ndarray | None = None, stored: bool = True,
@@ -640,19 +655,14 @@ def choose(stats: Statistics, projection: Projection, X_new: np.ndarray, y_new: 
     y_hold = np.asarray(y_hold, dtype=np.int64)
     H_new, H_hold = projection(X_new), projection(X_hold)
     C = len(stats.classes)
-    per_class = np.bincount(y_new)
-    k = int(min(folds, per_class[per_class > 0].min()))
-    if k < 2:
-        raise ValueError("choose() needs at least 2 new rows per class")
+    k = _fold_count(y_new, folds)
     fold = folds_of(y_new, k, seed)
     touched = [int(c) for c in np.unique(y_new)]
     judged = hold_before is not None  # else no old head to compare with: every setting is within the guard
     own = judged and stored and current_lambda is not None and current_lambda > 0
     old = _Stored.of(stats, k, seed, exclude=offset_classes if own else range(C))
     # a hold-out row already in a class kept as rows is scored out-of-fold with that class's rows
-    hold_keep = np.ones(len(y_hold), dtype=bool)
-    if hold_in_stats is not None and old.classes:
-        hold_keep &= ~(np.asarray(hold_in_stats, dtype=bool) & np.isin(y_hold, old.classes))
+    hold_keep = _hold_keep(y_hold, hold_in_stats, old.classes)
     n_old = int(len(old.y) + hold_keep.sum())
     base_off = np.asarray(stats.offsets, dtype=np.float64)
     oof, oof_old, before_right = _out_of_fold(stats, H_new, y_new, fold, old, lambdas, current_lambda, base_off)
@@ -665,21 +675,13 @@ def choose(stats: Statistics, projection: Projection, X_new: np.ndarray, y_new: 
     shift = np.zeros(C)
     shift[list(offset_classes)] = 1.0
     deltas = tuple(offsets) if len(offset_classes) else (0.0,)
-    rows = []
-    for i, lam in enumerate(lambdas):
-        W, b = full(lam)
-        zh = _scores(Hh, W, b, T, base_off)
-        for d in deltas:
-            hold_right = int(((zh + d * shift).argmax(1) == yh).sum())
-            old_right = int(((oof_old[i] + d * shift).argmax(1) == old.y).sum())
-            new = float(((oof[i] + d * shift).argmax(1) == y_new).mean())
-            rows.append({"lambda": float(lam), "offset": float(d), "new_oof_accuracy": new,
-                         "old_accuracy": (hold_right + old_right) / n_old if n_old else None,
-                         "stored_oof_accuracy": old_right / len(old.y) if len(old.y) else None,
-                         "replay_holdout_accuracy": hold_right / len(yh) if len(yh) else None,
-                         "stored_oof_right": old_right})
-
+    rows = _grid(full, T, Hh, yh, oof, oof_old, old.y, y_new, base_off, lambdas, deltas, shift, n_old)
     best, ok, tolerance = _select(rows, old_before, margin, len(y_new), current_lambda)
+    return _choice(best, ok, tolerance, rows, offset_classes, k, y_new, n_old, old, hold_keep, old_before, lambdas)
+
+
+def _choice(best, ok, tolerance, rows, offset_classes, k, y_new, n_old, old, hold_keep, old_before, lambdas) -> dict:
+    """What choose() returns: the chosen setting, what judged it, the whole grid."""
     return {"lambda": best["lambda"], "offset": best["offset"], "offset_classes": [int(c) for c in offset_classes],
             "within_margin": ok, "folds": k, "new_rows": int(len(y_new)),
             "old_rows": n_old, "stored_rows_out_of_fold": int(len(old.y)), "replay_holdout_rows": int(hold_keep.sum()),
@@ -689,6 +691,25 @@ def choose(stats: Statistics, projection: Projection, X_new: np.ndarray, y_new: 
             "replay_holdout_accuracy": best["replay_holdout_accuracy"],
             "lambda_at_grid_edge": best["lambda"] in (min(lambdas), max(lambdas)),
             "recall_tolerance": tolerance, "grid": rows}
+
+
+def _grid(full, T, Hh, yh, oof, oof_old, old_y, y_new, base_off, lambdas, deltas, shift, n_old) -> list[dict]:
+    """One row per (lambda, offset): new rows out-of-fold, stored old rows out-of-fold, the
+    hold-out by the solve on every row."""
+    rows = []
+    for i, lam in enumerate(lambdas):
+        W, b = full(lam)
+        zh = _scores(Hh, W, b, T, base_off)
+        for d in deltas:
+            hold_right = int(((zh + d * shift).argmax(1) == yh).sum())
+            old_right = int(((oof_old[i] + d * shift).argmax(1) == old_y).sum())
+            new = float(((oof[i] + d * shift).argmax(1) == y_new).mean())
+            rows.append({"lambda": float(lam), "offset": float(d), "new_oof_accuracy": new,
+                         "old_accuracy": (hold_right + old_right) / n_old if n_old else None,
+                         "stored_oof_accuracy": old_right / len(old_y) if len(old_y) else None,
+                         "replay_holdout_accuracy": hold_right / len(yh) if len(yh) else None,
+                         "stored_oof_right": old_right})
+    return rows
 
 
 # ---------------------------------------------------------------- ONNX

@@ -214,6 +214,20 @@ def fit_and_judge(path: Path, bundle: Bundle, X_new: np.ndarray, y_new: np.ndarr
     n_old, before_old = choice["old_rows"], choice["old_before"]
     # the old classes after: the stored rows out-of-fold at the chosen setting, the hold-out by the head itself
     after_old = (choice["stored_oof_right"] + int((hold_logits[keep].argmax(1) == yh[keep]).sum())) / n_old if n_old else None
+    metrics = _metrics(choice, head, stats, projection, labels, added, margin, fit_seconds, hold_seen, hold_r,
+                       before_new, before_hold, before_old, after_old, hold_logits, yh, y_new)
+    reasons = _reasons(choice, len(y_new), before_new, after_new, before_old, after_old, margin)
+    return head, stats, metrics, reasons
+
+
+def _metrics(choice, head, stats, projection, labels, added, margin, fit_seconds, hold_seen, hold_r,
+             before_new, before_hold, before_old, after_old, hold_logits, yh, y_new) -> dict:
+    """The retrain's metrics (what fit_and_judge reports; nothing is decided here)."""
+    after_new, n_old = choice["new_oof_accuracy"], choice["old_rows"]
+
+    def acc(z, y):
+        return float((z.argmax(1) == y).mean()) if len(y) else None
+
     unseen = int((~hold_seen).sum()) if hold_seen is not None else int(hold_r.sum())
     how = (f"{choice['stored_rows_out_of_fold']} rows kept in the statistics, out-of-fold ({choice['folds']} folds), "
            f"+ {choice['replay_holdout_rows']} replay hold-out rows")
@@ -241,9 +255,16 @@ def fit_and_judge(path: Path, bundle: Bundle, X_new: np.ndarray, y_new: np.ndarr
         "statistics_bytes_per_class": dict(zip(labels, stats.nbytes_per_class(), strict=True)),
         "seconds": {"fit": round(fit_seconds, 3)},
     }
+    return metrics
+
+
+def _reasons(choice, n_new, before_new, after_new, before_old, after_old, margin) -> list[str]:
+    """The guard's reasons to refuse (empty: accepted)."""
+    how = (f"{choice['stored_rows_out_of_fold']} rows kept in the statistics, out-of-fold ({choice['folds']} folds), "
+           f"+ {choice['replay_holdout_rows']} replay hold-out rows")
     reasons = []
     if after_new is None or not (after_new > before_new or after_new == 1.0):
-        reasons.append(f"accuracy on the {len(y_new)} new samples (out-of-fold) did not improve "
+        reasons.append(f"accuracy on the {n_new} new samples (out-of-fold) did not improve "
                        f"({100 * before_new:.1f}% -> {100 * (after_new or 0):.1f}%)")
     if before_old is not None and before_old - after_old > margin + 1e-12:
         reasons.append(f"accuracy on the earlier classes dropped {100 * (before_old - after_old):.1f} points "
@@ -251,7 +272,7 @@ def fit_and_judge(path: Path, bundle: Bundle, X_new: np.ndarray, y_new: np.ndarr
                        f"{100 * margin:.1f}-point margin")
     if reasons:
         reasons.append(f"measured trade-off (new samples out-of-fold / earlier classes): {tradeoff(choice)}")
-    return head, stats, metrics, reasons
+    return reasons
 
 
 def write_version(path: Path, version: int, head: ridge.RidgeHead, stats: ridge.Statistics,
