@@ -99,3 +99,27 @@ def test_weight_only_of_the_fused_graph(text_export, tmp_path):
     assert "weight-only-fused" in variants_for(get_target("cpu"), "int8", "text")
     assert "weight-only-fused" not in variants_for(get_target("mobile"), "int8", "text")
     assert "weight-only-fused" not in variants_for(get_target("cpu"), "int8", "image")
+
+
+@pytest.mark.parametrize("mode", ["dynamic-fused", "weight-only-fused"])
+def test_the_search_ranks_the_fused_graphs_nodes(full_text_run, text_export, tmp_path, mode):
+    """The node search's candidates in the fused graph include the MatMuls after the fused
+    operators: onnx's shape inference does not know com.microsoft operators and leaves every value
+    computed from them untyped, which once dropped them (dynamic-fused ranked only the Attention and
+    EmbedLayerNormalization nodes, weight-only-fused nothing)."""
+    from edgeft.quantize import registry
+    from edgeft.quantize.fuse import fuse
+    from edgeft.quantize.search import candidates
+
+    loaded = load_model(full_text_run)
+    items = validation_data(loaded.info["validation"]).items
+    fuse(text_export / "backbone.onnx", tmp_path / "fused.onnx")
+    model = onnx.load(str(tmp_path / "fused.onnx"))
+    base = registry.get(mode).fuse
+    op_types = registry.get(base).run(tmp_path / "fused.onnx", tmp_path / "q.onnx", modality="text")
+    found = [n.op_type for n in candidates(model, op_types, _rows(loaded, items[:1])[0])]
+    # 2 layers, per layer: attention output, FFN in, FFN out
+    assert found.count("MatMul") == 6
+    if mode == "dynamic-fused":
+        assert found.count("Attention") == 2 and found.count("EmbedLayerNormalization") == 1
+    assert len(found) == (9 if mode == "dynamic-fused" else 6)
