@@ -477,6 +477,8 @@ def reference_logreg(bundle: Path, new_rows, held: tuple[list, list], new_classe
     from edgeft.runtime.retrain import SEED as RETRAIN_SEED
 
     b = Bundle(bundle)
+    # --data-source synthetic: the new samples are resampled rows of the old classes too
+    new_classes = list(dict.fromkeys([*new_classes, *(v for _, v in new_rows), *held[1]]))
     y = np.array([new_classes.index(v) for _, v in new_rows])
     train = ~_split(y, HOLDOUT, RETRAIN_SEED)
     X = b.features([t for t, _ in new_rows])
