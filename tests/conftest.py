@@ -13,6 +13,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One BLAS/OpenMP thread per test process, set before torch or numpy load. The tiny models gain
+# nothing from a second thread, and pytest-xdist already runs one worker per core (addopts):
+# with two threads per worker, OpenMP's spin-waits fight over the cores (a tiny MobileNetV2's
+# float64 reference took 108 s on a busy 2-core host, 17 s with one thread).
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 from tiny import (  # noqa: E402
     IMAGE_STYLES,

@@ -289,6 +289,7 @@ def _retrain_cmd(bundle: Path, data: Path) -> list[str]:
     return [sys.executable, "-m", "edgeft.cli", "device", "retrain", str(bundle), "--data", str(data), "--add-classes"]
 
 
+@pytest.mark.slow  # 20 killed subprocesses, about 30 s: the full suite and the device env run it
 def test_killed_retrain_never_leaves_a_broken_bundle(built, tmp_path):
     """SIGKILL at random moments: afterwards the bundle always loads, hashes match, head v1 or v2."""
     data = write_csv(tmp_path / "n.csv", new_class_rows(20, seed=2))

@@ -41,7 +41,9 @@ def _cfg(model, text_data, out, method, **kw) -> TrainConfig:
                        method=method, **kw)
 
 
-@pytest.fixture(scope="module", params=KINDS)
+# the quick loop keeps prompt tuning's whole chain; prefix tuning's (its run, bundle and resume,
+# about 40 s on 2 cores) runs in the full suite
+@pytest.fixture(scope="module", params=["prompt", pytest.param("prefix", marks=pytest.mark.slow)])
 def prompt_run(request, tiny_bert, text_data, tmp_path_factory) -> tuple[str, Path]:
     out = tmp_path_factory.mktemp(f"{request.param}-run") / "run"
     tokens = TOKENS[request.param]
