@@ -250,6 +250,31 @@ def test_emulated_arm_check_of_an_int8_bundle(device_bundles, cpu):
     assert r["x86_features_max_abs_diff"] <= 0.05 * r["x86_features_max_abs"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("cpu", ["cortex-a72", "cortex-a76"])
+def test_emulated_arm_check_of_an_image_bundle(device_bundles, cpu):
+    """`edgeft device check BUNDLE --emulate CPU` on the tiny image bundle (fp32; its reference
+    inputs are preprocessed image tensors): aarch64 kernels against the PyTorch outputs stored at
+    build, within the build's own float32 limit, as on any device."""
+    import json
+
+    from click.testing import CliRunner
+
+    from edgeft import emulate
+    from edgeft.cli import main
+
+    if emulate.status() is None:
+        pytest.skip(emulate.not_set_up())
+    r = CliRunner().invoke(main, ["device", "check", str(device_bundles["image"]), "--emulate", cpu, "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["machine"] == "aarch64" and rep["emulated"]["cpu"] == cpu and rep["passed"], rep["checks"]
+    assert rep["precision"] == "fp32" and rep["rows"] > 0 and rep["agreement"] == 1.0
+    assert "not its speed" in rep["emulated"]["proves"]
+    r = CliRunner().invoke(main, ["device", "check", str(device_bundles["image"]), "--emulate", cpu])
+    assert r.exit_code == 0 and f"emulated {emulate.CPUS[cpu]}" in r.output and "not the device's speed" in r.output
+
+
 # ---- a gate that certifies ------------------------------------------------------------------
 
 def test_verify_refuses_on_the_bound_with_too_few_rows_and_passes_with_parity_data(device_bundles, tmp_path):

@@ -9,7 +9,8 @@ never the head of the file) and answered one row per call, as a device answers t
 this host's onnxruntime, and under QEMU user-mode emulation by ONNX Runtime's real aarch64
 kernels on each `--cpu` (edgeft.emulate.outputs; set up once with tools/arm64-emulator.sh).
 The table gives, per bundle and core: the rows whose top-1 answer is the host's, the largest
-|Δ logits| and |Δ features| against the host, and the features' own scale.
+|Δ logits| and |Δ features| against the host, and the features' own scale; the log line names
+this host's logit margin (top-1 minus top-2) of each flipped row.
 
 What it proves: the numbers the aarch64 kernels compute for this bundle on that core's
 instruction set (as QEMU implements it) against the x86 build's. What it does not: speed
@@ -60,15 +61,22 @@ def compare(bundle_dir: Path, data: str, cpus: list[str], n: int) -> list[dict]:
     out = []
     for cpu in cpus:
         got = emulate.outputs(bundle_dir, cpu, items)
-        agree = int((got["logits"].argmax(1) == logits.argmax(1)).sum())
+        same = got["logits"].argmax(1) == logits.argmax(1)
+        agree = int(same.sum())
+        top2 = np.sort(logits, axis=1)[:, -2:]
+        margins = top2[:, 1] - top2[:, 0]  # this host's top-1 minus top-2 logit
         out.append({"bundle": str(bundle_dir), **describe(bundle_dir), "data": source, "rows": len(items), "cpu": cpu, "agree": agree,
                     "agreement": agree / len(items),
                     "max_abs_diff_logits": float(np.abs(got["logits"] - logits).max()),
                     "max_abs_diff_features": float(np.abs(got["features"] - feats).max()),
                     "features_max_abs": float(np.abs(feats).max()),
+                    "flipped_host_margins": sorted(float(m) for m in margins[~same]),
+                    "smallest_host_margin": float(margins.min()),
                     "emulated": got["emulated"]})
+        flips = ", ".join(f"{m:.3g}" for m in out[-1]["flipped_host_margins"]) or "none"
         print(f"  {bundle_dir.name} on {cpu}: {agree}/{len(items)} answers as on this host "
-              f"({got['emulated']['seconds']:.0f} s emulated)", file=sys.stderr, flush=True)
+              f"({got['emulated']['seconds']:.0f} s emulated); this host's logit margins of the flipped rows: {flips} "
+              f"(smallest of all rows {margins.min():.3g})", file=sys.stderr, flush=True)
     return out
 
 
