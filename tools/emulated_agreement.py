@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from edgeft import emulate  # noqa: E402
 from edgeft.quantize.isa import host  # noqa: E402
 from edgeft.runtime.dataset import load_dataset  # noqa: E402
+from edgeft.runtime.stats import margins as top_margins  # noqa: E402
 from edgeft.runtime.stats import stratified  # noqa: E402
 
 
@@ -63,8 +64,7 @@ def compare(bundle_dir: Path, data: str, cpus: list[str], n: int) -> list[dict]:
         got = emulate.outputs(bundle_dir, cpu, items)
         same = got["logits"].argmax(1) == logits.argmax(1)
         agree = int(same.sum())
-        top2 = np.sort(logits, axis=1)[:, -2:]
-        margins = top2[:, 1] - top2[:, 0]  # this host's top-1 minus top-2 logit
+        margins = top_margins(logits)  # this host's top-1 minus top-2 logit
         out.append({"bundle": str(bundle_dir), **describe(bundle_dir), "data": source, "rows": len(items), "cpu": cpu, "agree": agree,
                     "agreement": agree / len(items),
                     "max_abs_diff_logits": float(np.abs(got["logits"] - logits).max()),

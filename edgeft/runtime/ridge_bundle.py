@@ -191,11 +191,8 @@ def fit_and_judge(path: Path, bundle: Bundle, X_new: np.ndarray, y_new: np.ndarr
         z = bundle.head_outputs(X)["logits"]
         return np.concatenate([z, np.full((len(X), len(labels) - z.shape[1]), -np.inf, np.float32)], axis=1)
 
-    def acc(z, y):
-        return float((z.argmax(1) == y).mean()) if len(y) else None
-
     hold_pred = old_logits(Xh).argmax(1)
-    before_new, before_hold = acc(old_logits(X_new), y_new), acc(old_logits(Xh), yh)
+    before_new, before_hold = _accuracy(old_logits(X_new), y_new), _accuracy(old_logits(Xh), yh)
     seen = replay.get("seen")
     hold_seen = seen[hold_r].astype(bool) if seen is not None else None
     t_fit = time.perf_counter()
@@ -220,24 +217,28 @@ def fit_and_judge(path: Path, bundle: Bundle, X_new: np.ndarray, y_new: np.ndarr
     return head, stats, metrics, reasons
 
 
+def _accuracy(z: np.ndarray, y: np.ndarray) -> float | None:
+    return float((z.argmax(1) == y).mean()) if len(y) else None
+
+
+def _old_rows_how(choice: dict) -> str:
+    """What the old classes' accuracy rests on, as the metrics and a refusal say it."""
+    return (f"{choice['stored_rows_out_of_fold']} rows kept in the statistics, out-of-fold ({choice['folds']} folds), "
+            f"+ {choice['replay_holdout_rows']} replay hold-out rows")
+
+
 def _metrics(choice, head, stats, projection, labels, added, margin, fit_seconds, hold_seen, hold_r,
              before_new, before_hold, before_old, after_old, hold_logits, yh, y_new) -> dict:
     """The retrain's metrics (what fit_and_judge reports; nothing is decided here)."""
     after_new, n_old = choice["new_oof_accuracy"], choice["old_rows"]
-
-    def acc(z, y):
-        return float((z.argmax(1) == y).mean()) if len(y) else None
-
     unseen = int((~hold_seen).sum()) if hold_seen is not None else int(hold_r.sum())
-    how = (f"{choice['stored_rows_out_of_fold']} rows kept in the statistics, out-of-fold ({choice['folds']} folds), "
-           f"+ {choice['replay_holdout_rows']} replay hold-out rows")
     metrics = {
         "new_holdout_accuracy": {"before": before_new, "after": after_new, "rows": int(len(y_new)),
                                  "how": f"{choice['folds']}-fold out-of-fold over every new sample"},
         "old_classes_accuracy": {"before": before_old, "after": after_old, "rows": n_old,
                                  "stored_rows_out_of_fold": choice["stored_rows_out_of_fold"],
-                                 "replay_holdout_rows": choice["replay_holdout_rows"], "how": how},
-        "replay_holdout_accuracy": {"before": before_hold, "after": acc(hold_logits, yh), "rows": int(len(yh)),
+                                 "replay_holdout_rows": choice["replay_holdout_rows"], "how": _old_rows_how(choice)},
+        "replay_holdout_accuracy": {"before": before_hold, "after": _accuracy(hold_logits, yh), "rows": int(len(yh)),
                                     "unseen_rows": unseen},
         "margin": margin,
         "fit": {"family": ridge.FAMILY, "lambda": choice["lambda"], "offset": choice["offset"],
@@ -260,15 +261,13 @@ def _metrics(choice, head, stats, projection, labels, added, margin, fit_seconds
 
 def _reasons(choice, n_new, before_new, after_new, before_old, after_old, margin) -> list[str]:
     """The guard's reasons to refuse (empty: accepted)."""
-    how = (f"{choice['stored_rows_out_of_fold']} rows kept in the statistics, out-of-fold ({choice['folds']} folds), "
-           f"+ {choice['replay_holdout_rows']} replay hold-out rows")
     reasons = []
     if after_new is None or not (after_new > before_new or after_new == 1.0):
         reasons.append(f"accuracy on the {n_new} new samples (out-of-fold) did not improve "
                        f"({100 * before_new:.1f}% -> {100 * (after_new or 0):.1f}%)")
     if before_old is not None and before_old - after_old > margin + 1e-12:
         reasons.append(f"accuracy on the earlier classes dropped {100 * (before_old - after_old):.1f} points "
-                       f"({100 * before_old:.1f}% -> {100 * after_old:.1f}%, {how}), more than the "
+                       f"({100 * before_old:.1f}% -> {100 * after_old:.1f}%, {_old_rows_how(choice)}), more than the "
                        f"{100 * margin:.1f}-point margin")
     if reasons:
         reasons.append(f"measured trade-off (new samples out-of-fold / earlier classes): {tradeoff(choice)}")
